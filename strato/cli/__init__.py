@@ -1,0 +1,1 @@
+"""The `strato` command: thin, calls launcher and runtime functions."""

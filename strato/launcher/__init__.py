@@ -1,0 +1,1 @@
+"""Cluster launcher: config, up/down, bootstrap, autoscaler, local state."""

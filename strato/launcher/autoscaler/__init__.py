@@ -1,0 +1,43 @@
+"""Autoscaler: a pure decision (`plan`) over a snapshot, and the node lifecycle it drives.
+
+`plan(Snapshot) -> Plan` decides; the loop that reads the head and providers and applies
+the plan lives beside it and stays thin. See `plan.py` for the rules.
+"""
+
+from strato.launcher.autoscaler.lifecycle import ALLOWED, NodeState, check_transition
+from strato.launcher.autoscaler.plan import (
+    Demand,
+    Drain,
+    Launch,
+    NodeInfo,
+    NodeTypeInfo,
+    Plan,
+    RetrySetup,
+    Snapshot,
+    Terminate,
+    TypeBackoff,
+    clear_backoff,
+    next_zone,
+    plan,
+    record_capacity_failure,
+)
+
+__all__ = [
+    "ALLOWED",
+    "Demand",
+    "Drain",
+    "Launch",
+    "NodeInfo",
+    "NodeState",
+    "NodeTypeInfo",
+    "Plan",
+    "RetrySetup",
+    "Snapshot",
+    "Terminate",
+    "TypeBackoff",
+    "check_transition",
+    "clear_backoff",
+    "next_zone",
+    "plan",
+    "record_capacity_failure",
+]

@@ -1,0 +1,651 @@
+"""The cluster YAML: parsed with line numbers, validated into typed models.
+
+Key names follow Ray's cluster YAML where the meaning is the same, so Ray users can bring
+their files; strato adds spot fields per node type. Every problem is reported as
+``FILE:LINE: key.path: message`` (all of them at once, in one ``ConfigError``); keys only
+Ray needs become warnings on ``ClusterConfig.warnings`` instead of errors.
+"""
+
+from __future__ import annotations
+
+import difflib
+import getpass
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from strato.exceptions import ConfigError
+from strato.providers.base import NodeTypeSpec
+
+__all__ = [
+    "PROVIDER_TYPES",
+    "AuthConfig",
+    "AutoscalerConfig",
+    "ClusterConfig",
+    "NodeTypeConfig",
+    "ProviderConfig",
+    "load_config",
+    "load_config_from_dict",
+]
+
+PROVIDER_TYPES = ("aws", "gcp", "ssh", "local")
+DEFAULT_GLOBAL_MAX_WORKERS = 2  # Ray's default
+
+KeyPath = tuple[str | int, ...]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+# GCP labels (where strato keeps its tags) allow only lower-case letters, digits, - and _.
+_GCP_LABEL_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_PLAIN_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+# ---------------------------------------------------------------- models
+class _Section(BaseModel):
+    """Base of config sections: unknown keys are errors, Ray-only keys are warnings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # key -> why strato ignores it (shown in the warning)
+    ray_only_keys: ClassVar[dict[str, str]] = {}
+
+
+class ProviderConfig(BaseModel):
+    """``provider:``; known keys typed, any other key kept for the provider to read."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    region: str | None = None
+    availability_zone: str | None = None  # Ray allows "us-east-1a,us-east-1b"
+    project_id: str | None = None
+    head_ip: str | None = None
+    worker_ips: list[str] = Field(default_factory=list)
+    endpoint_url: str | None = None  # aws: EC2 endpoint override (tests point it at moto)
+    api_endpoint: str | None = None  # gcp: Compute API endpoint override
+
+    @property
+    def extras(self) -> dict[str, Any]:
+        """Provider-specific keys strato does not type (e.g. ``security_group``)."""
+        return dict(self.model_extra or {})
+
+
+class AuthConfig(_Section):
+    """``auth:``; how the launcher logs in to the head (and SSH hosts)."""
+
+    ray_only_keys: ClassVar[dict[str, str]] = {
+        "ssh_proxy_command": "not supported by strato's SSH client",
+        "ssh_public_key": "not used; providers derive the public key from ssh_private_key",
+    }
+
+    ssh_user: str | None = None  # filled from the provider type, see ClusterConfig
+    ssh_private_key: str | None = None  # None: the provider creates or finds one
+    ssh_port: int = Field(22, ge=1, le=65535)
+
+
+class NodeTypeConfig(_Section):
+    """One entry of ``available_node_types``: what to launch and how many."""
+
+    ray_only_keys: ClassVar[dict[str, str]] = {
+        "docker": "strato runs on the host Python, not in a container",
+        "labels": "node labels are not supported",
+    }
+
+    node_config: dict[str, Any] = Field(default_factory=dict)  # passed to the cloud API
+    resources: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+    min_workers: int = Field(0, ge=0)
+    # Default: the global max_workers (as Ray), but 0 for the head node type so the
+    # autoscaler never launches extra copies of the head unless asked to.
+    max_workers: int = Field(0, ge=0)
+    spot: bool = False
+    fallback_to_on_demand: bool = False
+    zones: list[str] = Field(default_factory=list)  # tried in order
+    max_price: float | None = Field(None, gt=0)  # per hour; None: the on-demand price
+    runtime_python: str | None = None
+    worker_setup_commands: list[str] | None = None  # Ray: replaces the global list
+
+
+class AutoscalerConfig(_Section):
+    """``autoscaler:``; knobs of the loop that runs beside the head."""
+
+    tick_seconds: float = Field(5.0, gt=0)
+    # Consecutive failed launches of one node type before it is skipped for a while.
+    max_launch_failures: int = Field(3, ge=1)
+
+
+class ClusterConfig(_Section):
+    """The whole cluster YAML. Build it with ``load_config`` / ``load_config_from_dict``."""
+
+    ray_only_keys: ClassVar[dict[str, str]] = {
+        "head_start_ray_commands": "strato starts its own runtime",
+        "worker_start_ray_commands": "strato starts its own runtime",
+        "docker": "strato runs on the host Python, not in a container",
+        "cluster_synced_files": "use file_mounts",
+        "rsync_exclude": "file_mounts are copied whole",
+        "rsync_filter": "file_mounts are copied whole",
+        "file_mounts_sync_continuously": "file_mounts are synced on `strato up` only",
+        "head_node": "legacy Ray format; use available_node_types and head_node_type",
+        "worker_nodes": "legacy Ray format; use available_node_types",
+        "min_workers": "set min_workers per node type",
+        "initial_workers": "legacy Ray key; set min_workers per node type",
+        "autoscaling_mode": "legacy Ray key",
+        "target_utilization_fraction": "legacy Ray key",
+        "head_node_type_resources": "set resources on the node type",
+    }
+
+    cluster_name: str = "default"
+    max_workers: int = Field(DEFAULT_GLOBAL_MAX_WORKERS, ge=0)  # workers, head excluded
+    upscaling_speed: float = Field(1.0, ge=0)
+    idle_timeout_minutes: float = Field(5.0, ge=0)
+    provider: ProviderConfig
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    available_node_types: dict[str, NodeTypeConfig]
+    head_node_type: str
+    file_mounts: dict[str, str] = Field(default_factory=dict)  # remote path -> local path
+    initialization_commands: list[str] = Field(default_factory=list)
+    setup_commands: list[str] = Field(default_factory=list)
+    head_setup_commands: list[str] = Field(default_factory=list)
+    worker_setup_commands: list[str] = Field(default_factory=list)
+    runtime_python: str | None = None  # an existing Python with strato: no wheel install
+    autoscaler: AutoscalerConfig = Field(default_factory=AutoscalerConfig)
+
+    _warnings: list[str] = PrivateAttr(default_factory=list)
+    _source: str = PrivateAttr(default="<dict>")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        return _fill_defaults(data) if isinstance(data, dict) else data
+
+    # ------------------------------------------------------------ facts
+    @property
+    def warnings(self) -> list[str]:
+        """Non-fatal problems (Ray-only keys, likely mistakes), ``FILE:LINE: path: text``."""
+        return list(self._warnings)
+
+    @property
+    def source(self) -> str:
+        """The file this config came from (or ``<dict>``)."""
+        return self._source
+
+    def node_type(self, name: str) -> NodeTypeConfig:
+        """The node type called ``name``; ``ConfigError`` naming the known ones if absent."""
+        try:
+            return self.available_node_types[name]
+        except KeyError:
+            known = ", ".join(sorted(self.available_node_types))
+            raise ConfigError(f"unknown node type {name!r} (known: {known})") from None
+
+    def node_type_spec(self, name: str) -> NodeTypeSpec:
+        """What a provider needs to create nodes of this type.
+
+        Zones: the type's ``zones``, else the provider's ``availability_zone`` (which may
+        be a comma-separated list, as in Ray), else none (the provider's default).
+        """
+        nt = self.node_type(name)
+        zones = tuple(nt.zones)
+        if not zones and self.provider.availability_zone:
+            zones = tuple(z.strip() for z in self.provider.availability_zone.split(",")
+                          if z.strip())
+        return NodeTypeSpec(name=name, node_config=dict(nt.node_config), spot=nt.spot,
+                            zones=zones, max_price=nt.max_price,
+                            resources=dict(nt.resources))
+
+    def runtime_python_for(self, name: str) -> str | None:
+        """The Python to run strato with on this type; None means install strato."""
+        return self.node_type(name).runtime_python or self.runtime_python
+
+    def head_setup(self) -> list[str]:
+        """Setup commands of the head: ``setup_commands`` + ``head_setup_commands`` (Ray)."""
+        return [*self.setup_commands, *self.head_setup_commands]
+
+    def worker_setup(self, node_type: str | None = None) -> list[str]:
+        """Setup commands of a worker: ``setup_commands`` + the worker list.
+
+        A node type's own ``worker_setup_commands`` replaces the global list, as in Ray.
+        """
+        own = self.node_type(node_type).worker_setup_commands if node_type else None
+        return [*self.setup_commands, *(self.worker_setup_commands if own is None else own)]
+
+    def launch_hash(self, node_type: str) -> str:
+        """Hash of what the machine *is*: a change means the node must be replaced."""
+        spec = self.node_type_spec(node_type)
+        return _stable_hash({
+            "provider": [self.provider.type, self.provider.region, self.provider.project_id],
+            "node_config": spec.node_config,
+            "spot": spec.spot,
+            "zones": list(spec.zones),
+            "max_price": spec.max_price,
+        })
+
+    def setup_hash(self, node_type: str, *, head: bool | None = None) -> str:
+        """Hash of what is *installed*: a change means setup must run again.
+
+        Covers file mount paths and the local files' contents, initialization and setup
+        commands for the node's kind, ``runtime_python`` and the advertised resources.
+        ``head`` defaults to whether ``node_type`` is the head node type.
+        """
+        if head is None:
+            head = node_type == self.head_node_type
+        nt = self.node_type(node_type)
+        return _stable_hash({
+            "file_mounts": {remote: [local, _digest_path(local)]
+                            for remote, local in sorted(self.file_mounts.items())},
+            "initialization_commands": self.initialization_commands,
+            "setup": self.head_setup() if head else self.worker_setup(node_type),
+            "runtime_python": self.runtime_python_for(node_type),
+            "resources": dict(nt.resources),
+        })
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict with defaults filled (for providers' ``prepare``)."""
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------- loading
+def load_config(path: str | os.PathLike[str]) -> ClusterConfig:
+    """Read, parse and validate a cluster YAML file; ``ConfigError`` lists every problem."""
+    source = os.fspath(path)
+    try:
+        text = Path(source).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read cluster config: {e.strerror or e}") from None
+    data, lines, problems = _parse_yaml(text)
+    return _build(data, source, lines, problems)
+
+
+def load_config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> ClusterConfig:
+    """Validate an already-parsed config (no line numbers in messages)."""
+    return _build(data, source, None, [])
+
+
+def _build(data: Any, source: str, lines: dict[KeyPath, int] | None,
+           problems: list[tuple[KeyPath, str]]) -> ClusterConfig:
+    report = _Report(source, lines)
+    for path, msg in problems:
+        report.error(path, msg)
+    if report.errors:  # YAML syntax: nothing else to check
+        raise report.config_error()
+    if data is None:
+        report.error((), "the file is empty; expected a mapping with provider, "
+                         "available_node_types and head_node_type")
+        raise report.config_error()
+    if not isinstance(data, Mapping):
+        report.error((), f"the top level must be a mapping of keys, got {_describe(data)}")
+        raise report.config_error()
+
+    cleaned = _check_keys(dict(data), ClusterConfig, (), report)
+    _check_semantics(cleaned, report)
+    try:
+        config = ClusterConfig.model_validate(cleaned)
+    except ValidationError as e:
+        for err in e.errors(include_url=False):
+            report.error(tuple(err["loc"]), _pydantic_message(err))
+        config = None
+    if report.errors or config is None:
+        raise report.config_error()
+    config._warnings = report.sorted(report.warnings)
+    config._source = source
+    return config
+
+
+class _Report:
+    """Collects errors and warnings, each placed at a key path and its file line."""
+
+    def __init__(self, source: str, lines: dict[KeyPath, int] | None):
+        self.source = source
+        self.lines = lines
+        self.errors: list[tuple[int, str]] = []
+        self.warnings: list[tuple[int, str]] = []
+        self._seen: set[str] = set()
+
+    def _line(self, path: KeyPath) -> int | None:
+        if self.lines is None:
+            return None
+        for n in range(len(path), 0, -1):  # a missing key: point at its parent
+            line = self.lines.get(path[:n])
+            if line is not None:
+                return line
+        return 1
+
+    def _format(self, path: KeyPath, msg: str) -> tuple[int, str]:
+        line = self._line(path)
+        where = self.source if line is None else f"{self.source}:{line}"
+        return (line or 0, f"{where}: {_format_path(path)}: {msg}")
+
+    def error(self, path: KeyPath, msg: str) -> None:
+        item = self._format(path, msg)
+        if item[1] not in self._seen:  # semantic and type checks may say the same thing
+            self._seen.add(item[1])
+            self.errors.append(item)
+
+    def warn(self, path: KeyPath, msg: str) -> None:
+        self.warnings.append(self._format(path, msg))
+
+    @staticmethod
+    def sorted(items: list[tuple[int, str]]) -> list[str]:
+        return [text for _, text in sorted(items, key=lambda it: it[0])]
+
+    def config_error(self) -> ConfigError:
+        problems = self.sorted(self.errors)
+        err = ConfigError("\n".join(problems))
+        err.problems = problems  # type: ignore[attr-defined]
+        return err
+
+
+# ---------------------------------------------------------------- YAML with lines
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader; we compose the node tree first to read each key's line."""
+
+
+def _parse_yaml(text: str) -> tuple[Any, dict[KeyPath, int], list[tuple[KeyPath, str]]]:
+    """Parse ``text``; return the data, a key path -> line table, and problems."""
+    lines: dict[KeyPath, int] = {}
+    problems: list[tuple[KeyPath, str]] = []
+    loader = _LineLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, lines, problems
+        _record_lines(node, (), lines, problems)  # before construct: merges mutate nodes
+        return loader.construct_document(node), lines, problems
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        if mark is not None:
+            lines[("<yaml>",)] = mark.line + 1
+        what = " ".join(str(s) for s in (e.context, e.problem) if s)
+        problems.append((("<yaml>",), f"YAML syntax error: {what}"))
+        return None, lines, problems
+    except yaml.YAMLError as e:
+        problems.append((("<yaml>",), f"YAML error: {e}"))
+        return None, lines, problems
+    finally:
+        loader.dispose()
+
+
+def _record_lines(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int],
+                  problems: list[tuple[KeyPath, str]], *, merged: bool = False) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        merges: list[yaml.Node] = []
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                merges.append(value_node)
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = key_node.value
+            sub = (*path, key)
+            if key in seen and not merged:
+                lines[sub] = key_node.start_mark.line + 1
+                problems.append((sub, "duplicate key; the later value would silently win"))
+            seen.add(key)
+            if merged:
+                lines.setdefault(sub, key_node.start_mark.line + 1)
+            else:
+                lines[sub] = key_node.start_mark.line + 1
+            _record_lines(value_node, sub, lines, problems, merged=merged)
+        for m in merges:  # explicit keys win over keys merged in with <<
+            for mapping in (m.value if isinstance(m, yaml.SequenceNode) else [m]):
+                _record_lines(mapping, path, lines, problems, merged=True)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            if merged:
+                lines.setdefault((*path, i), item.start_mark.line + 1)
+            else:
+                lines[(*path, i)] = item.start_mark.line + 1
+            _record_lines(item, (*path, i), lines, problems, merged=merged)
+
+
+# ---------------------------------------------------------------- checks
+def _check_keys(data: dict[Any, Any], model: type[BaseModel], path: KeyPath,
+                report: _Report) -> dict[str, Any]:
+    """Drop Ray-only keys (warning) and unknown keys (error, with a suggestion).
+
+    Keys given with no value (``setup_commands:``) mean "the default", as in Ray.
+    """
+    fields = model.model_fields
+    ray_only: dict[str, str] = getattr(model, "ray_only_keys", {})
+    allows_extra = model.model_config.get("extra") == "allow"
+    cleaned: dict[str, Any] = {}
+    for key, value in data.items():
+        sub = (*path, key)
+        if not isinstance(key, str):
+            report.error(sub, f"keys must be strings, got {_describe(key)}")
+        elif key in fields:
+            if value is None and not fields[key].is_required():
+                continue
+            cleaned[key] = _check_nested(value, fields[key].annotation, sub, report)
+        elif key in ray_only:
+            report.warn(sub, f"Ray-only key, ignored by strato ({ray_only[key]})")
+        elif allows_extra:
+            cleaned[key] = value
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.8)
+            if close:
+                report.warn(sub, f"not a key strato knows (kept for the provider); "
+                                 f"did you mean {close[0]!r}?")
+        else:
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}?" if close else \
+                f"valid keys: {', '.join(fields)}"
+            report.error(sub, f"unknown key; {hint}")
+    return cleaned
+
+
+def _check_nested(value: Any, annotation: Any, path: KeyPath, report: _Report) -> Any:
+    """Recurse into sub-sections (``auth``) and mappings of them (node types)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return _check_keys(value, annotation, path, report) if isinstance(value, dict) \
+            else value
+    if get_origin(annotation) is dict and isinstance(value, dict):
+        item = get_args(annotation)[1]
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            return {k: _check_keys(v, item, (*path, k), report) if isinstance(v, dict) else v
+                    for k, v in value.items()}
+    return value
+
+
+def _check_semantics(raw: dict[str, Any], report: _Report) -> None:
+    """Checks across keys; guarded so wrong types are left to the type check."""
+    data = _fill_defaults(raw)
+    provider = data.get("provider")
+    provider = provider if isinstance(provider, dict) else {}
+    ptype = provider.get("type")
+    types = data.get("available_node_types")
+    types = types if isinstance(types, dict) else {}
+    head = data.get("head_node_type")
+
+    if isinstance(ptype, str) and ptype not in PROVIDER_TYPES:
+        close = difflib.get_close_matches(ptype, PROVIDER_TYPES, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        report.error(("provider", "type"), f"unknown provider type {ptype!r}; expected one "
+                                           f"of {', '.join(PROVIDER_TYPES)}{hint}")
+    if ptype == "aws" and not provider.get("region"):
+        report.error(("provider", "region"), "required for provider type 'aws'")
+    if ptype == "gcp":
+        if not provider.get("project_id"):
+            report.error(("provider", "project_id"), "required for provider type 'gcp'")
+        if not provider.get("availability_zone"):
+            for name, nt in types.items():
+                if isinstance(nt, dict) and not nt.get("zones"):
+                    report.error(("available_node_types", name, "zones"),
+                                 "provider type 'gcp' needs provider.availability_zone "
+                                 "or zones on every node type")
+        if isinstance(data.get("cluster_name"), str) and \
+                not _GCP_LABEL_RE.match(data["cluster_name"]):
+            report.error(("cluster_name",), "on gcp must be lower-case letters, digits, '-' "
+                                            "or '_' (it is stored in labels)")
+        for name in types:
+            if isinstance(name, str) and not _GCP_LABEL_RE.match(name):
+                report.error(("available_node_types", name),
+                             "node type names on gcp must be lower-case letters, digits, "
+                             "'-' or '_' (they are stored in labels)")
+    if ptype == "ssh" and not provider.get("head_ip"):
+        report.error(("provider", "head_ip"), "required for provider type 'ssh'")
+    if ptype == "local" and (provider.get("head_ip") or provider.get("worker_ips")):
+        report.warn(("provider", "type"), "head_ip/worker_ips are ignored by the 'local' "
+                                          "provider (Ray's 'local' is strato's 'ssh')")
+
+    name = data.get("cluster_name")
+    if isinstance(name, str) and not _NAME_RE.match(name):
+        report.error(("cluster_name",), f"{name!r}: use letters, digits, '-' or '_' "
+                                        "(at most 63, starting with a letter or digit)")
+
+    if "available_node_types" in data and not types and isinstance(
+            data["available_node_types"], dict):
+        report.error(("available_node_types",), "at least one node type is required")
+    if isinstance(head, str) and types and head not in types:
+        close = difflib.get_close_matches(head, [str(k) for k in types], n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        report.error(("head_node_type",), f"{head!r} is not a key of available_node_types; "
+                                          f"{hint}(known: {', '.join(map(str, types))})")
+
+    total_min = 0
+    for tname, nt in types.items():
+        if not isinstance(nt, dict):
+            continue
+        lo, hi = nt.get("min_workers", 0), nt.get("max_workers")
+        if _is_int(lo) and _is_int(hi) and lo > hi:
+            given = "" if "max_workers" in raw["available_node_types"][tname] else \
+                (", the default for the head node type" if tname == head else
+                 ", the default: the global max_workers")
+            report.error(("available_node_types", tname, "min_workers"),
+                         f"min_workers ({lo}) is greater than max_workers ({hi}{given})")
+        if _is_int(lo):
+            total_min += lo
+        if nt.get("max_price") is not None and not nt.get("spot"):
+            report.warn(("available_node_types", tname, "max_price"),
+                        "ignored: the node type is not spot")
+        if nt.get("spot") and ptype == "ssh":
+            report.warn(("available_node_types", tname, "spot"),
+                        "ignored: SSH hosts are never spot")
+    gmax = data.get("max_workers")
+    if _is_int(gmax) and total_min > gmax:
+        report.warn(("max_workers",), f"the node types' min_workers add up to {total_min}, "
+                                      f"more than max_workers ({gmax})")
+
+
+def _fill_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """Ray-style defaults that depend on other keys (per-type max_workers, ssh_user)."""
+    data = dict(data)
+    gmax = data.get("max_workers", DEFAULT_GLOBAL_MAX_WORKERS)
+    types = data.get("available_node_types")
+    if isinstance(types, dict):
+        filled = {}
+        for name, nt in types.items():
+            if isinstance(nt, dict) and nt.get("max_workers") is None:
+                nt = {**nt, "max_workers": 0 if name == data.get("head_node_type") else gmax}
+            filled[name] = nt
+        data["available_node_types"] = filled
+    auth = data.get("auth", {})
+    if isinstance(auth, dict) and not auth.get("ssh_user"):
+        provider = data.get("provider")
+        ptype = provider.get("type") if isinstance(provider, dict) else None
+        data["auth"] = {**auth, "ssh_user": "ubuntu" if ptype in ("aws", "gcp")
+                        else _current_user()}
+    return data
+
+
+# ---------------------------------------------------------------- helpers
+def _pydantic_message(err: Mapping[str, Any]) -> str:
+    """Turn a pydantic error into words a YAML author knows."""
+    kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
+    got = f" (got {_describe(value)})"
+    if kind == "missing":
+        if tuple(err["loc"]) == ("provider", "type"):
+            return f"required key missing; one of {', '.join(PROVIDER_TYPES)}"
+        return "required key missing"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"expected a mapping{got}"
+    if kind == "list_type":
+        return f"expected a list{got}"
+    if kind.startswith("int_"):
+        return f"expected an integer{got}"
+    if kind.startswith("float_"):
+        return f"expected a number{got}"
+    if kind.startswith("bool_"):
+        return f"expected true or false{got}"
+    if kind.startswith("string_"):
+        return f"expected a string{got}"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=",
+              "less_than": "<"}[kind]
+        bound = next(iter(ctx.values()), "?")
+        bound = f"{bound:g}" if isinstance(bound, int | float) else bound
+        return f"must be {op} {bound}{got}"
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    return f"{msg}{got}"
+
+
+def _format_path(path: KeyPath) -> str:
+    if path == ("<yaml>",):
+        return "(yaml)"
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _PLAIN_KEY_RE.match(part):
+            out += f".{part}" if out else part
+        else:
+            out += f"[{json.dumps(part)}]"
+    return out or "(top level)"
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _current_user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no passwd entry (some containers)
+        return os.environ.get("USER", "root")
+
+
+def _stable_hash(obj: Any) -> str:
+    """sha1 of canonical JSON: 40 hex chars, fits in a GCP label value."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+
+
+def _digest_path(local: str) -> str:
+    """Digest of a file mount's local contents, so editing a mounted file re-runs setup."""
+    root = Path(os.path.expanduser(local))
+    h = hashlib.sha1(usedforsecurity=False)
+    if root.is_file():
+        h.update(root.read_bytes())
+    elif root.is_dir():
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for fname in sorted(filenames):
+                f = Path(dirpath, fname)
+                h.update(str(f.relative_to(root)).encode() + b"\0")
+                try:
+                    h.update(f.read_bytes())
+                except OSError:
+                    h.update(b"<unreadable>")
+    else:
+        return "missing"
+    return h.hexdigest()

@@ -1,0 +1,534 @@
+"""AWS EC2 node provider: key pair, security group, on-demand and spot instances.
+
+boto3 is imported only inside ``make_ec2_client`` so users of other clouds never need it.
+Every EC2 call goes through that one factory, which honours an endpoint override
+(``provider.endpoint_url``, else ``AWS_ENDPOINT_URL_EC2``, else ``AWS_ENDPOINT_URL``) so
+tests point the provider at moto.
+
+Default image: when ``node_config`` has no ``ImageId`` the newest AMI (by CreationDate,
+matching the instance type's architecture) of the first of these searches that finds one
+is used: the AWS Deep Learning Base GPU AMI (Ubuntu 22.04, owner ``amazon``), Canonical's
+Ubuntu 22.04 server image, any Canonical/Amazon Ubuntu server image, then any
+Amazon-owned image (the last two exist so moto, which has only old images, works).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from strato.exceptions import CapacityError, ConfigError, ProviderError
+from strato.providers.base import (
+    TAG_CLUSTER,
+    TAG_KIND,
+    TAG_NAME,
+    Node,
+    NodeProvider,
+    NodeState,
+    NodeTypeSpec,
+)
+
+# Error codes that all mean "no capacity for this request here": the autoscaler treats
+# them alike (next zone, then on-demand), whatever EC2's wording.
+CAPACITY_ERROR_CODES = frozenset({
+    "InsufficientInstanceCapacity",
+    "InsufficientHostCapacity",
+    "InsufficientReservedInstanceCapacity",
+    "InsufficientCapacity",
+    "SpotMaxPriceTooLow",
+    "MaxSpotInstanceCountExceeded",
+    "InstanceLimitExceeded",
+    "VcpuLimitExceeded",
+    "Unsupported",  # e.g. the zone does not offer this instance type
+    "InsufficientFreeAddressesInSubnet",
+})
+
+SPOT_TERMINATION_CODE = "Server.SpotInstanceTermination"
+
+# Share of the machine's memory advertised as the ``memory`` resource; the rest is left
+# to the OS and the object store (the same split Ray uses).
+MEMORY_FRACTION = 0.7
+
+_ALIVE_STATES = ("pending", "running", "stopping", "stopped")
+_GONE_STATES = ("shutting-down", "terminated")
+_STATE_MAP = {
+    "pending": NodeState.PENDING,
+    "running": NodeState.RUNNING,
+    "stopping": NodeState.STOPPING,
+    "stopped": NodeState.STOPPED,
+    "shutting-down": NodeState.TERMINATED,
+    "terminated": NodeState.TERMINATED,
+}
+
+_CANONICAL = "099720109477"
+# (owners, name pattern or None) tried in order; see the module docstring.
+_IMAGE_SEARCHES: tuple[tuple[tuple[str, ...], str | None], ...] = (
+    (("amazon",), "Deep Learning*Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04)*"),
+    ((_CANONICAL,), "ubuntu/images/hvm-ssd*/ubuntu-jammy-22.04-*-server-*"),
+    ((_CANONICAL, "amazon"), "ubuntu/images/hvm-ssd*/ubuntu-*-server-*"),
+    (("amazon",), None),
+)
+
+_MIB = 1024 * 1024
+_TERMINATE_BATCH = 1000  # TerminateInstances limit per call
+
+# Instance-type facts never change; shared by every provider object in the process.
+_INSTANCE_TYPE_CACHE: dict[tuple[str | None, str], dict[str, Any]] = {}
+
+
+def make_ec2_client(provider_config: Mapping[str, Any]) -> Any:
+    """Build the one EC2 client the provider uses (lazy boto3 import, endpoint override)."""
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError as e:  # pragma: no cover - depends on the user's environment
+        raise ConfigError("provider.type 'aws' needs boto3: pip install boto3") from e
+    endpoint = (provider_config.get("endpoint_url")
+                or os.environ.get("AWS_ENDPOINT_URL_EC2")
+                or os.environ.get("AWS_ENDPOINT_URL")
+                or None)
+    return boto3.client(
+        "ec2",
+        region_name=provider_config.get("region"),
+        endpoint_url=endpoint,
+        config=Config(retries={"max_attempts": 5, "mode": "standard"}),
+    )
+
+
+def strato_home() -> Path:
+    """Where strato keeps local state (``$STRATO_HOME``, default ``~/.strato``)."""
+    return Path(os.environ.get("STRATO_HOME") or "~/.strato").expanduser()
+
+
+def _error_code(exc: BaseException) -> str:
+    return getattr(exc, "response", {}).get("Error", {}).get("Code", "") or ""
+
+
+def _error_message(exc: BaseException) -> str:
+    return getattr(exc, "response", {}).get("Error", {}).get("Message", "") or str(exc)
+
+
+def _sdk_errors() -> tuple[type[Exception], ...]:
+    """botocore's error bases, imported lazily like boto3 itself."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (ClientError, BotoCoreError)
+
+
+def _as_list(value: Any) -> list[str]:
+    """Zones come as a YAML list or Ray's comma-separated string."""
+    if not value:
+        return []
+    if isinstance(value, str):
+        return [z.strip() for z in value.split(",") if z.strip()]
+    return [str(z) for z in value]
+
+
+def _tags_dict(tags: Iterable[Mapping[str, str]] | None) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in tags or ()}
+
+
+def _aws_tags(tags: Mapping[str, str]) -> list[dict[str, str]]:
+    return [{"Key": k, "Value": str(v)} for k, v in tags.items()]
+
+
+def public_key_from_private(private_key_path: str | os.PathLike[str]) -> str:
+    """OpenSSH public key line for a PEM or OpenSSH private key file (unencrypted)."""
+    from cryptography.hazmat.primitives import serialization
+
+    data = Path(private_key_path).expanduser().read_bytes()
+    try:
+        if b"OPENSSH PRIVATE KEY" in data:
+            key = serialization.load_ssh_private_key(data, password=None)
+        else:
+            key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"auth.ssh_private_key: cannot read {private_key_path}: {e}; "
+                          "give auth.ssh_public_key too") from e
+    return key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+
+def _key_body(public_key: str) -> str:
+    """``type base64`` of a public key line, without the comment, for comparison."""
+    return " ".join(public_key.split()[:2])
+
+
+class AWSProvider(NodeProvider):
+    """Nodes are EC2 instances tagged with the cluster name; state lives only in AWS tags."""
+
+    def __init__(self, provider_config: Mapping[str, Any], cluster_name: str):
+        super().__init__(provider_config, cluster_name)
+        self._ec2: Any = None
+        self._prepared: dict[str, Any] | None = None
+        self._subnets: dict[str, str] = {}
+        self._vpc_id: str | None = None
+        self._images: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def ec2(self) -> Any:
+        """The boto3 EC2 client, built on first use by ``make_ec2_client``."""
+        if self._ec2 is None:
+            self._ec2 = make_ec2_client(self.provider_config)
+        return self._ec2
+
+    @property
+    def resource_name(self) -> str:
+        """Name of the key pair and security group of this cluster."""
+        return f"strato-{self.cluster_name}"
+
+    def _call(self, operation: str, **kwargs: Any) -> Any:
+        """Call EC2, turning SDK errors into ``ProviderError`` with AWS's own message."""
+        try:
+            return getattr(self.ec2, operation)(**kwargs)
+        except _sdk_errors() as e:
+            code = _error_code(e) or type(e).__name__
+            raise ProviderError(f"AWS {operation} failed ({code}): {_error_message(e)}") from e
+
+    # ------------------------------------------------------------------ prepare
+    def prepare(self, config: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Ensure key pair, security group and per-zone subnets exist; safe to repeat."""
+        auth = dict(config.get("auth") or {})
+        key_name, key_path = self._ensure_key_pair(auth)
+        vpc_id = self._default_vpc()
+        group_id = self._ensure_security_group(vpc_id)
+        zones: list[str] = []
+        for node_type in (config.get("available_node_types") or {}).values():
+            zones += _as_list((node_type or {}).get("zones"))
+        zones += _as_list(self.provider_config.get("availability_zone"))
+        subnets = {zone: self._subnet_for_zone(zone) for zone in dict.fromkeys(zones)}
+        self._prepared = {
+            "key_name": key_name,
+            "private_key_path": key_path,
+            "security_group_id": group_id,
+            "vpc_id": vpc_id,
+            "subnets": subnets,
+        }
+        return dict(self._prepared)
+
+    def _ensure_key_pair(self, auth: Mapping[str, Any]) -> tuple[str, str]:
+        name = self.resource_name
+        existing = self._describe_key_pair(name)
+        if auth.get("ssh_private_key"):
+            private_path = str(Path(auth["ssh_private_key"]).expanduser())
+            if auth.get("ssh_public_key"):
+                public = Path(auth["ssh_public_key"]).expanduser().read_text().strip()
+            else:
+                public = public_key_from_private(private_path)
+            if existing is not None:
+                if _key_body(existing.get("PublicKey", "")) == _key_body(public):
+                    return name, private_path
+                # A different key under our name (the user changed auth): replace it.
+                # Running instances keep the key they booted with.
+                self._call("delete_key_pair", KeyName=name)
+            self._call("import_key_pair", KeyName=name, PublicKeyMaterial=public.encode(),
+                       TagSpecifications=[{"ResourceType": "key-pair", "Tags": _aws_tags(
+                           {TAG_CLUSTER: self.cluster_name})}])
+            return name, private_path
+
+        pem = strato_home() / "keys" / f"{name}.pem"
+        if existing is not None:
+            if pem.exists():
+                return name, str(pem)
+            raise ProviderError(
+                f"key pair {name!r} exists in AWS but its private key {pem} is missing; "
+                f"delete the key pair (aws ec2 delete-key-pair --key-name {name}) or set "
+                "auth.ssh_private_key")
+        created = self._call("create_key_pair", KeyName=name,
+                             TagSpecifications=[{"ResourceType": "key-pair", "Tags": _aws_tags(
+                                 {TAG_CLUSTER: self.cluster_name})}])
+        _write_secret(pem, created["KeyMaterial"])
+        return name, str(pem)
+
+    def _describe_key_pair(self, name: str) -> dict[str, Any] | None:
+        try:
+            pairs = self.ec2.describe_key_pairs(KeyNames=[name], IncludePublicKey=True)
+        except _sdk_errors() as e:
+            if _error_code(e) == "InvalidKeyPair.NotFound":
+                return None
+            raise ProviderError(f"AWS describe_key_pairs failed: {_error_message(e)}") from e
+        return pairs["KeyPairs"][0] if pairs["KeyPairs"] else None
+
+    def _default_vpc(self) -> str:
+        if self._vpc_id is None:
+            vpcs = self._call("describe_vpcs",
+                              Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
+            if not vpcs:
+                raise ConfigError(f"region {self.provider_config.get('region')!r} has no "
+                                  "default VPC; strato needs one (aws ec2 create-default-vpc)")
+            self._vpc_id = vpcs[0]["VpcId"]
+        return self._vpc_id
+
+    def _find_security_group(self, vpc_id: str) -> dict[str, Any] | None:
+        groups = self._call("describe_security_groups", Filters=[
+            {"Name": "group-name", "Values": [self.resource_name]},
+            {"Name": "vpc-id", "Values": [vpc_id]},
+        ])["SecurityGroups"]
+        return groups[0] if groups else None
+
+    def _ensure_security_group(self, vpc_id: str) -> str:
+        group = self._find_security_group(vpc_id)
+        if group is None:
+            group_id = self._call(
+                "create_security_group", GroupName=self.resource_name, VpcId=vpc_id,
+                Description=f"strato cluster {self.cluster_name}: SSH in, all traffic within",
+                TagSpecifications=[{"ResourceType": "security-group", "Tags": _aws_tags(
+                    {TAG_CLUSTER: self.cluster_name})}],
+            )["GroupId"]
+            existing: list[dict[str, Any]] = []
+        else:
+            group_id = group["GroupId"]
+            existing = group.get("IpPermissions", [])
+        wanted = [
+            {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
+             "IpRanges": [{"CidrIp": "0.0.0.0/0", "Description": "strato SSH"}]},
+            {"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": group_id}]},
+        ]
+        missing = [p for p in wanted if not _has_permission(existing, p)]
+        if missing:
+            try:
+                self.ec2.authorize_security_group_ingress(GroupId=group_id, IpPermissions=missing)
+            except _sdk_errors() as e:
+                if _error_code(e) != "InvalidPermission.Duplicate":
+                    raise ProviderError(
+                        f"AWS authorize_security_group_ingress failed: {_error_message(e)}"
+                    ) from e
+        return group_id
+
+    def _subnet_for_zone(self, zone: str) -> str:
+        if zone not in self._subnets:
+            subnets = self._call("describe_subnets", Filters=[
+                {"Name": "availability-zone", "Values": [zone]},
+                {"Name": "default-for-az", "Values": ["true"]},
+            ])["Subnets"]
+            if not subnets:
+                raise ConfigError(f"zone {zone!r} has no default subnet in region "
+                                  f"{self.provider_config.get('region')!r}")
+            self._subnets[zone] = subnets[0]["SubnetId"]
+        return self._subnets[zone]
+
+    def _launch_resources(self) -> dict[str, Any]:
+        """prepare()'s facts, or the same looked up by name in a fresh process."""
+        if self._prepared is None:
+            vpc_id = self._default_vpc()
+            group = self._find_security_group(vpc_id)
+            if group is None or self._describe_key_pair(self.resource_name) is None:
+                raise ProviderError(f"security group or key pair {self.resource_name!r} "
+                                    "not found; run prepare (strato up) first")
+            self._prepared = {"key_name": self.resource_name,
+                              "security_group_id": group["GroupId"],
+                              "vpc_id": vpc_id, "subnets": {}}
+        return self._prepared
+
+    # ------------------------------------------------------------------ images and types
+    def instance_type_info(self, instance_type: str) -> dict[str, Any]:
+        """DescribeInstanceTypes entry for one type (cached for the process)."""
+        key = (self.provider_config.get("region"), instance_type)
+        if key not in _INSTANCE_TYPE_CACHE:
+            types = self._call("describe_instance_types",
+                               InstanceTypes=[instance_type])["InstanceTypes"]
+            if not types:
+                raise ConfigError(f"unknown instance type {instance_type!r}")
+            _INSTANCE_TYPE_CACHE[key] = types[0]
+        return _INSTANCE_TYPE_CACHE[key]
+
+    def default_image(self, instance_type: str | None) -> str:
+        """AMI used when node_config has no ImageId (see the module docstring)."""
+        arch = "x86_64"
+        if instance_type:
+            archs = self.instance_type_info(instance_type).get(
+                "ProcessorInfo", {}).get("SupportedArchitectures", [])
+            arch = "arm64" if archs and "x86_64" not in archs and "arm64" in archs else arch
+        if arch not in self._images:
+            for owners, pattern in _IMAGE_SEARCHES:
+                filters = [{"Name": "architecture", "Values": [arch]},
+                           {"Name": "state", "Values": ["available"]}]
+                if pattern:
+                    filters.append({"Name": "name", "Values": [pattern]})
+                images = self._call("describe_images", Owners=list(owners),
+                                    Filters=filters)["Images"]
+                if images:
+                    newest = max(images, key=lambda i: i.get("CreationDate", ""))
+                    self._images[arch] = newest["ImageId"]
+                    break
+            else:
+                raise ConfigError(f"no default {arch} AMI found; set node_config.ImageId")
+        return self._images[arch]
+
+    def runtime_resources(self, spec: NodeTypeSpec) -> dict[str, float]:
+        """CPU, GPU, memory and accelerator_type from the instance type; spec.resources win."""
+        instance_type = spec.node_config.get("InstanceType")
+        if not instance_type:
+            return dict(spec.resources)
+        info = self.instance_type_info(instance_type)
+        found: dict[str, float] = {}
+        vcpus = info.get("VCpuInfo", {}).get("DefaultVCpus")
+        if vcpus:
+            found["CPU"] = float(vcpus)
+        gpus = info.get("GpuInfo", {}).get("Gpus", [])
+        if gpus:
+            found["GPU"] = float(sum(g.get("Count", 0) for g in gpus))
+            for gpu in gpus:
+                if gpu.get("Name"):
+                    found[f"accelerator_type:{gpu['Name']}"] = 1.0
+        mib = info.get("MemoryInfo", {}).get("SizeInMiB")
+        if mib:
+            found["memory"] = float(int(mib * _MIB * MEMORY_FRACTION))
+        found.update(spec.resources)
+        return found
+
+    # ------------------------------------------------------------------ nodes
+    def create_nodes(self, spec: NodeTypeSpec, count: int, tags: Mapping[str, str], *,
+                     zone: str | None = None, spot: bool | None = None) -> list[Node]:
+        """run_instances for ``count`` nodes; capacity failures raise ``CapacityError``."""
+        if count <= 0:
+            return []
+        use_spot = spec.spot if spot is None else spot
+        zone = zone or (list(spec.zones) or _as_list(
+            self.provider_config.get("availability_zone")) or [None])[0]
+        resources = self._launch_resources()
+
+        all_tags = {TAG_NAME: f"strato-{self.cluster_name}-{tags.get(TAG_KIND, 'worker')}",
+                    **tags, TAG_CLUSTER: self.cluster_name}
+        params: dict[str, Any] = dict(spec.node_config)
+        params.update(MinCount=count, MaxCount=count)
+        params.setdefault("KeyName", resources["key_name"])
+        if "ImageId" not in params:
+            params["ImageId"] = self.default_image(params.get("InstanceType"))
+        if "NetworkInterfaces" not in params:
+            groups = list(params.get("SecurityGroupIds", []))
+            if resources["security_group_id"] not in groups:
+                groups.append(resources["security_group_id"])
+            params["SecurityGroupIds"] = groups
+            if zone and "SubnetId" not in params:
+                params["SubnetId"] = resources["subnets"].get(zone) or self._subnet_for_zone(zone)
+        params["TagSpecifications"] = _merge_tag_specs(params.get("TagSpecifications", []),
+                                                       all_tags)
+        if use_spot:
+            options: dict[str, Any] = {"SpotInstanceType": "one-time",
+                                       "InstanceInterruptionBehavior": "terminate"}
+            if spec.max_price is not None:
+                options["MaxPrice"] = str(spec.max_price)
+            params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": options}
+        else:
+            params.pop("InstanceMarketOptions", None)
+
+        try:
+            reply = self.ec2.run_instances(**params)
+        except _sdk_errors() as e:
+            code = _error_code(e)
+            what = (f"{count}x {params.get('InstanceType', spec.name)} "
+                    f"({'spot' if use_spot else 'on-demand'}) in {zone or 'any zone'}")
+            if code in CAPACITY_ERROR_CODES:
+                raise CapacityError(f"no capacity for {what}: {code}: {_error_message(e)}",
+                                    node_type=spec.name, zone=zone, spot=use_spot,
+                                    code=code) from e
+            raise ProviderError(f"launching {what} failed ({code or type(e).__name__}): "
+                                f"{_error_message(e)}") from e
+        return [_to_node(inst, fallback_tags=all_tags) for inst in reply["Instances"]]
+
+    def list_nodes(self, tag_filters: Mapping[str, str] | None = None, *,
+                   include_terminated: bool = False) -> list[Node]:
+        """This cluster's instances matching every tag; terminated ones only on request."""
+        wanted = {**(tag_filters or {}), TAG_CLUSTER: self.cluster_name}
+        states = _ALIVE_STATES + (_GONE_STATES if include_terminated else ())
+        filters = [{"Name": f"tag:{k}", "Values": [str(v)]} for k, v in wanted.items()]
+        filters.append({"Name": "instance-state-name", "Values": list(states)})
+        nodes: list[Node] = []
+        try:
+            for page in self.ec2.get_paginator("describe_instances").paginate(Filters=filters):
+                for reservation in page["Reservations"]:
+                    nodes += [_to_node(inst) for inst in reservation["Instances"]]
+        except _sdk_errors() as e:
+            raise ProviderError(f"AWS describe_instances failed: {_error_message(e)}") from e
+        return nodes
+
+    def terminate_nodes(self, node_ids: Sequence[str]) -> None:
+        """Terminate in batches; ids AWS no longer knows are skipped, not errors."""
+        ids = list(dict.fromkeys(node_ids))
+        for start in range(0, len(ids), _TERMINATE_BATCH):
+            batch = ids[start:start + _TERMINATE_BATCH]
+            try:
+                self.ec2.terminate_instances(InstanceIds=batch)
+            except _sdk_errors() as e:
+                if _error_code(e) != "InvalidInstanceID.NotFound":
+                    raise ProviderError(
+                        f"AWS terminate_instances failed: {_error_message(e)}") from e
+                # One unknown id fails the whole call: retry one by one, skipping the gone.
+                for node_id in batch:
+                    try:
+                        self.ec2.terminate_instances(InstanceIds=[node_id])
+                    except _sdk_errors() as e1:
+                        if _error_code(e1) != "InvalidInstanceID.NotFound":
+                            raise ProviderError(f"AWS terminate_instances failed for "
+                                                f"{node_id}: {_error_message(e1)}") from e1
+
+    def set_tags(self, node_id: str, tags: Mapping[str, str]) -> None:
+        """Add or overwrite tags on one instance."""
+        if tags:
+            self._call("create_tags", Resources=[node_id], Tags=_aws_tags(tags))
+
+
+def _has_permission(existing: Sequence[Mapping[str, Any]], wanted: Mapping[str, Any]) -> bool:
+    """Whether an ingress rule equivalent to ``wanted`` is already on the group."""
+    for perm in existing:
+        if perm.get("IpProtocol") != wanted["IpProtocol"]:
+            continue
+        if wanted["IpProtocol"] != "-1" and (perm.get("FromPort"), perm.get("ToPort")) != (
+                wanted["FromPort"], wanted["ToPort"]):
+            continue
+        cidrs = {r.get("CidrIp") for r in perm.get("IpRanges", [])}
+        groups = {g.get("GroupId") for g in perm.get("UserIdGroupPairs", [])}
+        if all(r["CidrIp"] in cidrs for r in wanted.get("IpRanges", [])) and all(
+                g["GroupId"] in groups for g in wanted.get("UserIdGroupPairs", [])):
+            return True
+    return False
+
+
+def _merge_tag_specs(user_specs: Sequence[Mapping[str, Any]],
+                     tags: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Add strato's tags to instances and volumes, keeping tags the user's config sets."""
+    merged: dict[str, dict[str, str]] = {"instance": {}, "volume": {}}
+    for user_spec in user_specs:
+        rtype = user_spec["ResourceType"]
+        merged.setdefault(rtype, {}).update(_tags_dict(user_spec.get("Tags")))
+    for rtype in ("instance", "volume"):
+        merged[rtype].update(tags)
+    return [{"ResourceType": r, "Tags": _aws_tags(t)} for r, t in merged.items()]
+
+
+def _to_node(inst: Mapping[str, Any], fallback_tags: Mapping[str, str] | None = None) -> Node:
+    """EC2 instance description -> Node (spot from InstanceLifecycle, preempted from reason)."""
+    reason = inst.get("StateReason") or {}
+    preempted = (reason.get("Code") == SPOT_TERMINATION_CODE
+                 or SPOT_TERMINATION_CODE in (reason.get("Message") or ""))
+    launch = inst.get("LaunchTime")
+    tags = _tags_dict(inst.get("Tags")) or dict(fallback_tags or {})
+    return Node(
+        id=inst["InstanceId"],
+        state=_STATE_MAP.get(inst.get("State", {}).get("Name", ""), NodeState.PENDING),
+        tags=tags,
+        private_ip=inst.get("PrivateIpAddress") or None,
+        public_ip=inst.get("PublicIpAddress") or None,
+        spot=inst.get("InstanceLifecycle") == "spot",
+        preempted=preempted,
+        zone=(inst.get("Placement") or {}).get("AvailabilityZone"),
+        instance_type=inst.get("InstanceType"),
+        launch_time=launch.timestamp() if hasattr(launch, "timestamp") else None,
+    )
+
+
+def _write_secret(path: Path, text: str) -> None:
+    """Write a private key readable only by the user (0600, directory 0700)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+
+
+PROVIDER = AWSProvider

@@ -1,0 +1,151 @@
+"""The one interface every node provider implements: synchronous, batched, idempotent.
+
+Adding a place nodes come from means adding one module with a ``NodeProvider`` subclass
+and a module-level ``PROVIDER = ThatClass``; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# Tag keys every provider writes on the nodes it creates (labels on GCP: lower-case,
+# so keys use only [a-z0-9-_]). ``down`` finds nodes by these, never by local memory.
+TAG_CLUSTER = "strato-cluster"
+TAG_KIND = "strato-node-kind"          # "head" | "worker"
+TAG_NODE_TYPE = "strato-node-type"     # key of available_node_types
+TAG_LAUNCH_HASH = "strato-launch-hash"  # hash of node_config (+ provider bits)
+TAG_SETUP_HASH = "strato-setup-hash"   # hash of setup commands / file mounts
+TAG_STATUS = "strato-status"           # see NodeStatus
+TAG_NAME = "Name"
+
+
+class NodeKind(str, enum.Enum):
+    HEAD = "head"
+    WORKER = "worker"
+
+
+class NodeStatus(str, enum.Enum):
+    """Launcher-level status kept in the TAG_STATUS tag."""
+
+    PENDING = "pending"            # created, not yet set up
+    SETTING_UP = "setting-up"
+    UP_TO_DATE = "up-to-date"
+    UPDATE_FAILED = "update-failed"
+
+
+class NodeState(str, enum.Enum):
+    """What the provider says about the machine itself."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    TERMINATED = "terminated"
+
+
+@dataclass(frozen=True)
+class Node:
+    """One machine as the provider sees it."""
+
+    id: str
+    state: NodeState
+    tags: Mapping[str, str] = field(default_factory=dict)
+    private_ip: str | None = None
+    public_ip: str | None = None
+    spot: bool = False
+    preempted: bool = False          # the cloud took it back (spot interruption)
+    zone: str | None = None
+    instance_type: str | None = None
+    launch_time: float | None = None  # unix seconds
+
+    @property
+    def node_type(self) -> str | None:
+        return self.tags.get(TAG_NODE_TYPE)
+
+    @property
+    def kind(self) -> str | None:
+        return self.tags.get(TAG_KIND)
+
+    @property
+    def is_alive(self) -> bool:
+        return self.state in (NodeState.PENDING, NodeState.RUNNING)
+
+
+@dataclass(frozen=True)
+class NodeTypeSpec:
+    """What the provider needs to create nodes of one type (from the cluster config)."""
+
+    name: str
+    node_config: Mapping[str, Any]
+    spot: bool = False
+    zones: Sequence[str] = ()
+    max_price: float | None = None
+    resources: Mapping[str, float] = field(default_factory=dict)
+
+
+class NodeProvider(abc.ABC):
+    """Creates, lists and removes the machines of one cluster.
+
+    ``provider_config`` is the ``provider:`` section of the cluster YAML as a dict;
+    ``cluster_name`` scopes every call. Implementations build their SDK clients in one
+    factory that honours an endpoint override, so tests point them at moto or a fake.
+    """
+
+    def __init__(self, provider_config: Mapping[str, Any], cluster_name: str):
+        self.provider_config = dict(provider_config)
+        self.cluster_name = cluster_name
+
+    def prepare(self, config: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Create one-time resources (key pair, security group, firewall) if missing.
+
+        ``config`` is the whole cluster config as a dict; returns provider facts the
+        launcher keeps (e.g. the key pair name and the private key path). Idempotent.
+        """
+        return {}
+
+    @abc.abstractmethod
+    def create_nodes(self, spec: NodeTypeSpec, count: int, tags: Mapping[str, str], *,
+                     zone: str | None = None, spot: bool | None = None) -> list[Node]:
+        """Create ``count`` nodes of one type, tagged with ``tags`` plus the cluster tag.
+
+        ``zone`` picks one of ``spec.zones`` (default: the first); ``spot`` overrides
+        ``spec.spot`` (the autoscaler's on-demand fallback). Raises ``CapacityError``
+        for any lack of capacity, whatever the cloud's wording.
+        """
+
+    @abc.abstractmethod
+    def terminate_nodes(self, node_ids: Sequence[str]) -> None:
+        """Terminate these nodes; ids already gone are ignored."""
+
+    @abc.abstractmethod
+    def list_nodes(self, tag_filters: Mapping[str, str] | None = None, *,
+                   include_terminated: bool = False) -> list[Node]:
+        """Nodes of this cluster matching every tag in ``tag_filters``.
+
+        With ``include_terminated`` also nodes the cloud has stopped or removed recently,
+        so the autoscaler can see which were preempted.
+        """
+
+    @abc.abstractmethod
+    def set_tags(self, node_id: str, tags: Mapping[str, str]) -> None:
+        """Add or overwrite tags on one node."""
+
+    def ssh_address(self, node: Node) -> str:
+        """Address the launcher connects to over SSH (tests remap it, see launcher.ssh)."""
+        return node.public_ip or node.private_ip or ""
+
+    def internal_address(self, node: Node) -> str:
+        """Address other cluster nodes use to reach this one."""
+        return node.private_ip or node.public_ip or ""
+
+    def runtime_resources(self, spec: NodeTypeSpec) -> dict[str, float]:
+        """Resources a node of this type offers (CPU, GPU, memory, accelerator_type:X).
+
+        Clouds fill what the config leaves out from the instance type; explicit
+        ``spec.resources`` always win.
+        """
+        return dict(spec.resources)

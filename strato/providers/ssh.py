@@ -1,0 +1,175 @@
+"""On-prem hosts reachable over SSH, as a node provider.
+
+Nothing is created here: "creating" a node claims a free host from the ``provider:``
+section (``head_ip`` for the head, else the first free of ``worker_ips``). Claims and
+tags live in ``$STRATO_HOME/ssh/<cluster>.json`` (0600, file-locked), so ``down`` from
+another process sees what ``up`` claimed. ``Node.id`` is the host's IP.
+
+Provider config keys::
+
+    type: ssh
+    head_ip: 10.0.0.2
+    worker_ips: [10.0.0.3, 10.0.0.4]
+    ssh_port: 22                 # optional, the same for every host
+    ssh_user: ubuntu             # optional; the launcher copies ``auth:`` here
+    ssh_private_key: ~/.ssh/id   # optional; used to stop strato on terminate
+    stop_command: strato stop    # optional; run best-effort on terminate ("" = skip)
+
+Terminating a node releases its claim and runs ``stop_command`` over SSH (best effort,
+short timeout). The launcher chooses that command (e.g. ``<runtime_python> -m strato.cli
+stop``); this is the one place a provider reaches up into ``strato.launcher.ssh``,
+imported lazily so listing and claiming never need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from strato.exceptions import CapacityError, ConfigError, ProviderError
+from strato.providers.base import (
+    TAG_CLUSTER,
+    TAG_KIND,
+    Node,
+    NodeKind,
+    NodeProvider,
+    NodeState,
+    NodeTypeSpec,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STOP_COMMAND = "strato stop"
+STOP_TIMEOUT = 20.0
+
+
+def _state_dir() -> Path:
+    return Path(os.environ.get("STRATO_HOME") or Path.home() / ".strato").expanduser() / "ssh"
+
+
+class SSHProvider(NodeProvider):
+    """Hands out a fixed list of SSH hosts as the nodes of one cluster."""
+
+    def __init__(self, provider_config: Mapping[str, Any], cluster_name: str):
+        super().__init__(provider_config, cluster_name)
+        cfg = self.provider_config
+        self.head_ip: str | None = cfg.get("head_ip") or None
+        workers = cfg.get("worker_ips") or []
+        if isinstance(workers, str) or not isinstance(workers, Sequence):
+            raise ConfigError("provider.worker_ips must be a list of addresses")
+        self.worker_ips: list[str] = [str(ip) for ip in workers]
+        if self.head_ip is None:
+            raise ConfigError("provider.head_ip is required for the ssh provider")
+        if self.head_ip in self.worker_ips:
+            raise ConfigError(f"provider.worker_ips lists the head {self.head_ip} as a worker")
+        if len(set(self.worker_ips)) != len(self.worker_ips):
+            raise ConfigError("provider.worker_ips has duplicates")
+        self.ssh_port = int(cfg.get("ssh_port", 22))
+        self.stop_command: str = cfg.get("stop_command", DEFAULT_STOP_COMMAND) or ""
+        self.state_path = _state_dir() / f"{cluster_name}.json"
+
+    # ------------------------------------------------------------ state file
+    @contextlib.contextmanager
+    def _state(self, write: bool = False) -> Iterator[dict[str, Any]]:
+        """The claims file, under an exclusive lock; written back atomically when ``write``."""
+        self.state_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock_path = self.state_path.with_suffix(".lock")
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                state: dict[str, Any] = {"nodes": {}}
+                if self.state_path.exists():
+                    state = json.loads(self.state_path.read_text() or '{"nodes": {}}')
+                yield state
+                if write:
+                    tmp = self.state_path.with_suffix(f".{os.getpid()}.tmp")
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    with os.fdopen(fd, "w") as f:
+                        json.dump(state, f, indent=2, sort_keys=True)
+                    os.replace(tmp, self.state_path)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _node(self, ip: str, record: Mapping[str, Any]) -> Node:
+        return Node(id=ip, state=NodeState.RUNNING, tags=dict(record.get("tags", {})),
+                    private_ip=ip, public_ip=ip, launch_time=record.get("launch_time"))
+
+    # ------------------------------------------------------------ interface
+    def prepare(self, config: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Remember ``auth:`` (user and key path, never key contents) for terminate."""
+        auth = config.get("auth") or {}
+        self.provider_config.setdefault("ssh_user", auth.get("ssh_user"))
+        self.provider_config.setdefault("ssh_private_key", auth.get("ssh_private_key"))
+        return {}
+
+    def create_nodes(self, spec: NodeTypeSpec, count: int, tags: Mapping[str, str], *,
+                     zone: str | None = None, spot: bool | None = None) -> list[Node]:
+        """Claim ``count`` free hosts (the head, or workers in listed order); no host is contacted."""
+        if count <= 0:
+            return []
+        is_head = tags.get(TAG_KIND) == NodeKind.HEAD.value
+        pool = [self.head_ip] if is_head else self.worker_ips
+        all_tags = {**tags, TAG_CLUSTER: self.cluster_name}
+        with self._state(write=True) as state:
+            free = [ip for ip in pool if ip not in state["nodes"]]
+            if len(free) < count:
+                what = "head host" if is_head else "worker hosts"
+                raise CapacityError(
+                    f"ssh provider: no free host for node type {spec.name!r} in cluster "
+                    f"{self.cluster_name!r}: {count} requested, {len(free)} of {len(pool)} "
+                    f"{what} free ({', '.join(pool) or 'none listed'})",
+                    node_type=spec.name, spot=False, code="NoFreeHost")
+            now = time.time()
+            for ip in free[:count]:
+                state["nodes"][ip] = {"tags": dict(all_tags), "launch_time": now}
+            return [self._node(ip, state["nodes"][ip]) for ip in free[:count]]
+
+    def terminate_nodes(self, node_ids: Sequence[str]) -> None:
+        """Release the claims, then stop strato on each host (best effort, never raises)."""
+        with self._state(write=True) as state:
+            released = [ip for ip in node_ids if state["nodes"].pop(ip, None) is not None]
+        for ip in released:
+            self._stop_host(ip)
+
+    def list_nodes(self, tag_filters: Mapping[str, str] | None = None, *,
+                   include_terminated: bool = False) -> list[Node]:
+        """Claimed hosts whose tags match; released hosts are simply gone."""
+        with self._state() as state:
+            nodes = [self._node(ip, rec) for ip, rec in state["nodes"].items()]
+        wanted = dict(tag_filters or {})
+        return [n for n in nodes if all(n.tags.get(k) == v for k, v in wanted.items())]
+
+    def set_tags(self, node_id: str, tags: Mapping[str, str]) -> None:
+        with self._state(write=True) as state:
+            record = state["nodes"].get(node_id)
+            if record is None:
+                raise ProviderError(f"ssh provider: node {node_id} is not claimed by "
+                               f"cluster {self.cluster_name!r}")
+            record["tags"].update(tags)
+
+    # ------------------------------------------------------------ helpers
+    def _stop_host(self, ip: str) -> None:
+        """Run ``stop_command`` on a released host; failures are logged, not raised."""
+        if not self.stop_command:
+            return
+        from strato.launcher import ssh  # lazy: only terminate needs SSH
+
+        user = self.provider_config.get("ssh_user")
+        target = ssh.SSHTarget(host=ip, port=self.ssh_port, node_id=ip, name=ip,
+                               key_path=self.provider_config.get("ssh_private_key"),
+                               **({"user": user} if user else {}))
+        try:
+            ssh.run(target, self.stop_command, stream_to=ssh.silent, check=False,
+                    timeout=STOP_TIMEOUT, connect_timeout=5.0)
+        except Exception as e:  # best effort: the claim is already released
+            log.warning("ssh provider: could not stop strato on %s: %s", ip, e)
+
+
+PROVIDER = SSHProvider

@@ -1,0 +1,625 @@
+"""Ray Core's public API on strato's runtime: init, remote, get, put, wait, actors."""
+
+from __future__ import annotations
+
+import atexit
+import difflib
+import hashlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import cloudpickle
+
+from strato.exceptions import RuntimeNotInitializedError, StratoError
+from strato.runtime import context
+from strato.runtime.core import CoreWorker, ObjectRef, current, set_current
+from strato.runtime.serialization import serialize
+from strato.runtime.session import DEFAULT_TEMP_DIR, node_files
+from strato.runtime.spec import ACTOR_CALL, ACTOR_CREATE, INLINE_MAX, TASK, ArgRef, TaskSpec
+
+_state: dict[str, Any] = {"node_proc": None, "namespace": "", "temp_dir": None}
+
+TASK_OPTIONS = {"num_cpus", "num_gpus", "memory", "resources", "accelerator_type", "max_retries",
+                "retry_exceptions", "num_returns", "name", "runtime_env", "scheduling_strategy"}
+ACTOR_OPTIONS = {"num_cpus", "num_gpus", "memory", "resources", "accelerator_type",
+                 "max_restarts", "max_task_retries", "name", "namespace", "lifetime",
+                 "max_concurrency", "runtime_env", "scheduling_strategy", "get_if_exists"}
+
+
+# ---------------------------------------------------------------------- init
+def _log_line(lines: list[str]) -> None:
+    for line in lines:
+        print(line, file=sys.stderr if False else sys.stdout, flush=False)
+    sys.stdout.flush()
+
+
+def _warn(text: str) -> None:
+    print(f"strato warning: {text}", file=sys.stderr, flush=True)
+
+
+def init(address: str | None = None, *, num_cpus: float | None = None,
+         num_gpus: float | None = None, resources: dict | None = None,
+         namespace: str | None = None, ignore_reinit_error: bool = False,
+         token: str | None = None, object_store_memory: int | None = None,
+         temp_dir: str | None = None, log_to_driver: bool = True, cluster: str | None = None,
+         **ignored) -> dict:
+    """Connect this process to a cluster, starting a local one when no address is given.
+
+    ``address``: None (start a local head+node), "auto" (the node running on this
+    machine), "host:port" (a head). ``cluster="cluster.yaml"`` brings that cluster up
+    first if needed and connects through it.
+    """
+    if current() is not None:
+        if ignore_reinit_error:
+            return _info()
+        raise RuntimeError("strato.init() was already called; pass ignore_reinit_error=True "
+                           "or call strato.shutdown() first")
+    for name, value in (resources or {}).items():
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"init(resources={{{name!r}: {value!r}}}): amounts must be >= 0")
+    if num_cpus is not None and num_cpus < 0:
+        raise ValueError(f"init(num_cpus={num_cpus}): must be >= 0")
+    if cluster is not None:
+        from strato.serverless import connect_cluster  # optional layer above the runtime
+        address, token = connect_cluster(cluster)
+    temp_dir = os.path.abspath(temp_dir or os.environ.get("STRATO_TEMP_DIR", DEFAULT_TEMP_DIR))
+    _state["temp_dir"] = temp_dir
+    token = token or os.environ.get("STRATO_TOKEN")
+    if address is None:
+        address = os.environ.get("STRATO_ADDRESS")
+    if address in (None, "local"):
+        info = _start_node(temp_dir, head=True, num_cpus=num_cpus, num_gpus=num_gpus,
+                           resources=resources, object_store_memory=object_store_memory)
+    elif address == "auto":
+        nodes = node_files(temp_dir)
+        if not nodes:
+            raise ConnectionError(f"address='auto': no strato node runs on this machine (looked "
+                                  f"in {temp_dir}); start one with `strato start --head`")
+        info = nodes[0]
+    else:
+        info = next((n for n in node_files(temp_dir) if n["head_address"] == address
+                     or (n.get("head") and n["agent_address"] == address)), None)
+        if info is None:
+            if not token:
+                raise ConnectionError(f"joining {address} needs the cluster token: pass "
+                                      "init(token=...) or set STRATO_TOKEN")
+            info = _start_node(temp_dir, head=False, address=address, token=token, num_cpus=0,
+                               num_gpus=0, resources=resources,
+                               object_store_memory=object_store_memory)
+    core = CoreWorker(info["socket"], "driver")
+    if log_to_driver:
+        core.log_handler = _log_line
+    core.warn_handler = _warn
+    set_current(core)
+    context.set_worker(core)
+    _state["namespace"] = namespace or ""
+    _state["head_address"] = info["head_address"]
+    atexit.register(shutdown)
+    return _info()
+
+
+def _info() -> dict:
+    core = current()
+    return {"address": _state.get("head_address"), "node_id": core.node_id.hex(),
+            "namespace": _state["namespace"]}
+
+
+def _start_node(temp_dir: str, *, head: bool, address: str | None = None,
+                token: str | None = None, num_cpus=None, num_gpus=None, resources=None,
+                object_store_memory=None) -> dict:
+    """Start a runtime node process tied to this driver (it exits when we do)."""
+    os.makedirs(temp_dir, exist_ok=True)
+    fd, ready = tempfile.mkstemp(prefix="ready-", dir=temp_dir)
+    os.close(fd)
+    os.unlink(ready)
+    cmd = [sys.executable, "-m", "strato.runtime.node", "--temp-dir", temp_dir,
+           "--ready-file", ready, "--parent-pid", str(os.getpid())]
+    if head:
+        cmd += ["--head", "--port", "0", "--node-ip", "127.0.0.1"]
+    else:
+        cmd += ["--address", address]
+    if num_cpus is not None:
+        cmd += ["--num-cpus", str(num_cpus)]
+    if num_gpus is not None:
+        cmd += ["--num-gpus", str(num_gpus)]
+    if resources:
+        cmd += ["--resources", json.dumps(resources)]
+    if object_store_memory:
+        cmd += ["--object-store-memory", str(int(object_store_memory))]
+    env = dict(os.environ)
+    if token:
+        env["STRATO_TOKEN"] = token
+    log_path = os.path.join(temp_dir, "logs", f"node-{os.getpid()}.log")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    log = open(log_path, "ab")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=env, start_new_session=True)
+    log.close()
+    _state["node_proc"] = proc
+    deadline = time.monotonic() + 60
+    while not os.path.exists(ready):
+        if proc.poll() is not None:
+            with open(log_path, errors="replace") as f:
+                tail = f.read()[-2000:]
+            raise ConnectionError(f"the strato node process exited with code {proc.returncode}:\n"
+                                  f"{tail}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise ConnectionError("the strato node process did not start within 60s; "
+                                  f"see {log_path}")
+        time.sleep(0.01)
+    with open(ready) as f:
+        info = json.load(f)
+    os.unlink(ready)
+    return info
+
+
+def shutdown() -> None:
+    """Disconnect; stop the local cluster this driver started."""
+    core = current()
+    if core is not None:
+        try:
+            core.close()
+        except Exception:
+            pass
+        set_current(None)
+    proc = _state.get("node_proc")
+    if proc is not None:
+        _state["node_proc"] = None
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    _REMOTE_EXPORTED.clear()
+
+
+def is_initialized() -> bool:
+    return current() is not None
+
+
+def _core() -> CoreWorker:
+    core = current()
+    if core is None:
+        raise RuntimeNotInitializedError("strato is not initialized: call strato.init() first")
+    return core
+
+
+# ---------------------------------------------------------------------- options
+def _check_options(options: dict, allowed: set, where: str) -> None:
+    for key, value in options.items():
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{where}: unknown option {key!r}{hint}")
+        if key in ("num_cpus", "num_gpus", "memory") and value is not None:
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{where}: option {key}={value!r} must be a number >= 0")
+        if key == "resources" and value is not None:
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: option resources must be a dict, got {type(value).__name__}")
+            for name, amount in value.items():
+                if name in ("CPU", "GPU"):
+                    raise ValueError(f"{where}: use num_cpus/num_gpus instead of resources[{name!r}]")
+                if not isinstance(amount, (int, float)) or amount < 0:
+                    raise ValueError(f"{where}: resources[{name!r}]={amount!r} must be a number >= 0")
+        if key == "num_returns" and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{where}: num_returns must be an int >= 1, got {value!r}")
+        if key in ("max_retries", "max_restarts", "max_task_retries") and \
+                (not isinstance(value, int) or value < -1):
+            raise ValueError(f"{where}: {key} must be an int >= -1, got {value!r}")
+        if key == "max_concurrency" and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{where}: max_concurrency must be an int >= 1, got {value!r}")
+        if key == "lifetime" and value not in (None, "detached", "non_detached"):
+            raise ValueError(f"{where}: lifetime must be 'detached' or None, got {value!r}")
+
+
+def _resources(options: dict, default_cpu: float) -> dict:
+    res = {}
+    cpu = options.get("num_cpus")
+    cpu = default_cpu if cpu is None else cpu
+    if cpu:
+        res["CPU"] = float(cpu)
+    if options.get("num_gpus"):
+        res["GPU"] = float(options["num_gpus"])
+    if options.get("memory"):
+        res["memory"] = float(options["memory"])
+    for k, v in (options.get("resources") or {}).items():
+        if v:
+            res[k] = float(v)
+    if options.get("accelerator_type"):
+        res[f"accelerator_type:{options['accelerator_type']}"] = 0.001
+    return res
+
+
+_REMOTE_EXPORTED: dict[int, tuple[bytes, bytes]] = {}
+
+
+def _export(obj) -> bytes:
+    key = id(obj)
+    cached = _REMOTE_EXPORTED.get(key)
+    if cached is None:
+        blob = cloudpickle.dumps(obj, protocol=5)
+        fid = hashlib.sha1(blob).digest()
+        cached = (fid, blob)
+        _REMOTE_EXPORTED[key] = cached
+    core = _core()
+    core.export_function(cached[0], cached[1])
+    return cached[0]
+
+
+def _prepare_args(core: CoreWorker, args: tuple, kwargs: dict):
+    """Top-level refs become dependencies; large values are put in the store first."""
+    deps = []
+    keep = []
+    if args or kwargs:
+        new_args = []
+        for a in args:
+            if type(a) is ObjectRef:
+                new_args.append(ArgRef(len(deps)))
+                deps.append((a.id, a.owner_node))
+                keep.append(a)
+            else:
+                new_args.append(a)
+        new_kwargs = {}
+        for k, v in kwargs.items():
+            if type(v) is ObjectRef:
+                new_kwargs[k] = ArgRef(len(deps))
+                deps.append((v.id, v.owner_node))
+                keep.append(v)
+            else:
+                new_kwargs[k] = v
+        try:
+            sv = serialize((new_args, new_kwargs))
+        except Exception as exc:
+            raise TypeError(f"could not serialize the arguments: {exc}") from exc
+        if sv.total_size > INLINE_MAX:
+            # put big arguments in the store, pass refs instead
+            big_args = []
+            for a in new_args:
+                if not isinstance(a, ArgRef) and _size_guess(a) > INLINE_MAX // 4:
+                    ref = core.put(a)
+                    big_args.append(ArgRef(len(deps)))
+                    deps.append((ref.id, ref.owner_node))
+                    keep.append(ref)
+                else:
+                    big_args.append(a)
+            for k, v in list(new_kwargs.items()):
+                if not isinstance(v, ArgRef) and _size_guess(v) > INLINE_MAX // 4:
+                    ref = core.put(v)
+                    new_kwargs[k] = ArgRef(len(deps))
+                    deps.append((ref.id, ref.owner_node))
+                    keep.append(ref)
+            sv = serialize((big_args, new_kwargs))
+        for ref in sv.contained_refs:
+            core.escaped.add(ref.id)
+        return sv.to_bytes(), deps, keep
+    return _EMPTY_ARGS, deps, keep
+
+
+_EMPTY_ARGS = serialize(((), {})).to_bytes()
+
+
+def _size_guess(value) -> int:
+    nbytes = getattr(value, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    if isinstance(value, (bytes, bytearray, str)):
+        return len(value)
+    try:
+        return serialize(value).total_size
+    except Exception:
+        return 0
+
+
+# ---------------------------------------------------------------------- functions
+class RemoteFunction:
+    """What ``@strato.remote`` makes of a function: call it with ``.remote()``."""
+
+    def __init__(self, fn, options: dict):
+        _check_options(options, TASK_OPTIONS, f"@remote on {fn.__qualname__}")
+        self._fn = fn
+        self._options = options
+        self._name = fn.__qualname__
+        self._resources = _resources(options, default_cpu=1.0)
+        self._num_returns = options.get("num_returns", 1)
+        self._max_retries = options.get("max_retries", 3)
+        self._retry_exceptions = options.get("retry_exceptions", False)
+        self.__doc__ = fn.__doc__
+        self.__name__ = getattr(fn, "__name__", self._name)
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"remote function {self._name} cannot be called directly; "
+                        f"use {self.__name__}.remote(...)")
+
+    def options(self, **options) -> RemoteFunction:
+        merged = dict(self._options)
+        merged.update(options)
+        clone = RemoteFunction(self._fn, merged)
+        clone._export_key = self
+        return clone
+
+    def remote(self, *args, **kwargs):
+        core = _core()
+        fid = _export(getattr(self, "_export_key", self)._fn)
+        blob, deps, keep = _prepare_args(core, args, kwargs)
+        task_id = core.ids.next()
+        return_ids = core.new_return_ids(self._num_returns, task_id)
+        spec = TaskSpec(task_id, TASK, core.job_id, core.node_id, core.client_id, fid,
+                        self._name, blob, deps, return_ids, self._resources, self._max_retries,
+                        self._retry_exceptions)
+        if keep:
+            core.pinned[task_id] = keep
+            for oid in return_ids:
+                core.task_of[oid] = task_id
+        core.send(("submit", [spec]))
+        node = core.node_id
+        if self._num_returns == 1:
+            return ObjectRef(return_ids[0], node)
+        return [ObjectRef(oid, node) for oid in return_ids]
+
+    def map(self, items) -> list:
+        """Serverless extra: one task per item; returns the values in order."""
+        return get([self.remote(x) for x in items])
+
+
+# ---------------------------------------------------------------------- actors
+def method(*, num_returns: int = 1, concurrency_group: str | None = None):
+    """Decorate an actor method with options (like ``ray.method``)."""
+    def deco(fn):
+        fn.__strato_num_returns__ = num_returns
+        return fn
+    return deco
+
+
+class ActorClass:
+    """What ``@strato.remote`` makes of a class: create actors with ``.remote()``."""
+
+    def __init__(self, cls, options: dict):
+        _check_options(options, ACTOR_OPTIONS, f"@remote on class {cls.__qualname__}")
+        self._cls = cls
+        self._options = options
+        self._name = cls.__qualname__
+        self.__name__ = cls.__name__
+        self.__doc__ = cls.__doc__
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"actor class {self._name} cannot be instantiated directly; "
+                        f"use {self.__name__}.remote(...)")
+
+    def options(self, **options) -> ActorClass:
+        merged = dict(self._options)
+        merged.update(options)
+        clone = ActorClass(self._cls, merged)
+        clone._export_key = self
+        return clone
+
+    def _meta(self) -> dict:
+        methods = {}
+        is_async = False
+        for name, member in inspect.getmembers(self._cls, callable):
+            if name.startswith("__") and name != "__call__":
+                continue
+            methods[name] = getattr(member, "__strato_num_returns__", 1)
+            if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
+                is_async = True
+        return {"methods": methods, "is_async": is_async, "class_name": self._name}
+
+    def remote(self, *args, **kwargs) -> ActorHandle:
+        core = _core()
+        opts = self._options
+        name = opts.get("name")
+        namespace = opts.get("namespace", _state["namespace"])
+        if name and opts.get("get_if_exists"):
+            try:
+                return get_actor(name, namespace)
+            except ValueError:
+                pass
+        if name:
+            try:
+                get_actor(name, namespace)
+            except ValueError:
+                pass
+            else:
+                raise ValueError(f"an actor named {name!r} already exists in namespace "
+                                 f"{namespace!r}")
+        fid = _export(getattr(self, "_export_key", self)._cls)
+        meta = self._meta()
+        blob, deps, keep = _prepare_args(core, args, kwargs)
+        actor_id = core.ids.next()
+        actor_options = {
+            "max_restarts": opts.get("max_restarts", 0),
+            "max_task_retries": opts.get("max_task_retries", 0),
+            "max_concurrency": opts.get("max_concurrency"),
+            "is_async": meta["is_async"], "name": name, "namespace": namespace,
+            "lifetime": opts.get("lifetime"),
+        }
+        resources = _resources(opts, default_cpu=0.0)
+        spec = TaskSpec(actor_id, ACTOR_CREATE, core.job_id, core.node_id, core.client_id, fid,
+                        self._name, blob, deps, [], resources, 0, False, actor_id=actor_id,
+                        actor_options=actor_options)
+        if keep:
+            core.pinned[actor_id] = keep
+        # the head keeps the creation spec to restart the actor; its args must be inline
+        if deps:
+            spec.dep_values = None
+        core.send(("actor_create", spec, meta))
+        return ActorHandle(actor_id, meta, actor_options, core.node_id)
+
+
+class ActorMethod:
+    __slots__ = ("_handle", "_name", "_num_returns")
+
+    def __init__(self, handle: ActorHandle, name: str, num_returns: int):
+        self._handle = handle
+        self._name = name
+        self._num_returns = num_returns
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"actor method {self._name} cannot be called directly; "
+                        f"use .{self._name}.remote(...)")
+
+    def options(self, num_returns: int | None = None, **_):
+        return ActorMethod(self._handle, self._name, num_returns or self._num_returns)
+
+    def remote(self, *args, **kwargs):
+        return self._handle._call(self._name, args, kwargs, self._num_returns)
+
+
+class ActorHandle:
+    """A reference to an actor; pass it to tasks, call its methods with ``.remote()``."""
+
+    def __init__(self, actor_id: bytes, meta: dict, options: dict, owner_node: bytes):
+        self._actor_id = actor_id
+        self._meta = meta
+        self._options = options
+        self._owner_node = owner_node
+        self._seq = 0
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        methods = self._meta["methods"]
+        if name not in methods:
+            raise AttributeError(f"actor {self._meta['class_name']} has no method {name!r}")
+        return ActorMethod(self, name, methods[name])
+
+    def __reduce__(self):
+        return (ActorHandle, (self._actor_id, self._meta, self._options, self._owner_node))
+
+    def __repr__(self) -> str:
+        return f"Actor({self._meta['class_name']}, {self._actor_id.hex()})"
+
+    def _call(self, method_name: str, args, kwargs, num_returns: int):
+        core = _core()
+        blob, deps, keep = _prepare_args(core, args, kwargs)
+        task_id = core.ids.next()
+        return_ids = core.new_return_ids(num_returns, task_id)
+        self._seq += 1
+        spec = TaskSpec(task_id, ACTOR_CALL, core.job_id, core.node_id, core.client_id, b"",
+                        f"{self._meta['class_name']}.{method_name}", blob, deps, return_ids, {},
+                        0, False, actor_id=self._actor_id, method=method_name,
+                        actor_options=self._options, seq=self._seq)
+        if keep:
+            core.pinned[task_id] = keep
+            for oid in return_ids:
+                core.task_of[oid] = task_id
+        core.send(("actor_call", [spec]))
+        node = core.node_id
+        if num_returns == 1:
+            return ObjectRef(return_ids[0], node)
+        return [ObjectRef(oid, node) for oid in return_ids]
+
+
+def remote(*args, **options):
+    """``@remote`` / ``@remote(num_cpus=1, ...)`` on a function or class."""
+    if len(args) == 1 and not options and callable(args[0]):
+        return _make_remote(args[0], {})
+    if args:
+        raise TypeError("@remote takes keyword options only, e.g. @remote(num_cpus=1)")
+
+    def deco(target):
+        return _make_remote(target, options)
+    return deco
+
+
+def _make_remote(target, options: dict):
+    if inspect.isclass(target):
+        return ActorClass(target, options)
+    if callable(target):
+        return RemoteFunction(target, options)
+    raise TypeError(f"@remote applies to functions and classes, not {type(target).__name__}")
+
+
+# ---------------------------------------------------------------------- objects
+def get(refs, *, timeout: float | None = None):
+    core = _core()
+    if isinstance(refs, ObjectRef):
+        return core.get([refs], timeout)[0]
+    if isinstance(refs, (list, tuple)):
+        for r in refs:
+            if not isinstance(r, ObjectRef):
+                raise TypeError(f"get() takes ObjectRefs, got {type(r).__name__} in the list")
+        return core.get(list(refs), timeout)
+    raise TypeError(f"get() takes an ObjectRef or a list of them, got {type(refs).__name__}")
+
+
+def put(value) -> ObjectRef:
+    return _core().put(value)
+
+
+def wait(refs: list, *, num_returns: int = 1, timeout: float | None = None,
+         fetch_local: bool = True):
+    if isinstance(refs, ObjectRef) or not isinstance(refs, (list, tuple)):
+        raise TypeError("wait() takes a list of ObjectRefs")
+    if len({r.id for r in refs}) != len(refs):
+        raise ValueError("wait() got duplicate ObjectRefs")
+    if num_returns < 1 or num_returns > len(refs):
+        raise ValueError(f"wait(num_returns={num_returns}) must be between 1 and len(refs)="
+                         f"{len(refs)}")
+    return _core().wait(list(refs), num_returns, timeout, fetch_local)
+
+
+def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
+    core = _core()
+    # a task's first return id is its task id
+    core.send(("cancel", ref.id, force))
+
+
+def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
+    if not isinstance(actor, ActorHandle):
+        raise TypeError(f"kill() takes an actor handle, got {type(actor).__name__}")
+    _core().send(("kill_actor", actor._actor_id, no_restart))
+
+
+def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
+    core = _core()
+    ns = _state["namespace"] if namespace is None else namespace
+    actor_id, meta, owner = core.rpc("get_actor", name, ns)
+    opts = {"name": name, "namespace": ns}
+    return ActorHandle(actor_id, meta, opts, owner)
+
+
+def nodes() -> list[dict]:
+    return _core().rpc("nodes")
+
+
+def cluster_resources() -> dict:
+    return _core().rpc("cluster_resources")
+
+
+def available_resources() -> dict:
+    return _core().rpc("available_resources")
+
+
+def get_runtime_context():
+    return context.runtime_context(_core(), _state["namespace"])
+
+
+def get_gpu_ids() -> list:
+    return context.current_gpu_ids()
+
+
+def kv_put(key: str, value: bytes) -> None:
+    _core().rpc("kv_put", key, value)
+
+
+def kv_get(key: str):
+    return _core().rpc("kv_get", key)
+
+
+def head_rpc(method_name: str, *args):
+    """Call a head service method (demand, drain_node, ...): used by the launcher."""
+    return _core().rpc(method_name, *args)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise StratoError(message)

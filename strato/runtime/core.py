@@ -1,0 +1,370 @@
+"""The core worker embedded in drivers and workers: submits work, owns the refs it
+creates, and resolves refs to values (inline, zero-copy from the local store, or pulled
+by the agent from another node)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from strato.exceptions import GetTimeoutError, StratoError, TaskError
+from strato.runtime import serialization
+from strato.runtime.ids import IdFactory
+from strato.runtime.protocol.framing import FrameClient
+from strato.runtime.serialization import deserialize, serialize
+from strato.runtime.spec import INLINE_MAX
+from strato.runtime.store import read_object, write_object
+
+_current: CoreWorker | None = None
+
+
+def current() -> CoreWorker | None:
+    return _current
+
+
+def set_current(core: CoreWorker | None) -> None:
+    global _current
+    _current = core
+
+
+class ObjectRef:
+    """A reference to a value that a task produced or ``put`` stored."""
+
+    __slots__ = ("id", "owner_node", "__weakref__")
+
+    def __init__(self, oid: bytes, owner_node: bytes, _count: bool = True):
+        self.id = oid
+        self.owner_node = owner_node
+        core = _current
+        if core is not None and _count:
+            counts = core.refcounts
+            counts[oid] = counts.get(oid, 0) + 1
+
+    def __del__(self):
+        core = _current
+        if core is None:
+            return
+        try:
+            counts = core.refcounts
+            n = counts.get(self.id, 0) - 1
+            if n > 0:
+                counts[self.id] = n
+            else:
+                counts.pop(self.id, None)
+                core.release(self.id)
+        except Exception:
+            pass
+
+    def __reduce__(self):
+        serialization.note_serialized_ref(self)
+        return (_rebuild_ref, (self.id, self.owner_node))
+
+    def __repr__(self) -> str:
+        return f"ObjectRef({self.id.hex()})"
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ObjectRef) and other.id == self.id
+
+    def hex(self) -> str:
+        return self.id.hex()
+
+    def task_id(self) -> bytes:
+        return self.id
+
+    def future(self):
+        """A concurrent.futures.Future resolved with the value (like Ray's ref.future())."""
+        import concurrent.futures
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run():
+            try:
+                fut.set_result(_current.get([self], None)[0])
+            except BaseException as exc:
+                fut.set_exception(exc)
+        threading.Thread(target=run, daemon=True).start()
+        return fut
+
+    def __await__(self):
+        import asyncio
+        return asyncio.wrap_future(self.future()).__await__()
+
+
+def _rebuild_ref(oid: bytes, owner_node: bytes) -> ObjectRef:
+    return ObjectRef(oid, owner_node)
+
+
+class CoreWorker:
+    def __init__(self, socket_path: str, role: str, worker_id: bytes = b""):
+        self.role = role
+        self.client_id = os.urandom(16)
+        self.ids = IdFactory()
+        self.refcounts: dict[bytes, int] = {}
+        self.values: dict[bytes, tuple] = {}
+        self.owned: set[bytes] = set()
+        self.escaped: set[bytes] = set()
+        self.pinned: dict[bytes, list] = {}     # task id -> arg refs kept alive until done
+        self.task_of: dict[bytes, bytes] = {}   # return oid -> task id (for pinned args)
+        self.wanted: set[bytes] = set()
+        self._to_free: list[bytes] = []
+        self.cond = threading.Condition()
+        self.rpc_replies: dict[int, tuple] = {}
+        self._rpc_seq = 0
+        self.exported: set[bytes] = set()
+        self.on_exec: Callable | None = None      # set by the worker process
+        self.on_block: Callable | None = None
+        self.log_handler: Callable | None = None
+        self.warn_handler: Callable | None = None
+        self.closed = False
+        self._exec_lock = threading.Lock()
+        self._early: list = []   # work that arrived before the executor was attached
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(socket_path)
+        self.conn = FrameClient(sock, self._on_batch, self._on_close)
+        self._welcome = threading.Event()
+        self.conn.start()
+        self.conn.send(("hello", role, self.client_id, None, worker_id))
+        if not self._welcome.wait(30):
+            raise StratoError(f"the node agent at {socket_path} did not answer")
+
+    # ------------------------------------------------------------------ incoming
+    def _on_batch(self, batch: list) -> None:
+        notify = False
+        for msg in batch:
+            kind = msg[0]
+            if kind == "result":
+                values = self.values
+                for ret in msg[1]:
+                    if ret.oid not in self.owned:
+                        continue
+                    if ret.error:
+                        values[ret.oid] = ("error", ret.inline)
+                    elif ret.inline is not None:
+                        values[ret.oid] = ("inline", ret.inline)
+                    else:
+                        values[ret.oid] = ("node", ret.node, ret.size)
+                    tid = self.task_of.pop(ret.oid, None)
+                    if tid is not None:
+                        self.pinned.pop(tid, None)
+                notify = True
+            elif kind == "obj":
+                _, oid, how, payload = msg
+                self.wanted.discard(oid)
+                if how == "local":
+                    self.values[oid] = ("node", self.node_id, 0)
+                else:
+                    self.values[oid] = (how, payload)
+                notify = True
+            elif kind == "exec" or kind == "actor_init" or kind == "cancel" or kind == "checkpoint":
+                handler = self.on_exec
+                if handler is None:
+                    with self._exec_lock:
+                        handler = self.on_exec
+                        if handler is None:
+                            self._early.append(msg)
+                            continue
+                handler(msg)
+            elif kind == "rpc_reply":
+                self.rpc_replies[msg[1]] = (msg[2], msg[3])
+                notify = True
+            elif kind == "log":
+                if self.log_handler:
+                    self.log_handler(msg[1])
+            elif kind == "warn":
+                if self.warn_handler:
+                    self.warn_handler(msg[1])
+            elif kind == "welcome":
+                _, self.node_id, shm_dir, spill_dir, self.agent_address = msg
+                self.store_paths = (shm_dir, spill_dir)
+                self.job_id = self.node_id + self.client_id
+                self._welcome.set()
+        if notify:
+            with self.cond:
+                self.cond.notify_all()
+
+    def _on_close(self) -> None:
+        self.closed = True
+        with self.cond:
+            self.cond.notify_all()
+        if self.role == "worker":
+            os._exit(1)
+
+    def set_exec_handler(self, handler: Callable) -> None:
+        with self._exec_lock:
+            self.on_exec = handler
+            early, self._early = self._early, []
+        for msg in early:
+            handler(msg)
+
+    # ------------------------------------------------------------------ outgoing
+    def send(self, msg) -> None:
+        if self._to_free:
+            frees, self._to_free = self._to_free, []
+            self.conn.send_many([("free", frees), msg])
+        else:
+            self.conn.send(msg)
+
+    def export_function(self, fn_id: bytes, blob: bytes) -> None:
+        if fn_id not in self.exported:
+            self.exported.add(fn_id)
+            self.send(("fn", fn_id, blob))
+
+    def new_return_ids(self, n: int, task_id: bytes) -> list[bytes]:
+        """The first return id is the task id itself, so ``cancel(ref)`` finds the task."""
+        self.owned.add(task_id)
+        ids = [task_id]
+        for _ in range(n - 1):
+            oid = self.ids.next()
+            self.owned.add(oid)
+            ids.append(oid)
+        return ids
+
+    def release(self, oid: bytes) -> None:
+        """The last local ref is gone: forget the value; the owner frees the object."""
+        self.values.pop(oid, None)
+        if oid in self.owned:
+            self.owned.discard(oid)
+            if oid not in self.escaped:
+                self._to_free.append(oid)
+                if len(self._to_free) >= 1000:
+                    frees, self._to_free = self._to_free, []
+                    self.conn.send(("free", frees))
+
+    def flush_frees(self) -> None:
+        if self._to_free:
+            frees, self._to_free = self._to_free, []
+            self.conn.send(("free", frees))
+
+    # ------------------------------------------------------------------ objects
+    def put(self, value) -> ObjectRef:
+        if isinstance(value, ObjectRef):
+            raise TypeError("put() of an ObjectRef is not allowed; pass the ref itself")
+        oid = self.ids.next()
+        sv = serialize(value)
+        for ref in sv.contained_refs:
+            self.escaped.add(ref.id)
+        self.owned.add(oid)
+        if sv.total_size <= INLINE_MAX:
+            data = sv.to_bytes()
+            self.values[oid] = ("inline", data)
+            self.send(("put", oid, data, len(data)))
+        else:
+            size = write_object(self.store_paths[0], oid, sv)
+            self.values[oid] = ("node", self.node_id, size)
+            self.send(("put", oid, None, size))
+        return ObjectRef(oid, self.node_id)
+
+    def _is_ready(self, oid: bytes) -> bool:
+        v = self.values.get(oid)
+        return v is not None and (v[0] != "node" or v[1] == self.node_id)
+
+    def _request_missing(self, refs, need_local: bool) -> None:
+        want = []
+        for ref in refs:
+            oid = ref.id
+            v = self.values.get(oid)
+            if v is None:
+                if oid in self.owned or oid in self.wanted:
+                    continue
+            elif v[0] != "node" or v[1] == self.node_id or not need_local or oid in self.wanted:
+                continue
+            self.wanted.add(oid)
+            want.append((oid, ref.owner_node))
+        if want:
+            self.send(("want", want))
+
+    def get(self, refs: list, timeout: float | None) -> list:
+        values = self.values
+        if not all(self._is_ready(r.id) for r in refs):
+            self._wait_ready(refs, len(refs), timeout, need_local=True)
+        return [self._decode(r.id, values[r.id]) for r in refs]
+
+    def _wait_ready(self, refs, num: int, timeout: float | None, need_local: bool) -> list:
+        self.flush_frees()
+        self._request_missing(refs, need_local)
+        check = self._is_ready if need_local else (lambda oid: oid in self.values)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        blocked = False
+        try:
+            with self.cond:
+                while True:
+                    ready = [r for r in refs if check(r.id)]
+                    if len(ready) >= num:
+                        return ready
+                    if self.closed:
+                        raise StratoError("lost the connection to the node agent")
+                    if deadline is not None:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            if need_local:
+                                raise GetTimeoutError(
+                                    f"get timed out after {timeout}s: {len(refs) - len(ready)} of "
+                                    f"{len(refs)} objects not ready")
+                            return ready
+                    else:
+                        remaining = None
+                    if not blocked and self.on_block is not None:
+                        blocked = True
+                        self.on_block(True)
+                    self.cond.wait(remaining if remaining is None else min(remaining, 1.0))
+                    if need_local:
+                        # objects that arrived as "on another node" still need a pull
+                        self._request_missing(refs, need_local)
+        finally:
+            if blocked:
+                self.on_block(False)
+
+    def _decode(self, oid: bytes, v: tuple):
+        kind = v[0]
+        if kind == "inline":
+            return deserialize(v[1])
+        if kind == "node":
+            try:
+                return read_object(self.store_paths, oid)
+            except FileNotFoundError:
+                from strato.exceptions import ObjectLostError
+                raise ObjectLostError(f"object {oid.hex()} is gone from the local store") from None
+        if kind == "error":
+            err = deserialize(v[1])
+            if isinstance(err, TaskError):
+                raise err.as_instanceof_cause()
+            raise err
+        raise StratoError(f"unknown object state {kind}")
+
+    def wait(self, refs: list, num_returns: int, timeout: float | None, fetch_local: bool):
+        ready = self._wait_ready(refs, num_returns, timeout, need_local=fetch_local)
+        ready_ids = {r.id for r in ready[:num_returns]} if len(ready) > num_returns else \
+            {r.id for r in ready}
+        done = [r for r in refs if r.id in ready_ids]
+        rest = [r for r in refs if r.id not in ready_ids]
+        return done, rest
+
+    # ------------------------------------------------------------------ rpc
+    def rpc(self, method: str, *args, timeout: float = 60.0):
+        with self.cond:
+            self._rpc_seq += 1
+            rid = self._rpc_seq
+        self.send(("rpc", rid, method, args))
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while rid not in self.rpc_replies:
+                if self.closed:
+                    raise StratoError("lost the connection to the node agent")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise GetTimeoutError(f"{method} got no answer within {timeout}s")
+                self.cond.wait(remaining)
+            ok, value = self.rpc_replies.pop(rid)
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        self.flush_frees()
+        self.closed = True
+        self.conn.close()

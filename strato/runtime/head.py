@@ -1,0 +1,394 @@
+"""The head service: node table and heartbeats, actor directory (named, detached,
+restarts), jobs, a small KV, drains, and the cluster demand the autoscaler reads."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from strato.exceptions import ActorDiedError
+from strato.runtime import scheduler
+from strato.runtime.serialization import serialize
+from strato.runtime.spec import TaskSpec
+
+log = logging.getLogger("strato.head")
+
+
+@dataclass
+class NodeRecord:
+    node_id: bytes
+    address: str
+    total: dict
+    available: dict
+    labels: dict
+    link: object
+    last_heartbeat: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.time)
+    idle_since: float | None = None
+    demand: list = field(default_factory=list)
+    alive: bool = True
+    draining: bool = False
+    drain_reason: str = ""
+    store_used: int = 0
+    num_actors: int = 0
+
+
+@dataclass
+class ActorRecord:
+    spec: TaskSpec
+    meta: dict
+    blob: bytes | None
+    state: str = "pending"      # pending | alive | restarting | dead
+    node: bytes | None = None
+    restarts_left: int = 0
+    error: bytes | None = None
+    name: str | None = None
+    namespace: str = ""
+    detached: bool = False
+
+
+class HeadService:
+    def __init__(self, *, heartbeat_timeout: float = 5.0, view_interval: float = 0.2):
+        self.nodes: dict[bytes, NodeRecord] = {}
+        self.actors: dict[bytes, ActorRecord] = {}
+        self.named: dict[tuple[str, str], bytes] = {}
+        self.kv: dict[str, bytes] = {}
+        self.jobs: dict[bytes, dict] = {}
+        self.heartbeat_timeout = heartbeat_timeout
+        self.view_interval = view_interval
+        self.dead: set[bytes] = set()
+        self.pending_actors: list[bytes] = []
+        self._task: asyncio.Task | None = None
+        self.started = time.time()
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._tick_loop())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.view_interval)
+            try:
+                self._tick()
+            except Exception:
+                log.exception("head tick failed")
+
+    def _tick(self) -> None:
+        now = time.time()
+        for rec in list(self.nodes.values()):
+            if rec.alive and now - rec.last_heartbeat > self.heartbeat_timeout:
+                self.mark_dead(rec.node_id, "missed heartbeats")
+        self._place_pending_actors()
+        self.broadcast_view()
+
+    def views(self) -> list[scheduler.NodeView]:
+        return [scheduler.NodeView(r.node_id, r.total, r.available, r.alive, r.draining)
+                for r in self.nodes.values() if r.alive]
+
+    def view_message(self) -> tuple:
+        """Live nodes' resources, dead node ids, and addresses for peer links."""
+        addresses = {r.node_id: r.address for r in self.nodes.values() if r.alive}
+        return ("view", self.views(), list(self.dead), addresses)
+
+    def broadcast_view(self) -> None:
+        msg = self.view_message()
+        for rec in self.nodes.values():
+            if rec.alive:
+                rec.link.send(msg)
+
+    # ------------------------------------------------------------------ messages
+    def handle(self, link, msg) -> None:
+        getattr(self, "_m_" + msg[0])(link, msg)
+
+    def link_closed(self, node_id: bytes | None) -> None:
+        if node_id is not None and node_id in self.nodes and self.nodes[node_id].alive:
+            self.mark_dead(node_id, "connection lost")
+
+    def _m_register(self, link, msg) -> None:
+        _, node_id, address, total, labels = msg
+        self.nodes[node_id] = NodeRecord(node_id, address, dict(total), dict(total), labels, link)
+        self.dead.discard(node_id)
+        log.info("node %s joined at %s with %s", node_id.hex()[:8], address, total)
+        link.send(self.view_message())
+        for actor_id, rec in self.actors.items():
+            link.send(("actor_update", actor_id, rec.state, rec.node, rec.error))
+        self._place_pending_actors()
+        self.broadcast_view()
+
+    def _m_heartbeat(self, link, msg) -> None:
+        _, node_id, available, idle_since, demand, store_used, num_actors = msg
+        rec = self.nodes.get(node_id)
+        if rec is None or not rec.alive:
+            return
+        rec.last_heartbeat = time.time()
+        rec.available = available
+        rec.idle_since = idle_since
+        rec.demand = demand
+        rec.store_used = store_used
+        rec.num_actors = num_actors
+
+    def _m_job_started(self, link, msg) -> None:
+        self.jobs[msg[1]] = {"node": msg[2], "start": time.time(), "end": None}
+
+    def _m_job_finished(self, link, msg) -> None:
+        job_id = msg[1]
+        if job_id in self.jobs:
+            self.jobs[job_id]["end"] = time.time()
+        for actor_id, rec in list(self.actors.items()):
+            if rec.spec.job_id == job_id and not rec.detached and rec.state != "dead":
+                self.kill_actor(actor_id, no_restart=True, reason="its driver exited")
+
+    def _m_actor_register(self, link, msg) -> None:
+        _, spec, meta, blob = msg
+        opts = spec.actor_options or {}
+        rec = ActorRecord(spec, meta, blob, restarts_left=opts.get("max_restarts", 0),
+                          name=opts.get("name"), namespace=opts.get("namespace") or "",
+                          detached=opts.get("lifetime") == "detached")
+        if rec.name:
+            key = (rec.namespace, rec.name)
+            if key in self.named and self.actors[self.named[key]].state != "dead":
+                # the api checked before; a race keeps the first
+                rec.state = "dead"
+                rec.error = serialize(ValueError(
+                    f"an actor named {rec.name!r} already exists in namespace "
+                    f"{rec.namespace!r}")).to_bytes()
+                self.actors[spec.actor_id] = rec
+                self._broadcast_actor(spec.actor_id)
+                return
+            self.named[key] = spec.actor_id
+        self.actors[spec.actor_id] = rec
+        self.pending_actors.append(spec.actor_id)
+        self._place_pending_actors()
+
+    def _place_pending_actors(self) -> None:
+        if not self.pending_actors:
+            return
+        still = []
+        views = self.views()
+        for actor_id in self.pending_actors:
+            rec = self.actors.get(actor_id)
+            if rec is None or rec.state == "dead":
+                continue
+            where, node = scheduler.place(rec.spec.resources, None, views)
+            if where != scheduler.REMOTE:
+                still.append(actor_id)
+                continue
+            target = self.nodes[node]
+            scheduler.acquire(target.available, rec.spec.resources)
+            rec.node = node
+            target.link.send(("create_actor", rec.spec, rec.blob))
+        self.pending_actors = still
+
+    def _m_actor_state(self, link, msg) -> None:
+        _, actor_id, state, node, err = msg
+        rec = self.actors.get(actor_id)
+        if rec is None:
+            return
+        if state == "alive":
+            rec.state = "alive"
+            rec.node = node
+            owner = self.nodes.get(rec.spec.owner_node)
+            if owner is not None:
+                owner.link.send(("actor_created", rec.spec.task_id))
+        elif state == "failed":
+            rec.state = "dead"
+            rec.error = err
+            rec.restarts_left = 0
+            self._release_name(rec)
+        elif state == "dead":
+            if rec.state == "dead":
+                return
+            self._actor_died(actor_id, rec, err)
+            return
+        self._broadcast_actor(actor_id)
+
+    def _actor_died(self, actor_id: bytes, rec: ActorRecord, err: bytes | None) -> None:
+        if rec.restarts_left != 0:
+            if rec.restarts_left > 0:
+                rec.restarts_left -= 1
+            rec.state = "restarting"
+            rec.node = None
+            rec.spec.attempt += 1
+            self.pending_actors.append(actor_id)
+            self._broadcast_actor(actor_id)
+            self._place_pending_actors()
+            return
+        rec.state = "dead"
+        rec.error = err
+        self._release_name(rec)
+        self._broadcast_actor(actor_id)
+
+    def _release_name(self, rec: ActorRecord) -> None:
+        if rec.name and self.named.get((rec.namespace, rec.name)) == rec.spec.actor_id:
+            del self.named[(rec.namespace, rec.name)]
+
+    def _broadcast_actor(self, actor_id: bytes) -> None:
+        rec = self.actors[actor_id]
+        for node in self.nodes.values():
+            if node.alive:
+                node.link.send(("actor_update", actor_id, rec.state, rec.node, rec.error))
+
+    def _m_actor_watch(self, link, msg) -> None:
+        rec = self.actors.get(msg[1])
+        if rec is not None:
+            link.send(("actor_update", msg[1], rec.state, rec.node, rec.error))
+
+    def _m_kill_actor(self, link, msg) -> None:
+        self.kill_actor(msg[1], no_restart=msg[2], reason="killed with strato.kill")
+
+    def kill_actor(self, actor_id: bytes, no_restart: bool, reason: str) -> None:
+        rec = self.actors.get(actor_id)
+        if rec is None:
+            return
+        if no_restart:
+            rec.restarts_left = 0
+        if rec.state in ("pending", "restarting") and rec.node is None:
+            rec.state = "dead"
+            rec.error = serialize(ActorDiedError(f"actor {rec.spec.name} {reason}")).to_bytes()
+            self._release_name(rec)
+            self._broadcast_actor(actor_id)
+            return
+        if no_restart:
+            rec.error = serialize(ActorDiedError(f"actor {rec.spec.name} {reason}")).to_bytes()
+        node = self.nodes.get(rec.node)
+        if node is not None and node.alive:
+            node.link.send(("kill_actor", actor_id))
+
+    def mark_dead(self, node_id: bytes, reason: str) -> None:
+        rec = self.nodes.get(node_id)
+        if rec is None or not rec.alive:
+            return
+        log.warning("node %s is dead: %s", node_id.hex()[:8], reason)
+        rec.alive = False
+        self.dead.add(node_id)
+        for other in self.nodes.values():
+            if other.alive:
+                other.link.send(("node_dead", node_id))
+        for actor_id, arec in self.actors.items():
+            if arec.node == node_id and arec.state in ("alive", "pending", "restarting"):
+                err = serialize(ActorDiedError(
+                    f"actor {arec.spec.name} died with node {node_id.hex()[:8]} ({reason})")).to_bytes()
+                if arec.state == "alive":
+                    arec.state = "alive-lost"
+                self._actor_died(actor_id, arec, err)
+        self.broadcast_view()
+
+    # ------------------------------------------------------------------ rpc
+    def _m_rpc(self, link, msg) -> None:
+        _, rid, method, args = msg
+        try:
+            value = getattr(self, "rpc_" + method)(*args)
+            link.send(("rpc_reply", rid, True, value))
+        except Exception as exc:
+            link.send(("rpc_reply", rid, False, exc))
+
+    def rpc_nodes(self) -> list[dict]:
+        now = time.time()
+        return [{
+            "NodeID": r.node_id.hex(), "Alive": r.alive, "NodeManagerAddress": r.address.rsplit(":", 1)[0],
+            "Address": r.address, "Resources": dict(r.total), "Available": dict(r.available),
+            "Labels": dict(r.labels), "Draining": r.draining, "DrainReason": r.drain_reason,
+            "IdleSeconds": (now - r.idle_since) if (r.alive and r.idle_since) else 0.0,
+            "ObjectStoreUsed": r.store_used, "NumActors": r.num_actors,
+        } for r in self.nodes.values()]
+
+    def rpc_cluster_resources(self) -> dict:
+        out: dict[str, float] = {}
+        for r in self.nodes.values():
+            if r.alive:
+                for k, v in r.total.items():
+                    out[k] = out.get(k, 0.0) + v
+        return out
+
+    def rpc_available_resources(self) -> dict:
+        out: dict[str, float] = {}
+        for r in self.nodes.values():
+            if r.alive and not r.draining:
+                for k, v in r.available.items():
+                    if v > 1e-9:
+                        out[k] = out.get(k, 0.0) + v
+        return out
+
+    def rpc_demand(self) -> dict:
+        """What the autoscaler reads: pending shapes with counts, and per-node idle time."""
+        shapes: dict[tuple, list] = {}
+        for r in self.nodes.values():
+            if not r.alive:
+                continue
+            for shape, count, infeasible in r.demand:
+                key = tuple(sorted(shape.items()))
+                entry = shapes.setdefault(key, [dict(shape), 0, False])
+                entry[1] += count
+                entry[2] = entry[2] or infeasible
+        views = self.views()
+        for actor_id in self.pending_actors:
+            rec = self.actors[actor_id]
+            key = tuple(sorted(rec.spec.resources.items()))
+            where, _ = scheduler.place(rec.spec.resources, None, views)
+            entry = shapes.setdefault(key, [dict(rec.spec.resources), 0, False])
+            entry[1] += 1
+            entry[2] = entry[2] or where == scheduler.INFEASIBLE
+        now = time.time()
+        return {
+            "demand": [{"shape": s, "count": c, "infeasible": i} for s, c, i in shapes.values()],
+            "nodes": [{"node_id": r.node_id.hex(), "address": r.address, "labels": dict(r.labels),
+                       "alive": r.alive, "draining": r.draining, "resources": dict(r.total),
+                       "available": dict(r.available), "num_actors": r.num_actors,
+                       "object_store_used": r.store_used,
+                       "idle_seconds": (now - r.idle_since) if r.idle_since else 0.0}
+                      for r in self.nodes.values()],
+        }
+
+    def rpc_drain_node(self, node_hex: str, reason: str = "drain requested") -> bool:
+        """Stop placing work on a node (spot notice); actors get a checkpoint call."""
+        rec = self._node_by_hex(node_hex)
+        rec.draining = True
+        rec.drain_reason = reason
+        rec.link.send(("drain",))
+        for actor_id, arec in self.actors.items():
+            if arec.node == rec.node_id and arec.state == "alive":
+                rec.link.send(("actor_checkpoint", actor_id))
+        self.broadcast_view()
+        return True
+
+    def _node_by_hex(self, node_hex: str) -> NodeRecord:
+        for r in self.nodes.values():
+            if r.node_id.hex() == node_hex or r.node_id.hex().startswith(node_hex):
+                return r
+        raise KeyError(f"no node {node_hex}")
+
+    def rpc_get_actor(self, name: str, namespace: str):
+        actor_id = self.named.get((namespace, name))
+        if actor_id is None:
+            raise ValueError(f"no actor named {name!r} in namespace {namespace!r}")
+        rec = self.actors[actor_id]
+        return actor_id, rec.meta, rec.spec.owner_node
+
+    def rpc_list_actors(self) -> list[dict]:
+        return [{"actor_id": a.hex(), "name": r.name, "state": r.state,
+                 "node": r.node.hex() if r.node else None, "class": r.spec.name}
+                for a, r in self.actors.items()]
+
+    def rpc_actor_state(self, actor_id: bytes):
+        rec = self.actors.get(actor_id)
+        return None if rec is None else rec.state
+
+    def rpc_kv_put(self, key: str, value: bytes, overwrite: bool = True) -> bool:
+        if not overwrite and key in self.kv:
+            return False
+        self.kv[key] = value
+        return True
+
+    def rpc_kv_get(self, key: str):
+        return self.kv.get(key)
+
+    def rpc_kv_del(self, key: str) -> bool:
+        return self.kv.pop(key, None) is not None
+
+    def rpc_kv_keys(self, prefix: str) -> list[str]:
+        return [k for k in self.kv if k.startswith(prefix)]

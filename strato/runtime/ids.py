@@ -1,0 +1,21 @@
+"""Compact unique ids: a per-process random prefix plus a counter (cheap, collision-free)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+
+class IdFactory:
+    """Makes 16-byte ids: 8 random bytes fixed per factory, 8 bytes of counter."""
+
+    def __init__(self):
+        self.prefix = os.urandom(8)
+        self._counter = itertools.count(1)
+
+    def next(self) -> bytes:
+        return self.prefix + next(self._counter).to_bytes(8, "little")
+
+
+def random_id() -> bytes:
+    return os.urandom(16)

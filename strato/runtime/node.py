@@ -1,0 +1,196 @@
+"""One machine's runtime process: a node agent, plus the head service on the head node.
+
+``python -m strato.runtime.node`` is what ``strato start`` and ``strato.init()`` launch.
+It writes a node file under the temp dir (address, pid, socket; token in a 0600 file)
+so ``address="auto"``, drivers on this machine and ``strato stop`` find it.
+"""
+
+from __future__ import annotations
+
+import os
+
+# workers are forked from this process: gRPC's fork handlers only add noise here
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import argparse
+import asyncio
+import json
+import logging
+import secrets
+import signal
+import socket
+import sys
+import time
+
+import psutil
+
+from strato.exceptions import AuthenticationError
+from strato.runtime import resources as resource_detection
+from strato.runtime.agent import NodeAgent
+from strato.runtime.head import HeadService
+from strato.runtime.session import DEFAULT_TEMP_DIR
+from strato.runtime.transport import HeadClient, PeerLinks, RuntimeServer, connect_in_process
+
+DEFAULT_PORT = 6380
+log = logging.getLogger("strato.node")
+
+
+def guess_node_ip(head_address: str | None) -> str:
+    """The address other machines reach this one at: the route toward the head."""
+    target = head_address.rsplit(":", 1)[0] if head_address else None
+    if target and target not in ("127.0.0.1", "localhost"):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.connect((target, 9))  # UDP connect sends nothing; it only picks a route
+            return s.getsockname()[0]
+        except OSError:
+            pass
+        finally:
+            s.close()
+    return "127.0.0.1"
+
+
+async def run_node(args) -> int:
+    temp_dir = os.path.abspath(args.temp_dir)
+    node_id = os.urandom(16)
+    short = node_id.hex()[:8]
+    session_dir = os.path.join(temp_dir, "session")
+    os.makedirs(os.path.join(temp_dir, "nodes"), exist_ok=True)
+    os.makedirs(session_dir, exist_ok=True)
+    os.makedirs(os.path.join(temp_dir, "logs"), exist_ok=True)
+    shm_root = "/dev/shm" if os.path.isdir("/dev/shm") else session_dir
+    shm_dir = os.path.join(shm_root, f"strato-{os.getpid()}-{short}")
+
+    token = args.token or os.environ.get("STRATO_TOKEN") or (secrets.token_hex(16) if args.head else None)
+    if not token:
+        print("strato: a cluster token is needed to join: pass --token or set STRATO_TOKEN",
+              file=sys.stderr)
+        return 2
+    resources = resource_detection.node_resources(
+        num_cpus=args.num_cpus, num_gpus=args.num_gpus, memory=args.memory,
+        custom=json.loads(args.resources) if args.resources else None)
+    node_ip = args.node_ip or guess_node_ip(args.address)
+    bind_host = "0.0.0.0" if node_ip != "127.0.0.1" else "127.0.0.1"
+    store_memory = args.object_store_memory or int(psutil.virtual_memory().total * 0.3)
+    labels = json.loads(args.labels) if args.labels else {}
+
+    head = HeadService(heartbeat_timeout=float(os.environ.get("STRATO_HEARTBEAT_TIMEOUT", "5")))\
+        if args.head else None
+    agent = NodeAgent(node_id=node_id, resources=resources, temp_dir=temp_dir,
+                      session_dir=session_dir, shm_dir=shm_dir,
+                      object_store_memory=store_memory, address="", labels=labels)
+    server = RuntimeServer(token, head=head, agent=agent)
+    port = await server.start(bind_host, args.port if args.head else 0)
+    agent.address = f"{node_ip}:{port}"
+    agent.peers = PeerLinks(agent, token)
+    head_client = None
+    if head is not None:
+        await head.start()
+        await agent.start(prestart_workers=min(2, int(resources.get("CPU", 0))))
+        connect_in_process(head, agent)
+        head_address = agent.address
+        agent.head.send(("register", node_id, agent.address, resources, labels))
+    else:
+        await agent.start(prestart_workers=min(2, int(resources.get("CPU", 0))))
+        head_address = args.address
+        head_client = HeadClient(head_address, token, agent)
+        agent.head = head_client
+        try:
+            await head_client.connect(("register", node_id, agent.address, resources, labels))
+        except (AuthenticationError, ConnectionError) as exc:
+            print(f"strato: {exc}", file=sys.stderr)
+            await agent.stop()
+            await server.stop()
+            return 3
+
+    token_file = os.path.join(temp_dir, "nodes", f"{short}.token")
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    info = {"node_id": node_id.hex(), "pid": os.getpid(), "head": bool(args.head),
+            "head_address": head_address, "agent_address": agent.address,
+            "socket": agent.socket_path, "token_file": token_file, "started": time.time(),
+            "resources": resources, "temp_dir": temp_dir}
+    node_file = os.path.join(temp_dir, "nodes", f"{short}.json")
+    with open(node_file + ".tmp", "w") as f:
+        json.dump(info, f)
+    os.rename(node_file + ".tmp", node_file)
+    if args.ready_file:
+        with open(args.ready_file + ".tmp", "w") as f:
+            json.dump(info, f)
+        os.rename(args.ready_file + ".tmp", args.ready_file)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if args.parent_pid:
+        loop.create_task(_watch_parent(args.parent_pid, stop))
+    loop.create_task(_heartbeat_loop(agent))
+    waiters = [loop.create_task(stop.wait())]
+    if head_client is not None:
+        waiters.append(head_client.closed)
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    if head_client is not None and head_client.closed.done() and not stop.is_set():
+        log.error("lost the connection to the head at %s; stopping this node", head_address)
+    for path in (node_file, token_file):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    await agent.stop()
+    if head is not None:
+        await head.stop()
+    await server.stop()
+    return 0
+
+
+async def _heartbeat_loop(agent: NodeAgent) -> None:
+    interval = float(os.environ.get("STRATO_HEARTBEAT_INTERVAL", "0.2"))
+    while True:
+        try:
+            agent.head.send(agent.heartbeat())
+        except Exception:
+            log.exception("heartbeat failed")
+        await asyncio.sleep(interval)
+
+
+async def _watch_parent(pid: int, stop: asyncio.Event) -> None:
+    while psutil.pid_exists(pid):
+        await asyncio.sleep(0.5)
+    stop.set()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m strato.runtime.node")
+    p.add_argument("--head", action="store_true")
+    p.add_argument("--address", default=None)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--token", default=None)
+    p.add_argument("--num-cpus", type=float, default=None)
+    p.add_argument("--num-gpus", type=float, default=None)
+    p.add_argument("--memory", type=float, default=None)
+    p.add_argument("--resources", default=None)
+    p.add_argument("--labels", default=None)
+    p.add_argument("--object-store-memory", type=int, default=None)
+    p.add_argument("--node-ip", default=None)
+    p.add_argument("--temp-dir", default=DEFAULT_TEMP_DIR)
+    p.add_argument("--ready-file", default=None)
+    p.add_argument("--parent-pid", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    sys.exit(asyncio.run(run_node(args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Wire formats: a framed channel between a node's own processes, gRPC between machines."""

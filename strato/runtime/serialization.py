@@ -1,0 +1,116 @@
+"""Turning values into bytes and back: cloudpickle + pickle protocol 5 out-of-band buffers.
+
+A serialized value is a small pickle plus a list of raw buffers (numpy data, bytes). In
+the object store they are laid out in one file, buffers 64-byte aligned, so a reader maps
+the file and rebuilds arrays that point straight into shared memory (zero copy,
+read-only).
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import threading
+from typing import Any
+
+import cloudpickle
+
+_ALIGN = 64
+_HEADER = struct.Struct("<II")  # magic, number of buffers
+_MAGIC = 0x5354524F
+_LEN = struct.Struct("<Q")
+
+_context = threading.local()
+
+
+class SerializedValue:
+    """A value ready to be written: the pickle, its out-of-band buffers, contained refs."""
+
+    __slots__ = ("pickled", "buffers", "contained_refs", "total_size")
+
+    def __init__(self, pickled: bytes, buffers: list[memoryview], contained_refs: list):
+        self.pickled = pickled
+        self.buffers = buffers
+        self.contained_refs = contained_refs
+        size = _HEADER.size + _LEN.size * (len(buffers) + 1) + len(pickled)
+        for b in buffers:
+            size = _align(size) + b.nbytes
+        self.total_size = size
+
+    def to_bytes(self) -> bytes:
+        out = bytearray(self.total_size)
+        self.write_into(memoryview(out))
+        return bytes(out)
+
+    def write_into(self, dest: memoryview) -> None:
+        """Write the framed layout into ``dest`` (a bytearray or an mmap view)."""
+        n = len(self.buffers)
+        _HEADER.pack_into(dest, 0, _MAGIC, n)
+        pos = _HEADER.size
+        _LEN.pack_into(dest, pos, len(self.pickled))
+        pos += _LEN.size
+        for b in self.buffers:
+            _LEN.pack_into(dest, pos, b.nbytes)
+            pos += _LEN.size
+        dest[pos:pos + len(self.pickled)] = self.pickled
+        pos += len(self.pickled)
+        for b in self.buffers:
+            pos = _align(pos)
+            dest[pos:pos + b.nbytes] = b.cast("B") if b.format != "B" or b.ndim != 1 else b
+            pos += b.nbytes
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) & ~(_ALIGN - 1)
+
+
+def serialize(value: Any) -> SerializedValue:
+    """Pickle ``value`` keeping large buffers out of band and noting the refs it holds."""
+    buffers: list[memoryview] = []
+    refs: list = []
+    prev = getattr(_context, "refs", None)
+    _context.refs = refs
+    try:
+        pickled = cloudpickle.dumps(value, protocol=5,
+                                    buffer_callback=lambda b: buffers.append(b.raw()))
+    finally:
+        _context.refs = prev
+    return SerializedValue(pickled, buffers, refs)
+
+
+def note_serialized_ref(ref) -> None:
+    """Called by ObjectRef.__reduce__ so the enclosing serialize() learns of nested refs."""
+    refs = getattr(_context, "refs", None)
+    if refs is not None:
+        refs.append(ref)
+
+
+def deserialize(data) -> Any:
+    """Rebuild a value from the framed layout; buffers stay views into ``data``."""
+    view = memoryview(data)
+    magic, n = _HEADER.unpack_from(view, 0)
+    if magic != _MAGIC:
+        raise ValueError("corrupt object: bad magic")
+    pos = _HEADER.size
+    (plen,) = _LEN.unpack_from(view, pos)
+    pos += _LEN.size
+    sizes = []
+    for _ in range(n):
+        sizes.append(_LEN.unpack_from(view, pos)[0])
+        pos += _LEN.size
+    pickled = view[pos:pos + plen]
+    pos += plen
+    buffers = []
+    for size in sizes:
+        pos = _align(pos)
+        buffers.append(view[pos:pos + size])
+        pos += size
+    return pickle.loads(pickled, buffers=buffers)
+
+
+def dumps(value: Any) -> bytes:
+    """Plain cloudpickle for code and small control payloads."""
+    return cloudpickle.dumps(value, protocol=5)
+
+
+loads = pickle.loads

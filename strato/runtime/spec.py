@@ -1,0 +1,64 @@
+"""The records that travel between processes: task specs and object descriptors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+TASK = 0
+ACTOR_CREATE = 1
+ACTOR_CALL = 2
+
+INLINE_MAX = 100 * 1024  # values up to this size travel inside messages
+
+
+@dataclass(slots=True)
+class TaskSpec:
+    """Everything needed to run one task, actor creation or actor call, anywhere."""
+
+    task_id: bytes
+    kind: int
+    job_id: bytes
+    owner_node: bytes           # node whose agent owns the return objects
+    owner_client: bytes         # client (driver/worker) that submitted it
+    function_id: bytes          # content hash of the pickled function or class
+    name: str                   # for errors and logs
+    args: bytes                 # serialized (args, kwargs) with top-level refs as placeholders
+    deps: list                  # [(oid, owner_node)] top-level ref args to resolve
+    return_ids: list            # [oid]
+    resources: dict = field(default_factory=dict)
+    max_retries: int = 0
+    retry_exceptions: Any = False
+    actor_id: bytes | None = None
+    method: str | None = None
+    actor_options: dict | None = None   # creation: max_concurrency, is_async, max_restarts...
+    attempt: int = 0
+    seq: int = 0                # per-caller sequence for actor calls
+    dep_values: dict | None = None  # oid -> ("inline", bytes) | ("node", node_id) once resolved
+    runtime_env: dict | None = None
+
+    def shape_key(self) -> tuple:
+        return tuple(sorted(self.resources.items()))
+
+
+@dataclass(slots=True)
+class ReturnValue:
+    """One result: inline bytes, or the node holding it in its store."""
+
+    oid: bytes
+    inline: bytes | None
+    node: bytes | None
+    size: int
+    error: bool = False
+
+
+class ArgRef:
+    """Placeholder for a top-level ref argument, replaced by its value before the call."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __reduce__(self):
+        return (ArgRef, (self.index,))

@@ -1,0 +1,300 @@
+"""Links between the head and node agents: in-process calls, or gRPC bidi streams.
+
+Every link has ``send(msg)``; messages queued while a write is in flight leave together
+in one Frame. gRPC calls carry the cluster token; a wrong token is refused with
+UNAUTHENTICATED and a message saying so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import pickle
+
+import grpc
+
+from strato.exceptions import AuthenticationError
+from strato.runtime.protocol.runtime_pb2 import Frame
+
+log = logging.getLogger("strato.transport")
+
+SERVICE = "strato.Runtime"
+TOKEN_KEY = "strato-token"
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 512 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 512 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 10000),
+    ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+class _Batcher:
+    """Collects messages and writes them as one Frame per wake-up of the writer task."""
+
+    def __init__(self, write):
+        self._write = write
+        self._queue: list = []
+        self._event = asyncio.Event()
+        self.closed = False
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def send(self, msg) -> None:
+        if self.closed:
+            return
+        self._queue.append(msg)
+        self._event.set()
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                await self._event.wait()
+                self._event.clear()
+                if not self._queue:
+                    continue
+                batch, self._queue = self._queue, []
+                await self._write(Frame(payload=pickle.dumps(batch, protocol=5)))
+        except (asyncio.CancelledError, grpc.aio.AioRpcError, grpc.aio.UsageError,
+                ConnectionError, RuntimeError):
+            self.closed = True
+
+    def close(self) -> None:
+        self.closed = True
+        self._task.cancel()
+
+
+# ---------------------------------------------------------------------- in-process
+class LocalLink:
+    """Calls ``handler(msg)`` on the next loop iteration (head and agent in one process)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, handler):
+        self._loop = loop
+        self._handler = handler
+
+    def send(self, msg) -> None:
+        self._loop.call_soon(self._handler, msg)
+
+
+def connect_in_process(head, agent) -> None:
+    loop = asyncio.get_running_loop()
+    to_agent = LocalLink(loop, agent.on_head_message)
+    agent.head = LocalLink(loop, lambda msg: head.handle(to_agent, msg))
+
+
+# ---------------------------------------------------------------------- server
+class RuntimeServer:
+    """The gRPC server of a node: ``Head`` (on the head node) and ``Peer`` streams."""
+
+    def __init__(self, token: str, head=None, agent=None):
+        self.token = token
+        self.head = head
+        self.agent = agent
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        handlers = {
+            "Head": grpc.stream_stream_rpc_method_handler(
+                self._head_stream, request_deserializer=Frame.FromString,
+                response_serializer=Frame.SerializeToString),
+            "Peer": grpc.stream_stream_rpc_method_handler(
+                self._peer_stream, request_deserializer=Frame.FromString,
+                response_serializer=Frame.SerializeToString),
+        }
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {host}:{port} (address in use?)")
+        await self.server.start()
+        return self.port
+
+    async def stop(self) -> None:
+        if self.server:
+            await self.server.stop(0.5)
+
+    async def _check_token(self, context) -> None:
+        md = dict(context.invocation_metadata() or ())
+        if md.get(TOKEN_KEY) != self.token:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "wrong cluster token: this cluster refused the connection "
+                                "(pass the token printed by `strato start --head`)")
+
+    async def _head_stream(self, request_iterator, context):
+        await self._check_token(context)
+        if self.head is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this node is not the head")
+        batcher = _Batcher(context.write)
+        node_id = None
+        try:
+            async for frame in request_iterator:
+                for msg in pickle.loads(frame.payload):
+                    if msg[0] == "register":
+                        node_id = msg[1]
+                    self.head.handle(batcher, msg)
+        finally:
+            batcher.close()
+            self.head.link_closed(node_id)
+
+    async def _peer_stream(self, request_iterator, context):
+        await self._check_token(context)
+        peer_node = None
+        async for frame in request_iterator:
+            for msg in pickle.loads(frame.payload):
+                if msg[0] == "hello":
+                    peer_node = msg[1]
+                    continue
+                self.agent.peers.dispatch(peer_node, msg)
+
+
+# ---------------------------------------------------------------------- clients
+async def open_stream(address: str, method: str, token: str):
+    channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+    call = channel.stream_stream(f"/{SERVICE}/{method}", request_serializer=Frame.SerializeToString,
+                                 response_deserializer=Frame.FromString)(
+        metadata=((TOKEN_KEY, token),))
+    return channel, call
+
+
+class HeadClient:
+    """An agent's stream to the head; the head's replies and broadcasts come back on it."""
+
+    def __init__(self, address: str, token: str, agent):
+        self.address = address
+        self.token = token
+        self.agent = agent
+        self.channel = None
+        self.call = None
+        self.batcher: _Batcher | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+
+    async def connect(self, register_msg, timeout: float = 15.0) -> None:
+        """Open the stream and register; raises AuthenticationError on a wrong token."""
+        self.channel, self.call = await open_stream(self.address, "Head", self.token)
+        self.batcher = _Batcher(self.call.write)
+        self.batcher.send(register_msg)
+        try:
+            first = await asyncio.wait_for(self.call.read(), timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise AuthenticationError(f"cannot join the cluster at {self.address}: "
+                                          f"{exc.details()}") from None
+            raise ConnectionError(f"cannot reach the head at {self.address}: "
+                                  f"{exc.details()}") from None
+        except asyncio.TimeoutError:
+            raise ConnectionError(f"the head at {self.address} did not answer within "
+                                  f"{timeout:.0f}s") from None
+        if first is grpc.aio.EOF:
+            raise ConnectionError(f"the head at {self.address} closed the connection")
+        for msg in pickle.loads(first.payload):
+            self.agent.on_head_message(msg)
+        asyncio.get_running_loop().create_task(self._read_loop())
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                frame = await self.call.read()
+                if frame is grpc.aio.EOF:
+                    break
+                for msg in pickle.loads(frame.payload):
+                    self.agent.on_head_message(msg)
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            pass
+        finally:
+            if not self.closed.done():
+                self.closed.set_result(True)
+
+    def send(self, msg) -> None:
+        self.batcher.send(msg)
+
+    async def close(self) -> None:
+        if self.batcher:
+            self.batcher.close()
+        if self.channel:
+            await self.channel.close()
+
+
+class PeerLinks:
+    """An agent's outbound streams to other agents, opened on first use."""
+
+    def __init__(self, agent, token: str):
+        self.agent = agent
+        self.token = token
+        self.links: dict[bytes, tuple] = {}   # node -> (channel, call, batcher)
+        self.addresses: dict[bytes, str] = {}
+        self._rid = itertools.count(1)
+        self._requests: dict[int, asyncio.Future] = {}
+
+    def send(self, node: bytes, msg) -> None:
+        if node == self.agent.node_id:
+            self.dispatch(node, msg)
+            return
+        link = self.links.get(node)
+        if link is None:
+            address = self.addresses.get(node)
+            if address is None:
+                log.warning("no address for node %s; dropping %s", node.hex()[:8], msg[0])
+                return
+            loop = asyncio.get_running_loop()
+            queue: list = []
+            link = (None, None, queue)
+            self.links[node] = link
+            loop.create_task(self._open(node, address, queue))
+            queue.append(msg)
+            return
+        batcher = link[2]
+        if isinstance(batcher, list):
+            batcher.append(msg)
+        else:
+            batcher.send(msg)
+
+    async def _open(self, node: bytes, address: str, queue: list) -> None:
+        try:
+            channel, call = await open_stream(address, "Peer", self.token)
+            batcher = _Batcher(call.write)
+            batcher.send(("hello", self.agent.node_id))
+            for msg in queue:
+                batcher.send(msg)
+            self.links[node] = (channel, call, batcher)
+            asyncio.get_running_loop().create_task(self._watch(node, call))
+        except Exception as exc:  # peer unreachable: the head's view will mark it dead
+            log.warning("cannot open a link to node %s at %s: %s", node.hex()[:8], address, exc)
+            self.links.pop(node, None)
+
+    async def _watch(self, node: bytes, call) -> None:
+        try:
+            await call.read()
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            pass
+        link = self.links.get(node)
+        if link is not None and link[1] is call:
+            self.links.pop(node, None)
+
+    def request(self, node: bytes, msg) -> asyncio.Future:
+        rid = next(self._rid)
+        fut = asyncio.get_running_loop().create_future()
+        self._requests[rid] = fut
+        self.send(node, ("req", rid, self.agent.node_id, msg))
+        return fut
+
+    def dispatch(self, node: bytes | None, msg) -> None:
+        kind = msg[0]
+        if kind == "req":
+            _, rid, sender, inner = msg
+            self.agent.on_peer_message(sender, inner,
+                                       reply=lambda value: self.send(sender, ("rep", rid, value)))
+            return
+        if kind == "rep":
+            fut = self._requests.pop(msg[1], None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg[2])
+            return
+        self.agent.on_peer_message(node, msg)
+
+    def forget(self, node: bytes) -> None:
+        link = self.links.pop(node, None)
+        if link is not None and not isinstance(link[2], list):
+            link[2].close()
+        self.addresses.pop(node, None)

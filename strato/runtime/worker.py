@@ -1,0 +1,289 @@
+"""A worker process: runs tasks (and, when dedicated, one actor) its node agent sends.
+
+Normal tasks run one at a time on the main thread; actors with ``max_concurrency`` run
+calls on a thread pool, async actors on an event loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+import traceback
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import cloudpickle
+
+from strato.exceptions import TaskCancelledError, TaskError
+from strato.runtime import context
+from strato.runtime.core import CoreWorker, ObjectRef, set_current
+from strato.runtime.serialization import deserialize, serialize
+from strato.runtime.spec import ACTOR_CALL, INLINE_MAX, ArgRef, ReturnValue, TaskSpec
+from strato.runtime.store import read_object, write_object
+
+
+class Executor:
+    def __init__(self, core: CoreWorker):
+        self.core = core
+        self.functions: dict[bytes, object] = {}
+        self.inbox: deque = deque()
+        self.cond = threading.Condition()
+        self.actor = None
+        self.actor_spec: TaskSpec | None = None
+        self.pool: ThreadPoolExecutor | None = None
+        self.async_loop: asyncio.AbstractEventLoop | None = None
+        self.async_sem: asyncio.Semaphore | None = None
+        self.running: TaskSpec | None = None
+        self.cancelled: set[bytes] = set()
+        self.gpu_ids: list = []
+        core.on_block = self.on_block
+        core.set_exec_handler(self.on_message)
+
+    # ------------------------------------------------------------------ from the agent
+    def on_message(self, msg) -> None:
+        kind = msg[0]
+        if kind == "exec":
+            _, specs, fns, gpu_ids = msg
+            for fid, blob in fns.items():
+                if blob is not None and fid not in self.functions:
+                    self.functions[fid] = blob
+            with self.cond:
+                for spec in specs:
+                    self.inbox.append((spec, gpu_ids))
+                self.cond.notify()
+        elif kind == "actor_init":
+            _, spec, blob, gpu_ids = msg
+            if blob is not None:
+                self.functions[spec.function_id] = blob
+            with self.cond:
+                self.inbox.append((spec, gpu_ids))
+                self.cond.notify()
+        elif kind == "cancel":
+            self.cancelled.add(msg[1])
+            if self.running is not None and self.running.task_id == msg[1] and self.actor is None:
+                import _thread
+                _thread.interrupt_main()
+        elif kind == "checkpoint":
+            hook = getattr(self.actor, "__strato_checkpoint__", None) or \
+                getattr(self.actor, "checkpoint_on_drain", None)
+            if hook is not None:
+                threading.Thread(target=_safe_call, args=(hook,), daemon=True).start()
+
+    def on_block(self, blocked: bool) -> None:
+        """Tell the agent this worker waits in get(); hand back tasks not yet started."""
+        if self.actor is not None:
+            return
+        if blocked:
+            with self.cond:
+                returned = [spec.task_id for spec, _ in self.inbox]
+                self.inbox.clear()
+            self.core.send(("blocked", returned))
+        else:
+            self.core.send(("unblocked",))
+
+    # ------------------------------------------------------------------ main loop
+    def run_forever(self) -> None:
+        while True:
+            with self.cond:
+                while not self.inbox:
+                    self.cond.wait()
+                spec, gpu_ids = self.inbox.popleft()
+            self.gpu_ids = gpu_ids
+            if gpu_ids:
+                os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
+            if spec.kind == ACTOR_CALL:
+                self.run_actor_call(spec)
+            elif spec.actor_id is not None:
+                self.init_actor(spec)
+            else:
+                self.core.send(("done", spec.task_id, self.execute(spec, self.load(spec)),
+                                self._retryable))
+
+    def load(self, spec: TaskSpec):
+        fn = self.functions.get(spec.function_id)
+        if isinstance(fn, bytes):
+            fn = cloudpickle.loads(fn)
+            self.functions[spec.function_id] = fn
+        if fn is None:
+            raise RuntimeError(f"function {spec.name} was never exported to this worker")
+        return fn
+
+    def resolve_args(self, spec: TaskSpec):
+        args, kwargs = deserialize(spec.args)
+        if not spec.deps:
+            return args, kwargs
+        values = []
+        need_get = []
+        for i, (oid, _owner) in enumerate(spec.deps):
+            info = spec.dep_values.get(oid) if spec.dep_values else None
+            if info is None:
+                need_get.append(i)
+                values.append(None)
+            elif info[0] == "inline":
+                values.append(deserialize(info[1]))
+            elif info[0] == "node":
+                values.append(read_object(self.core.store_paths, oid))
+            else:
+                err = deserialize(info[1])
+                raise err.as_instanceof_cause() if isinstance(err, TaskError) else err
+        if need_get:
+            refs = [ObjectRef(spec.deps[i][0], spec.deps[i][1]) for i in need_get]
+            for i, v in zip(need_get, self.core.get(refs, None)):
+                values[i] = v
+        args = [values[a.index] if isinstance(a, ArgRef) else a for a in args]
+        kwargs = {k: values[v.index] if isinstance(v, ArgRef) else v for k, v in kwargs.items()}
+        return args, kwargs
+
+    def execute(self, spec: TaskSpec, fn) -> list:
+        self._retryable = False
+        token = context.enter(spec, self.gpu_ids)
+        self.running = spec
+        try:
+            if spec.task_id in self.cancelled:
+                raise TaskCancelledError(f"task {spec.name} cancelled")
+            args, kwargs = self.resolve_args(spec)
+            result = fn(*args, **kwargs)
+            return self.pack(spec, result)
+        except KeyboardInterrupt:
+            return self.pack_error(spec, TaskCancelledError(f"task {spec.name} cancelled"))
+        except BaseException as exc:  # the user's code raised: ship it to the owner
+            return self.pack_error(spec, exc)
+        finally:
+            self.running = None
+            context.leave(token)
+
+    def pack(self, spec: TaskSpec, result) -> list:
+        n = len(spec.return_ids)
+        if n == 1:
+            results = [result]
+        else:
+            results = list(result)
+            if len(results) != n:
+                raise ValueError(f"{spec.name} declared num_returns={n} but returned "
+                                 f"{len(results)} values")
+        out = []
+        for oid, value in zip(spec.return_ids, results):
+            sv = serialize(value)
+            for ref in sv.contained_refs:
+                self.core.escaped.add(ref.id)
+            if sv.total_size <= INLINE_MAX:
+                data = sv.to_bytes()
+                out.append(ReturnValue(oid, data, None, len(data)))
+            else:
+                size = write_object(self.core.store_paths[0], oid, sv)
+                out.append(ReturnValue(oid, None, self.core.node_id, size))
+        return out
+
+    def pack_error(self, spec: TaskSpec, exc: BaseException) -> list:
+        if isinstance(exc, TaskCancelledError):
+            err = exc
+        else:
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            try:
+                cloudpickle.dumps(exc)
+                cause = exc
+            except Exception:
+                cause = None
+            err = TaskError(spec.name, tb, cause)
+            retry = spec.retry_exceptions
+            if retry is True or (isinstance(retry, (list, tuple)) and isinstance(exc, tuple(retry))):
+                self._retryable = True
+        data = serialize(err).to_bytes()
+        return [ReturnValue(oid, data, None, len(data), True) for oid in spec.return_ids]
+
+    # ------------------------------------------------------------------ actors
+    def init_actor(self, spec: TaskSpec) -> None:
+        cls = self.load(spec)
+        self.actor_spec = spec
+        opts = spec.actor_options or {}
+        context.set_actor(spec.actor_id)
+        self._retryable = False
+        token = context.enter(spec, self.gpu_ids)
+        try:
+            args, kwargs = self.resolve_args(spec)
+            self.actor = cls(*args, **kwargs)
+        except BaseException as exc:
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            err = TaskError(f"{spec.name}.__init__", tb, exc if _picklable(exc) else None)
+            self.core.send(("actor_ready", spec.actor_id, serialize(err).to_bytes()))
+            return
+        finally:
+            context.leave(token)
+        if opts.get("is_async"):
+            self.async_loop = asyncio.new_event_loop()
+            limit = opts.get("max_concurrency") or 1000
+            threading.Thread(target=self._run_async_loop, args=(limit,), daemon=True).start()
+        elif (opts.get("max_concurrency") or 1) > 1:
+            self.pool = ThreadPoolExecutor(max_workers=opts["max_concurrency"])
+        self.core.send(("actor_ready", spec.actor_id, None))
+
+    def _run_async_loop(self, limit: int) -> None:
+        asyncio.set_event_loop(self.async_loop)
+        self.async_sem = asyncio.Semaphore(limit)
+        self.async_loop.run_forever()
+
+    def run_actor_call(self, spec: TaskSpec) -> None:
+        if self.async_loop is not None:
+            while self.async_sem is None:
+                threading.Event().wait(0.001)
+            asyncio.run_coroutine_threadsafe(self._async_call(spec), self.async_loop)
+        elif self.pool is not None:
+            self.pool.submit(self._sync_call, spec)
+        else:
+            self._sync_call(spec)
+
+    def _sync_call(self, spec: TaskSpec) -> None:
+        method = getattr(self.actor, spec.method)
+        returns = self.execute(spec, method)
+        self.core.send(("done", spec.task_id, returns, self._retryable))
+
+    async def _async_call(self, spec: TaskSpec) -> None:
+        async with self.async_sem:
+            token = context.enter(spec, self.gpu_ids)
+            try:
+                args, kwargs = await asyncio.get_running_loop().run_in_executor(
+                    None, self.resolve_args, spec) if spec.deps else deserialize(spec.args)
+                method = getattr(self.actor, spec.method)
+                result = method(*args, **kwargs)
+                if asyncio.iscoroutine(result):
+                    result = await result
+                returns = self.pack(spec, result)
+            except BaseException as exc:
+                returns = self.pack_error(spec, exc)
+            finally:
+                context.leave(token)
+        self.core.send(("done", spec.task_id, returns, False))
+
+
+def _picklable(exc) -> bool:
+    try:
+        cloudpickle.dumps(exc)
+        return True
+    except Exception:
+        return False
+
+
+def _safe_call(fn) -> None:
+    try:
+        fn()
+    except Exception:
+        traceback.print_exc()
+
+
+def main() -> None:
+    socket_path = os.environ["STRATO_AGENT_SOCKET"]
+    worker_id = bytes.fromhex(os.environ["STRATO_WORKER_ID"])
+    core = CoreWorker(socket_path, "worker", worker_id)
+    set_current(core)
+    context.set_worker(core)
+    executor = Executor(core)
+    try:
+        executor.run_forever()
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

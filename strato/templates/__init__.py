@@ -1,0 +1,1 @@
+"""Bootstrap scripts and per-provider defaults (rendered, never string-built in code)."""

@@ -1,0 +1,504 @@
+"""A small in-memory fake of the Compute Engine REST API, enough for ``GCPProvider``.
+
+No usable GCE emulator exists, so this serves the handful of calls strato makes
+(instances, zone/global operations, firewalls) over plain HTTP on loopback. It answers
+the way the real API does where strato depends on it: operations start ``PENDING`` and
+are ``DONE`` when polled, capacity failures surface as *operation* errors, 404 bodies
+carry ``errors[].reason = "notFound"``, int64 fields are decimal strings.
+
+Instances get made-up addresses (10.128.0.x, 34.x.x.x). Nothing may ever connect to them.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timezone
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, NamedTuple
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import pytest
+
+SELF_LINK_BASE = "https://www.googleapis.com/compute/v1/"
+PREEMPTED_OPERATION = "compute.instances.preempted"
+
+_CAPACITY_MESSAGES = {
+    "ZONE_RESOURCE_POOL_EXHAUSTED": (
+        "The zone '{zone}' does not have enough resources available to fulfill the "
+        "request. Try a different zone, or try again later."),
+    "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS": (
+        "The zone '{zone}' does not have enough resources available to fulfill the "
+        "request. '(resource type:compute)'."),
+    "QUOTA_EXCEEDED": "Quota 'GPUS_ALL_REGIONS' exceeded. Limit: 0.0 globally.",
+}
+
+
+class FakeRequest(NamedTuple):
+    """One request the fake served; ``path`` keeps its (decoded) query string."""
+
+    method: str
+    path: str
+    body: Any
+
+
+class ApiError(Exception):
+    """Raised inside a handler to answer with a Google-style error body."""
+
+    def __init__(self, status: int, message: str, reason: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.status, "message": self.message,
+                          "errors": [{"reason": self.reason, "message": self.message,
+                                      "domain": "global"}]}}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _fingerprint(value: Any) -> str:
+    return hashlib.sha1(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _full_url(project: str, ref: str) -> str:
+    """``zones/Z/machineTypes/X`` or ``projects/P/...`` as the selfLink GCE returns."""
+    if ref.startswith("http"):
+        return ref
+    if ref.startswith("projects/"):
+        return SELF_LINK_BASE + ref
+    return f"{SELF_LINK_BASE}projects/{project}/{ref}"
+
+
+def _short(url_or_name: str) -> str:
+    return url_or_name.rstrip("/").rsplit("/", 1)[-1]
+
+
+# ---------------------------------------------------------------- filter
+_TERM = re.compile(
+    r"""(?P<field>[A-Za-z_][\w.\-]*)\s*(?P<op>!=|=|\beq\b|\bne\b)\s*
+        (?:"(?P<quoted>(?:[^"\\]|\\.)*)"|'(?P<squoted>[^']*)'|(?P<bare>[^\s()]+))""",
+    re.VERBOSE,
+)
+
+
+def parse_filter(expr: str | None) -> list[tuple[str, str, str]]:
+    """(field, op, value) terms of a Compute list filter; every term must hold (AND).
+
+    Accepts ``a = "x" AND b = "y"``, ``(a = "x") (b = "y")`` and ``a eq x``; ``OR`` is
+    not supported (strato never sends it), so the fake refuses it rather than guess.
+    """
+    if not expr or not expr.strip():
+        return []
+    if re.search(r"\bOR\b", expr):
+        raise ApiError(400, f"fake: OR in filter not supported: {expr}", "invalid")
+    terms = []
+    for m in _TERM.finditer(expr):
+        value = m.group("quoted")
+        if value is None:
+            value = m.group("squoted") if m.group("squoted") is not None else m.group("bare")
+        value = value.replace('\\"', '"')
+        op = {"eq": "=", "ne": "!="}.get(m.group("op"), m.group("op"))
+        terms.append((m.group("field"), op, value))
+    leftover = _TERM.sub("", expr)
+    if re.sub(r"\bAND\b|[()\s]", "", leftover):
+        raise ApiError(400, f"Invalid value for field 'filter': '{expr}'.", "invalid")
+    return terms
+
+
+def _field(resource: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = resource
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def matches(resource: Mapping[str, Any], terms: list[tuple[str, str, str]]) -> bool:
+    for field, op, expected in terms:
+        actual = _field(resource, field)
+        actual_s = "" if actual is None else str(actual)
+        if field in ("zone", "machineType") or field.endswith("Link"):
+            actual_s = actual_s if "/" in expected else _short(actual_s)
+        equal = actual is not None and actual_s == expected
+        if (op == "=") != equal:
+            return False
+    return True
+
+
+# ---------------------------------------------------------------- state
+class GCEFake:
+    """In-memory Compute Engine: instances, operations and firewalls of any project."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._ids = itertools.count(1000000000000000001)
+        self._ips = itertools.count(2)
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.endpoint = ""
+        self.reset()
+
+    # -- lifecycle
+    def start(self) -> GCEFake:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        self._server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        name="gce-fake", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def reset(self) -> None:
+        """Forget everything (each test starts from an empty project)."""
+        with self._lock:
+            self._instances: dict[str, dict[str, Any]] = {}
+            self._firewalls: dict[str, dict[str, Any]] = {}
+            self._operations: dict[str, dict[str, Any]] = {}
+            self._insert_failures: dict[str, list[list[Any]]] = {}
+            self.requests: list[FakeRequest] = []
+
+    # -- views for tests
+    @property
+    def instances(self) -> dict[str, dict[str, Any]]:
+        """Snapshot of stored instances by name (the JSON the API would return)."""
+        with self._lock:
+            return copy.deepcopy(self._instances)
+
+    @property
+    def firewalls(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return copy.deepcopy(self._firewalls)
+
+    @property
+    def operations(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return copy.deepcopy(list(self._operations.values()))
+
+    def requests_matching(self, method: str, path_part: str) -> list[FakeRequest]:
+        return [r for r in self.requests if r.method == method and path_part in r.path]
+
+    # -- test hooks
+    def fail_next_insert(self, zone: str, reason: str = "ZONE_RESOURCE_POOL_EXHAUSTED", *,
+                         message: str | None = None, http_status: int | None = None,
+                         after: int = 0) -> None:
+        """Make the next instances.insert in ``zone`` (after ``after`` good ones) fail.
+
+        By default it fails the way GCE does for stockouts and quota: the insert is
+        accepted and its operation ends ``DONE`` with ``error.errors[0].code = reason``.
+        ``http_status`` instead rejects the POST itself with that status. Calls queue up.
+        """
+        with self._lock:
+            self._insert_failures.setdefault(zone, []).append(
+                [after, reason, message, http_status])
+
+    def preempt(self, name: str) -> None:
+        """Take a spot instance back: STOP -> TERMINATED, DELETE -> gone; log the operation."""
+        with self._lock:
+            inst = self._instances.get(name)
+            if inst is None:
+                raise KeyError(f"no instance {name!r}")
+            scheduling = inst.get("scheduling", {})
+            if scheduling.get("provisioningModel") != "SPOT" and not scheduling.get("preemptible"):
+                raise ValueError(f"instance {name!r} is not spot/preemptible")
+            zone = _short(inst["zone"])
+            project = inst["selfLink"][len(SELF_LINK_BASE):].split("/")[1]
+            op = self._new_operation(project, zone, PREEMPTED_OPERATION, inst, done=True)
+            op["statusMessage"] = "Instance was preempted."
+            op["user"] = "system"
+            if scheduling.get("instanceTerminationAction", "STOP") == "DELETE":
+                del self._instances[name]
+            else:
+                inst["status"] = "TERMINATED"
+                inst["lastStopTimestamp"] = _now()
+
+    def set_status(self, name: str, status: str) -> None:
+        """Force an instance's status (e.g. ``STAGING``) to test state mapping."""
+        with self._lock:
+            self._instances[name]["status"] = status
+
+    # -- operations
+    def _new_operation(self, project: str, zone: str | None, op_type: str,
+                       target: Mapping[str, Any] | None, *, done: bool = False,
+                       error: dict[str, Any] | None = None, target_link: str = ""
+                       ) -> dict[str, Any]:
+        op_id = str(next(self._ids))
+        name = f"operation-{int(time.time() * 1000)}-{op_id[-8:]}"
+        scope = f"projects/{project}/zones/{zone}" if zone else f"projects/{project}/global"
+        op: dict[str, Any] = {
+            "kind": "compute#operation",
+            "id": op_id,
+            "name": name,
+            "operationType": op_type,
+            "targetLink": target["selfLink"] if target else target_link,
+            "status": "DONE" if done else "PENDING",
+            "progress": 100 if done else 0,
+            "insertTime": _now(),
+            "startTime": _now(),
+            "selfLink": f"{SELF_LINK_BASE}{scope}/operations/{name}",
+        }
+        if target:
+            op["targetId"] = target["id"]
+        if zone:
+            op["zone"] = f"{SELF_LINK_BASE}projects/{project}/zones/{zone}"
+        if done:
+            op["endTime"] = _now()
+        if error:
+            op["_pending_error"] = error
+        self._operations[name] = op
+        return op
+
+    def _advance(self, op: dict[str, Any]) -> dict[str, Any]:
+        """Operations finish when polled once (so clients that never poll see PENDING)."""
+        if op["status"] != "DONE":
+            op["status"] = "DONE"
+            op["progress"] = 100
+            op["endTime"] = _now()
+            if "_pending_error" in op:
+                err = op.pop("_pending_error")
+                op["error"] = {"errors": [err["error"]]}
+                op["httpErrorStatusCode"] = err["http_status"]
+                op["httpErrorMessage"] = err["http_message"]
+        return op
+
+    @staticmethod
+    def _public(resource: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in resource.items() if not k.startswith("_")}
+
+    # -- request dispatch
+    def handle(self, method: str, raw_path: str, body: Any) -> tuple[int, Any]:
+        split = urlsplit(raw_path)
+        query = {k: v[-1] for k, v in parse_qs(split.query).items()}
+        parts = [unquote(p) for p in split.path.strip("/").split("/")]
+        with self._lock:
+            self.requests.append(FakeRequest(method, unquote(raw_path), body))
+            try:
+                return 200, self._route(method, parts, query, body)
+            except ApiError as e:
+                return e.status, e.body()
+
+    def _route(self, method: str, parts: list[str], query: dict[str, str], body: Any) -> Any:
+        if parts[:2] != ["compute", "v1"] or len(parts) < 4 or parts[2] != "projects":
+            raise ApiError(501, f"fake: unsupported path /{'/'.join(parts)}", "notImplemented")
+        project, rest = parts[3], parts[4:]
+        match (method, rest):
+            case ("GET", ["aggregated", "instances"]):
+                return self._aggregated(project, "instances", self._instances.values(), query)
+            case ("GET", ["aggregated", "operations"]):
+                return self._aggregated(project, "operations", self._operations.values(), query)
+            case ("POST", ["zones", zone, "instances"]):
+                return self._insert_instance(project, zone, body or {})
+            case ("GET", ["zones", zone, "instances"]):
+                items = [i for i in self._instances.values() if self._in_zone(i, project, zone)]
+                return self._list("compute#instanceList", items, query)
+            case ("GET", ["zones", zone, "instances", name]):
+                return self._public(self._get_instance(project, zone, name))
+            case ("DELETE", ["zones", zone, "instances", name]):
+                inst = self._get_instance(project, zone, name)
+                del self._instances[name]
+                return self._public(self._new_operation(project, zone, "delete", inst))
+            case ("POST", ["zones", zone, "instances", name, "setLabels"]):
+                return self._set_labels(project, zone, name, body or {})
+            case ("GET", ["zones", zone, "operations"]):
+                items = [o for o in self._operations.values() if self._in_zone(o, project, zone)]
+                return self._list("compute#operationList", items, query)
+            case ("GET" | "POST", ["zones", zone, "operations", name, *tail]) if (
+                    tail in ([], ["wait"]) and (method == "GET") == (tail == [])):
+                return self._public(self._advance(self._get_operation(project, name)))
+            case ("GET" | "POST", ["global", "operations", name, *tail]) if (
+                    tail in ([], ["wait"]) and (method == "GET") == (tail == [])):
+                return self._public(self._advance(self._get_operation(project, name)))
+            case ("GET", ["global", "firewalls", name]):
+                fw = self._firewalls.get(f"{project}/{name}")
+                if fw is None:
+                    raise ApiError(404, f"The resource 'projects/{project}/global/firewalls/"
+                                        f"{name}' was not found", "notFound")
+                return fw
+            case ("POST", ["global", "firewalls"]):
+                return self._insert_firewall(project, body or {})
+        raise ApiError(501, f"fake: unsupported call {method} /{'/'.join(parts)}",
+                       "notImplemented")
+
+    @staticmethod
+    def _in_zone(resource: Mapping[str, Any], project: str, zone: str) -> bool:
+        return resource.get("zone", "").endswith(f"projects/{project}/zones/{zone}")
+
+    def _list(self, kind: str, items: Any, query: dict[str, str]) -> dict[str, Any]:
+        terms = parse_filter(query.get("filter"))
+        return {"kind": kind, "id": "fake",
+                "items": [self._public(i) for i in items if matches(i, terms)]}
+
+    def _aggregated(self, project: str, key: str, items: Any,
+                    query: dict[str, str]) -> dict[str, Any]:
+        terms = parse_filter(query.get("filter"))
+        scoped: dict[str, dict[str, Any]] = {}
+        for item in items:
+            zone_url = item.get("zone", "")
+            if f"projects/{project}/" not in item.get("selfLink", "") or not zone_url:
+                continue
+            if matches(item, terms):
+                scope = scoped.setdefault(f"zones/{_short(zone_url)}", {key: []})
+                scope[key].append(self._public(item))
+        return {"kind": "compute#aggregatedList", "id": f"projects/{project}", "items": scoped}
+
+    def _get_instance(self, project: str, zone: str, name: str) -> dict[str, Any]:
+        inst = self._instances.get(name)
+        if inst is None or not self._in_zone(inst, project, zone):
+            raise ApiError(404, f"The resource 'projects/{project}/zones/{zone}/instances/"
+                                f"{name}' was not found", "notFound")
+        return inst
+
+    def _get_operation(self, project: str, name: str) -> dict[str, Any]:
+        op = self._operations.get(name)
+        if op is None or f"projects/{project}/" not in op["selfLink"]:
+            raise ApiError(404, f"The resource 'projects/{project}/operations/{name}' "
+                                "was not found", "notFound")
+        return op
+
+    def _insert_instance(self, project: str, zone: str, body: dict[str, Any]) -> dict[str, Any]:
+        name = body.get("name", "")
+        if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", name):
+            raise ApiError(400, f"Invalid value for field 'resource.name': '{name}'.", "invalid")
+        if not body.get("machineType"):
+            raise ApiError(400, "Invalid value for field 'resource.machineType': ''.", "invalid")
+        for key, value in (body.get("labels") or {}).items():
+            if not re.fullmatch(r"[a-z][a-z0-9_-]{0,62}", key) or not re.fullmatch(
+                    r"[a-z0-9_-]{0,63}", value):
+                raise ApiError(400, f"Invalid value for field 'resource.labels': "
+                                    f"'{key}={value}'.", "invalid")
+        if name in self._instances:
+            raise ApiError(409, f"The resource 'projects/{project}/zones/{zone}/instances/"
+                                f"{name}' already exists", "alreadyExists")
+        self_link = f"{SELF_LINK_BASE}projects/{project}/zones/{zone}/instances/{name}"
+        failures = self._insert_failures.get(zone)
+        if failures and failures[0][0] > 0:
+            failures[0][0] -= 1
+        elif failures:
+            _, reason, message, http_status = failures.pop(0)
+            message = message or _CAPACITY_MESSAGES.get(reason, reason).format(zone=zone)
+            if http_status is not None:
+                raise ApiError(http_status, message, reason)
+            error = {"error": {"code": reason, "message": message},
+                     "http_status": 503 if "EXHAUSTED" in reason else 403,
+                     "http_message": "SERVICE UNAVAILABLE" if "EXHAUSTED" in reason
+                     else "FORBIDDEN"}
+            op = self._new_operation(project, zone, "insert", None, error=error,
+                                     target_link=self_link)
+            return self._public(op)
+        inst = copy.deepcopy(body)
+        n = next(self._ips)
+        inst.update({
+            "kind": "compute#instance",
+            "id": str(next(self._ids)),
+            "status": "RUNNING",
+            "zone": f"{SELF_LINK_BASE}projects/{project}/zones/{zone}",
+            "selfLink": self_link,
+            "creationTimestamp": _now(),
+            "machineType": _full_url(project, inst["machineType"]),
+            "labels": dict(inst.get("labels") or {}),
+            "fingerprint": _fingerprint(body),
+        })
+        inst["labelFingerprint"] = _fingerprint(inst["labels"])
+        nics = inst.get("networkInterfaces") or [{"network": "global/networks/default"}]
+        for i, nic in enumerate(nics):
+            nic.setdefault("name", f"nic{i}")
+            nic["networkIP"] = f"10.128.{(n >> 8) & 15}.{n & 255}"
+            for ac in nic.get("accessConfigs", []):
+                ac["natIP"] = f"34.{100 + (n >> 16) % 100}.{(n >> 8) & 255}.{n & 255}"
+        inst["networkInterfaces"] = nics
+        self._instances[name] = inst
+        return self._public(self._new_operation(project, zone, "insert", inst))
+
+    def _set_labels(self, project: str, zone: str, name: str,
+                    body: dict[str, Any]) -> dict[str, Any]:
+        inst = self._get_instance(project, zone, name)
+        if body.get("labelFingerprint") != inst["labelFingerprint"]:
+            raise ApiError(412, "Labels fingerprint either invalid or resource labels have "
+                                "changed", "conditionNotMet")
+        inst["labels"] = dict(body.get("labels") or {})
+        inst["labelFingerprint"] = _fingerprint(inst["labels"])
+        return self._public(self._new_operation(project, zone, "setLabels", inst))
+
+    def _insert_firewall(self, project: str, body: dict[str, Any]) -> dict[str, Any]:
+        name = body.get("name", "")
+        key = f"{project}/{name}"
+        if key in self._firewalls:
+            raise ApiError(409, f"The resource 'projects/{project}/global/firewalls/{name}' "
+                                "already exists", "alreadyExists")
+        fw = copy.deepcopy(body)
+        fw.update({"kind": "compute#firewall", "id": str(next(self._ids)),
+                   "creationTimestamp": _now(),
+                   "selfLink": f"{SELF_LINK_BASE}projects/{project}/global/firewalls/{name}"})
+        self._firewalls[key] = fw
+        return self._public(self._new_operation(project, None, "insert", fw))
+
+
+def _make_handler(fake: GCEFake) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body go out separately: avoid 40 ms stalls
+
+        def _serve(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:
+                status, payload = 400, ApiError(400, "bad JSON", "parseError").body()
+            else:
+                status, payload = fake.handle(self.command, self.path, body)
+            data = json.dumps(payload).encode()
+            self.send_response(status, HTTPStatus(status).phrase)
+            self.send_header("Content-Type", "application/json; charset=UTF-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_DELETE = do_PATCH = do_PUT = _serve
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    return Handler
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def gce_fake_server() -> Iterator[GCEFake]:
+    """One fake Compute API server for the whole session (state is reset per test)."""
+    fake = GCEFake().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def gce_fake(gce_fake_server: GCEFake) -> Iterator[GCEFake]:
+    """The fake Compute API with empty state; ``.endpoint`` is ``http://127.0.0.1:PORT``."""
+    gce_fake_server.reset()
+    yield gce_fake_server
+    gce_fake_server.reset()
+
+
+@pytest.fixture
+def gce_provider_config(gce_fake: GCEFake) -> dict[str, Any]:
+    """A GCP ``provider:`` section pointing at the fake."""
+    return {"type": "gcp", "project_id": "strato-test", "availability_zone": "us-central1-a",
+            "api_endpoint": gce_fake.endpoint}

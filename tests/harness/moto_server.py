@@ -1,0 +1,107 @@
+"""AWS without AWS: one moto server per test session, wiped before every test.
+
+Fixtures:
+- ``moto_server`` (session): the running ``ThreadedMotoServer``'s base URL.
+- ``moto_endpoint`` (function): the same URL after ``POST /moto-api/reset``, with dummy
+  credentials, region ``us-east-1`` and ``AWS_ENDPOINT_URL`` pointing at moto, so any
+  AWS client the code under test builds talks to loopback only.
+
+Helpers simulate what moto cannot: a spot interruption (through moto's in-process backend,
+so the server must run in this process, as here) and capacity errors (raised client-side
+before a RunInstances request is built). moto's instances carry real-looking IPs: never
+connect to them.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import pytest
+
+MOTO_REGION = "us-east-1"
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """Start one moto server on a free loopback port for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server._server.server_address[:2]  # port=0: ask the bound socket
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def moto_endpoint(moto_server: str, monkeypatch: pytest.MonkeyPatch,
+                  tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Reset moto's state and point AWS credentials, region and endpoint at it."""
+    request = urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST", data=b"")
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        assert reply.status == 200
+    empty = tmp_path_factory.mktemp("aws-config") / "none"
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_EC2"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", MOTO_REGION)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(empty))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    return moto_server
+
+
+def interrupt_spot_instance(instance_id: str, region: str = MOTO_REGION) -> None:
+    """Terminate an instance the way EC2 reclaims spot capacity (moto 5.2 internals)."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.ec2 import ec2_backends
+    from moto.ec2.models.instances import StateReason
+
+    inst = ec2_backends[DEFAULT_ACCOUNT_ID][region].get_instance(instance_id)
+    inst.terminate()
+    inst._reason = "Server.SpotInstanceTermination"
+    inst.state_reason = StateReason("Server.SpotInstanceTermination: Spot instance termination",
+                                    "Server.SpotInstanceTermination")
+
+
+def inject_capacity_error(ec2_client: Any, zones: Sequence[str] | None = None,
+                          code: str = "InsufficientInstanceCapacity") -> Callable[[], None]:
+    """Make RunInstances on this client fail with ``code`` in ``zones`` (None: everywhere).
+
+    The zone comes from ``Placement.AvailabilityZone`` or the subnet's zone. Returns a
+    function that removes the injection.
+    """
+    from botocore.exceptions import ClientError
+
+    subnet_zones: dict[str, str] = {}
+
+    def zone_of(params: dict[str, Any]) -> str | None:
+        zone = (params.get("Placement") or {}).get("AvailabilityZone")
+        subnet = params.get("SubnetId") or next(
+            (n.get("SubnetId") for n in params.get("NetworkInterfaces") or ()), None)
+        if zone or not subnet:
+            return zone
+        if subnet not in subnet_zones:
+            found = ec2_client.describe_subnets(SubnetIds=[subnet])["Subnets"]
+            subnet_zones[subnet] = found[0]["AvailabilityZone"] if found else ""
+        return subnet_zones[subnet] or None
+
+    def handler(params: dict[str, Any], **_: Any) -> None:
+        zone = zone_of(params)
+        if zones is None or zone in zones:
+            raise ClientError({"Error": {
+                "Code": code,
+                "Message": f"We currently do not have sufficient capacity in {zone} (injected)",
+            }}, "RunInstances")
+
+    event = "before-parameter-build.ec2.RunInstances"
+    unique_id = f"strato-capacity-error-{id(handler)}"
+    ec2_client.meta.events.register(event, handler, unique_id=unique_id)
+    return lambda: ec2_client.meta.events.unregister(event, unique_id=unique_id)
