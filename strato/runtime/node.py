@@ -39,7 +39,14 @@ log = logging.getLogger("strato.node")
 def guess_node_ip(head_address: str | None) -> str:
     """The address other machines reach this one at: the route toward the head."""
     target = head_address.rsplit(":", 1)[0] if head_address else None
-    if target and target not in ("127.0.0.1", "localhost"):
+    if not target:
+        # a head: advertise the first non-loopback IPv4 address this machine has
+        for addrs in psutil.net_if_addrs().values():
+            for a in addrs:
+                if a.family == socket.AF_INET and not a.address.startswith("127."):
+                    return a.address
+        return "127.0.0.1"
+    if target not in ("127.0.0.1", "localhost"):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             s.connect((target, 9))  # UDP connect sends nothing; it only picks a route

@@ -1,0 +1,128 @@
+"""Starting and stopping this machine's runtime node processes (what `strato start/stop` call)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import psutil
+
+from strato.runtime.session import node_files, read_token
+
+
+class StartError(Exception):
+    """The node process could not start or join; the message says why."""
+
+
+@dataclass
+class StartedNode:
+    info: dict
+    log_path: str
+
+    @property
+    def address(self) -> str:
+        return self.info["head_address"]
+
+    @property
+    def token(self) -> str:
+        return read_token(self.info)
+
+
+def start_node(*, head: bool, temp_dir: str, address: str | None = None, port: int | None = None,
+               token: str | None = None, num_cpus: float | None = None,
+               num_gpus: float | None = None, resources: str | None = None,
+               labels: str | None = None, node_ip: str | None = None,
+               object_store_memory: int | None = None, timeout: float = 60.0) -> StartedNode:
+    """Launch a detached node process and return once it is up (or raise StartError)."""
+    temp_dir = os.path.abspath(temp_dir)
+    os.makedirs(os.path.join(temp_dir, "logs"), exist_ok=True)
+    if resources:
+        try:
+            parsed = json.loads(resources)
+        except ValueError as exc:
+            raise StartError(f"--resources must be a JSON object, e.g. '{{\"tpu\": 4}}': {exc}") from None
+        if not isinstance(parsed, dict):
+            raise StartError("--resources must be a JSON object, e.g. '{\"tpu\": 4}'")
+        for k, v in parsed.items():
+            if not isinstance(v, (int, float)) or v < 0:
+                raise StartError(f"--resources: {k!r} must be a number >= 0, got {v!r}")
+    for name, value in (("--num-cpus", num_cpus), ("--num-gpus", num_gpus)):
+        if value is not None and value < 0:
+            raise StartError(f"{name} must be >= 0, got {value}")
+    if not head and not address:
+        raise StartError("pass --head to start a head node, or --address HEAD:PORT to join one")
+    fd, ready = tempfile.mkstemp(prefix="ready-", dir=temp_dir)
+    os.close(fd)
+    os.unlink(ready)
+    cmd = [sys.executable, "-m", "strato.runtime.node", "--temp-dir", temp_dir, "--ready-file", ready]
+    if head:
+        cmd += ["--head", "--port", str(port if port is not None else 6380)]
+    else:
+        cmd += ["--address", address]
+    for flag, value in (("--num-cpus", num_cpus), ("--num-gpus", num_gpus),
+                        ("--resources", resources), ("--labels", labels),
+                        ("--node-ip", node_ip), ("--object-store-memory", object_store_memory)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    env = dict(os.environ)
+    if token:
+        env["STRATO_TOKEN"] = token  # never on the command line, where `ps` shows it
+    log_path = os.path.join(temp_dir, "logs", f"node-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(ready):
+        if proc.poll() is not None:
+            raise StartError(_failure_message(log_path, proc.returncode))
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise StartError(f"the node did not come up within {timeout:.0f}s; see {log_path}")
+        time.sleep(0.02)
+    with open(ready) as f:
+        info = json.load(f)
+    os.unlink(ready)
+    return StartedNode(info, log_path)
+
+
+def _failure_message(log_path: str, code: int) -> str:
+    with open(log_path, errors="replace") as f:
+        lines = [ln for ln in f.read().splitlines() if ln.startswith("strato:")]
+    reason = lines[-1][len("strato:"):].strip() if lines else f"exit code {code}; see {log_path}"
+    return reason
+
+
+def stop_nodes(temp_dir: str, timeout: float = 10.0) -> int:
+    """Stop every node process recorded under ``temp_dir`` (by pid); returns how many."""
+    infos = node_files(os.path.abspath(temp_dir))
+    procs = []
+    for info in infos:
+        try:
+            proc = psutil.Process(info["pid"])
+            children = proc.children(recursive=True)
+            proc.send_signal(signal.SIGTERM)
+            procs.append(proc)
+            procs.extend(children)
+        except psutil.NoSuchProcess:
+            continue
+    gone, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    for info in infos:
+        for path in (info.get("_file"), info.get("token_file")):
+            if path:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+    return len(infos)
