@@ -424,6 +424,16 @@ class NodeAgent:
         if cpu:
             self.available["CPU"] = self.available.get("CPU", 0) + cpu
 
+    def _c_bounce(self, client: Client, msg) -> None:
+        """A blocked worker handed back work that reached it after it blocked."""
+        w = client.worker
+        for tid in reversed(msg[1]):
+            spec = w.inflight.pop(tid, None)
+            if spec is not None:
+                self.ready.setdefault(spec.shape_key(), deque()).appendleft(spec)
+        if w.state == "leased" and not w.inflight and not w.blocked:
+            self._end_lease(w)
+
     def _c_unblocked(self, client: Client, msg) -> None:
         w = client.worker
         if w is None or not w.blocked:

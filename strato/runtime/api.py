@@ -260,9 +260,11 @@ def _prepare_args(core: CoreWorker, args: tuple, kwargs: dict):
     deps = []
     keep = []
     if args or kwargs:
+        recyclable = core.recyclable
         new_args = []
         for a in args:
             if type(a) is ObjectRef:
+                recyclable.pop(a.id, None)
                 new_args.append(ArgRef(len(deps)))
                 deps.append((a.id, a.owner_node))
                 keep.append(a)
@@ -271,6 +273,7 @@ def _prepare_args(core: CoreWorker, args: tuple, kwargs: dict):
         new_kwargs = {}
         for k, v in kwargs.items():
             if type(v) is ObjectRef:
+                recyclable.pop(v.id, None)
                 new_kwargs[k] = ArgRef(len(deps))
                 deps.append((v.id, v.owner_node))
                 keep.append(v)
@@ -286,6 +289,7 @@ def _prepare_args(core: CoreWorker, args: tuple, kwargs: dict):
             for a in new_args:
                 if not isinstance(a, ArgRef) and _size_guess(a) > INLINE_MAX // 4:
                     ref = core.put(a)
+                    recyclable.pop(ref.id, None)
                     big_args.append(ArgRef(len(deps)))
                     deps.append((ref.id, ref.owner_node))
                     keep.append(ref)
@@ -294,12 +298,14 @@ def _prepare_args(core: CoreWorker, args: tuple, kwargs: dict):
             for k, v in list(new_kwargs.items()):
                 if not isinstance(v, ArgRef) and _size_guess(v) > INLINE_MAX // 4:
                     ref = core.put(v)
+                    recyclable.pop(ref.id, None)
                     new_kwargs[k] = ArgRef(len(deps))
                     deps.append((ref.id, ref.owner_node))
                     keep.append(ref)
             sv = serialize((big_args, new_kwargs))
         for ref in sv.contained_refs:
             core.escaped.add(ref.id)
+            recyclable.pop(ref.id, None)
         return sv.to_bytes(), deps, keep
     return _EMPTY_ARGS, deps, keep
 

@@ -16,7 +16,7 @@ from strato.runtime.ids import IdFactory
 from strato.runtime.protocol.framing import FrameClient
 from strato.runtime.serialization import deserialize, serialize
 from strato.runtime.spec import INLINE_MAX
-from strato.runtime.store import read_object, write_object
+from strato.runtime.store import FilePool, read_object, write_object
 
 _current: CoreWorker | None = None
 
@@ -111,6 +111,7 @@ class CoreWorker:
         self.pinned: dict[bytes, list] = {}     # task id -> arg refs kept alive until done
         self.task_of: dict[bytes, bytes] = {}   # return oid -> task id (for pinned args)
         self.wanted: set[bytes] = set()
+        self.recyclable: dict[bytes, int] = {}  # put by us, never shared or read: oid -> size
         self._to_free: list[bytes] = []
         self.cond = threading.Condition()
         self.rpc_replies: dict[int, tuple] = {}
@@ -181,6 +182,7 @@ class CoreWorker:
             elif kind == "welcome":
                 _, self.node_id, shm_dir, spill_dir, self.agent_address = msg
                 self.store_paths = (shm_dir, spill_dir)
+                self.pool = FilePool(shm_dir)
                 self.job_id = self.node_id + self.client_id
                 self._welcome.set()
         if notify:
@@ -229,6 +231,9 @@ class CoreWorker:
         self.values.pop(oid, None)
         if oid in self.owned:
             self.owned.discard(oid)
+            size = self.recyclable.pop(oid, None)
+            if size is not None:
+                self.pool.add(oid, size)
             if oid not in self.escaped:
                 self._to_free.append(oid)
                 if len(self._to_free) >= 1000:
@@ -248,14 +253,16 @@ class CoreWorker:
         sv = serialize(value)
         for ref in sv.contained_refs:
             self.escaped.add(ref.id)
+            self.recyclable.pop(ref.id, None)
         self.owned.add(oid)
         if sv.total_size <= INLINE_MAX:
             data = sv.to_bytes()
             self.values[oid] = ("inline", data)
             self.send(("put", oid, data, len(data)))
         else:
-            size = write_object(self.store_paths[0], oid, sv)
+            size = write_object(self.store_paths[0], oid, sv, self.pool.take(sv.total_size))
             self.values[oid] = ("node", self.node_id, size)
+            self.recyclable[oid] = size
             self.send(("put", oid, None, size))
         return ObjectRef(oid, self.node_id)
 
@@ -324,6 +331,7 @@ class CoreWorker:
         if kind == "inline":
             return deserialize(v[1])
         if kind == "node":
+            self.recyclable.pop(oid, None)  # a zero-copy view may now outlive the ref
             try:
                 return read_object(self.store_paths, oid)
             except FileNotFoundError:
@@ -366,5 +374,8 @@ class CoreWorker:
 
     def close(self) -> None:
         self.flush_frees()
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.clear()
         self.closed = True
         self.conn.close()

@@ -38,6 +38,7 @@ class Executor:
         self.running: TaskSpec | None = None
         self.cancelled: set[bytes] = set()
         self.gpu_ids: list = []
+        self.blocked = False
         core.on_block = self.on_block
         core.set_exec_handler(self.on_message)
 
@@ -50,6 +51,11 @@ class Executor:
                 if blob is not None and fid not in self.functions:
                     self.functions[fid] = blob
             with self.cond:
+                if self.blocked:
+                    # sent before the agent saw we block: hand it back, it may be
+                    # the very task we wait for
+                    self.core.send(("bounce", [spec.task_id for spec in specs]))
+                    return
                 for spec in specs:
                     self.inbox.append((spec, gpu_ids))
                 self.cond.notify()
@@ -75,13 +81,14 @@ class Executor:
         """Tell the agent this worker waits in get(); hand back tasks not yet started."""
         if self.actor is not None:
             return
-        if blocked:
-            with self.cond:
+        with self.cond:
+            self.blocked = blocked
+            if blocked:
                 returned = [spec.task_id for spec, _ in self.inbox]
                 self.inbox.clear()
-            self.core.send(("blocked", returned))
-        else:
-            self.core.send(("unblocked",))
+                self.core.send(("blocked", returned))
+            else:
+                self.core.send(("unblocked",))
 
     # ------------------------------------------------------------------ main loop
     def run_forever(self) -> None:

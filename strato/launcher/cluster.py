@@ -1,0 +1,266 @@
+"""One cluster as the launcher sees it: config + provider + runners + where things live.
+
+Shared by the user-facing commands (``commands.py``) and the monitor that runs beside the
+head (``monitor.py``), so both find nodes, reach them and start runtimes the same way.
+Nodes are always found through the provider's tags, never from local memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from strato.exceptions import LauncherError
+from strato.launcher.config import ClusterConfig
+from strato.launcher.runner import CommandRunner, LocalRunner, OutputSink, SSHRunner, shell_path
+from strato.launcher.ssh import SSHTarget
+from strato.launcher.state import StateDB
+from strato.providers import provider_class
+from strato.providers.base import (
+    TAG_CLUSTER,
+    TAG_KIND,
+    TAG_LAUNCH_HASH,
+    TAG_NODE_TYPE,
+    Node,
+    NodeKind,
+    NodeProvider,
+)
+from strato.runtime.session import DEFAULT_TEMP_DIR
+
+__all__ = ["DEFAULT_HEAD_PORT", "TAG_NODE_ID_LABEL", "Cluster", "render_template"]
+
+DEFAULT_HEAD_PORT = 6380
+TAG_NODE_ID_LABEL = "strato-node-id"  # runtime label matching a runtime node to its machine
+MONITOR_MODES = ("head", "local", "off")
+
+
+def render_template(name: str, **values: str) -> str:
+    """Fill ``strato/templates/<name>`` (``{{ key }}`` slots, values already shell-quoted)."""
+    from strato.launcher.bootstrap import render  # one renderer, in bootstrap
+
+    return render(name, **values)
+
+
+class Cluster:
+    """A cluster config bound to its provider, local state and command runners."""
+
+    def __init__(self, config: ClusterConfig, *, state: StateDB | None = None,
+                 provider: NodeProvider | None = None, echo: bool = True,
+                 overrides: Mapping[str, Any] | None = None):
+        self.config = config
+        self.name = config.cluster_name
+        self.kind = config.provider.type
+        self.state = state or StateDB()
+        self.echo = echo
+        # Set by the monitor: hashes, key and wheel paths as the launcher computed them.
+        self.overrides = dict(overrides or {})
+        self.provider = provider or provider_class(self.kind)(self.provider_config(),
+                                                              self.name)
+        self.facts: dict[str, Any] = {}
+        self.token: str | None = None
+
+    # ------------------------------------------------------------ provider
+    def provider_config(self) -> dict[str, Any]:
+        """The ``provider:`` section plus what the launcher decides for the provider."""
+        pc = self.config.provider.model_dump(exclude_none=True)
+        pc.update(self.config.provider.extras)
+        if self.kind == "ssh":
+            auth = self.config.auth
+            pc.setdefault("ssh_user", auth.ssh_user)
+            if auth.ssh_private_key:
+                pc.setdefault("ssh_private_key", self.overrides.get("key_path")
+                              or auth.ssh_private_key)
+            pc.setdefault("ssh_port", auth.ssh_port)
+            pc.setdefault("stop_command", self.stop_node_script())
+        return pc
+
+    def prepare(self) -> None:
+        """One-time provider resources (key pair, firewall); remembers the key path."""
+        self.facts = dict(self.provider.prepare(self.config.to_dict()) or {})
+
+    @property
+    def is_local(self) -> bool:
+        return self.kind == "local"
+
+    @property
+    def monitor_mode(self) -> str:
+        """Where the monitor runs: ``head`` (beside the head service), ``local`` (this
+        machine) or ``off``; from env ``STRATO_MONITOR`` or ``provider.monitor``."""
+        mode = os.environ.get("STRATO_MONITOR") or self.config.provider.extras.get("monitor")
+        if not mode:
+            mode = "local" if self.is_local else "head"
+        if mode not in MONITOR_MODES:
+            raise LauncherError(f"provider.monitor / STRATO_MONITOR: {mode!r} is not one of "
+                                f"{', '.join(MONITOR_MODES)}")
+        return "local" if self.is_local and mode == "head" else mode
+
+    @property
+    def head_port(self) -> int:
+        if self.is_local:
+            return 0  # any free port: several local clusters may run side by side
+        return int(self.config.provider.extras.get("head_port", DEFAULT_HEAD_PORT))
+
+    # ------------------------------------------------------------ hashes
+    def launch_hash(self, node_type: str) -> str:
+        return self.overrides.get("launch_hash", {}).get(node_type) or \
+            self.config.launch_hash(node_type)
+
+    def setup_hash(self, node_type: str, *, head: bool) -> str:
+        key = f"{'head' if head else 'worker'}:{node_type}"
+        return self.overrides.get("setup_hash", {}).get(key) or \
+            self.config.setup_hash(node_type, head=head)
+
+    # ------------------------------------------------------------ nodes
+    def nodes(self, *, kind: str | None = None, node_type: str | None = None,
+              alive_only: bool = True) -> list[Node]:
+        """This cluster's nodes, found by tags, oldest first."""
+        tags = {TAG_CLUSTER: self.name}
+        if kind:
+            tags[TAG_KIND] = kind
+        if node_type:
+            tags[TAG_NODE_TYPE] = node_type
+        found = self.provider.list_nodes(tags)
+        if alive_only:
+            found = [n for n in found if n.is_alive]
+        return sorted(found, key=lambda n: (n.launch_time or 0.0, n.id))
+
+    def head(self) -> Node | None:
+        heads = self.nodes(kind=NodeKind.HEAD.value)
+        return heads[0] if heads else None
+
+    def require_head(self) -> Node:
+        head = self.head()
+        if head is None:
+            raise LauncherError(f"cluster {self.name!r} has no head node; run `strato up` first")
+        return head
+
+    def launch_hash_current(self, node: Node) -> bool:
+        return node.tags.get(TAG_LAUNCH_HASH) == self.launch_hash(node.node_type or "")
+
+    def find_nodes(self, which: str) -> list[Node]:
+        """``head``, ``all``, or the nodes whose IP or id is ``which``."""
+        if which == "head":
+            return [self.require_head()]
+        nodes = self.nodes()
+        if which == "all":
+            if not nodes:
+                raise LauncherError(f"cluster {self.name!r} has no nodes; run `strato up` first")
+            head = [n for n in nodes if n.kind == NodeKind.HEAD.value]
+            return head + [n for n in nodes if n.kind != NodeKind.HEAD.value]
+        hits = [n for n in nodes if which in (n.id, n.private_ip, n.public_ip)]
+        if not hits:
+            known = ", ".join(self.label(n) for n in nodes) or "none"
+            raise LauncherError(f"no node {which!r} in cluster {self.name!r} (nodes: {known})")
+        return hits
+
+    def label(self, node: Node) -> str:
+        """How output lines and messages name a node: ``head:10.0.0.2``."""
+        where = node.id if self.is_local else (node.private_ip or node.public_ip or node.id)
+        return f"{node.kind or 'node'}:{where}"
+
+    # ------------------------------------------------------------ reaching nodes
+    def key_path(self) -> str | None:
+        return self.overrides.get("key_path") or self.config.auth.ssh_private_key or \
+            self.facts.get("private_key_path")
+
+    def runner(self, node: Node, *, echo: bool | None = None,
+               connect_timeout: float | None = None) -> CommandRunner:
+        """A command runner for ``node`` (SSH, or local for the local provider)."""
+        label = self.label(node)
+        sink = OutputSink(label, self.state.log_dir(self.name) / f"{node.id}.log",
+                          secrets=[self.token] if self.token else [],
+                          echo=self.echo if echo is None else echo)
+        if self.is_local:
+            temp_dir = self.provider.temp_dir(node.id)  # type: ignore[attr-defined]
+            return LocalRunner(label, temp_dir, sink, env={"STRATO_TEMP_DIR": str(temp_dir)})
+        user = self.overrides.get("ssh_user") or self.facts.get("ssh_user") or \
+            self.config.auth.ssh_user
+        target = SSHTarget(host=self.provider.ssh_address(node), port=self.config.auth.ssh_port,
+                           user=user, key_path=self.key_path(), name=label, node_id=node.id)
+        return SSHRunner(target, sink, connect_timeout=connect_timeout)
+
+    def local_runner(self, name: str, workdir: Path) -> LocalRunner:
+        """A runner for this machine (the monitor when it runs locally)."""
+        sink = OutputSink(name, self.state.log_dir(self.name) / f"{name}.log",
+                          secrets=[self.token] if self.token else [], echo=self.echo)
+        return LocalRunner(name, workdir, sink)
+
+    # ------------------------------------------------------------ paths on nodes
+    def runtime_python(self, node_type: str) -> str:
+        """The node's Python for strato as a shell word: runtime_python, or the venv the
+        launcher installs (this machine's Python for the local provider)."""
+        configured = self.config.runtime_python_for(node_type)
+        if configured:
+            return shell_path(configured)
+        if self.is_local:
+            return shlex.quote(sys.executable)
+        from strato.launcher.bootstrap import venv_dir
+
+        return shell_path((self.overrides.get("venv") or venv_dir()) + "/bin/python")
+
+    def temp_dir(self, node: Node) -> str:
+        """The node's runtime temp dir as a shell word."""
+        if self.is_local:
+            return shlex.quote(str(self.provider.temp_dir(node.id)))  # type: ignore[attr-defined]
+        return shlex.quote(DEFAULT_TEMP_DIR)
+
+    def scratch_dir(self, node: Node) -> str:
+        """A directory on the node for launcher files (submitted scripts, monitor), raw path."""
+        if self.is_local:
+            return str(self.provider.temp_dir(node.id))  # type: ignore[attr-defined]
+        return f"/tmp/strato-{self.name}"
+
+    def monitor_dir(self, head: Node | None) -> str:
+        """Where the monitor keeps its spec, pid file and log (on the head, or here)."""
+        if self.monitor_mode == "head" and head is not None:
+            return self.scratch_dir(head) + "/monitor"
+        path = self.state.home / "monitor" / self.name
+        return str(path)
+
+    def stop_node_script(self) -> str:
+        """What terminating an SSH host runs there: stop the monitor and the runtime."""
+        pythons = []
+        for name in self.config.available_node_types:
+            py = self.runtime_python(name)
+            if py not in pythons:
+                pythons.append(py)
+        scratch = f"/tmp/strato-{self.name}"
+        return render_template(
+            "stop_node.sh",
+            stop_monitor=render_template("stop_monitor.sh",
+                                         pid_file=shlex.quote(scratch + "/monitor/monitor.pid")),
+            pythons=" ".join(pythons), temp_dir=shlex.quote(DEFAULT_TEMP_DIR),
+            cleanup_dirs=shlex.quote(scratch))
+
+    # ------------------------------------------------------------ runtime
+    def env(self, head_address: str | None) -> dict[str, str]:
+        """Environment for commands that should reach the cluster (exec, submit)."""
+        env = {}
+        if head_address:
+            env["STRATO_ADDRESS"] = head_address
+        if self.token:
+            env["STRATO_TOKEN"] = self.token
+        return env
+
+    def runtime_info(self, head: Node, *, timeout: float = 30.0) -> dict[str, Any] | None:
+        """What the head service knows (nodes, demand), or None if it cannot be asked."""
+        runner = self.runner(head, echo=False)
+        cmd = (f"{self.runtime_python(head.node_type or '')} -m strato.launcher.probe "
+               f"--temp-dir {self.temp_dir(head)}")
+        try:
+            code, tail = runner.run(cmd, check=False, quiet=True, timeout=timeout)
+        except LauncherError:
+            return None
+        for line in reversed(tail.splitlines()):
+            if line.startswith("{"):
+                try:
+                    info = json.loads(line)
+                except ValueError:
+                    break
+                return info if info.get("running") else None
+        return None

@@ -1,0 +1,181 @@
+"""The launcher's local memory: one SQLite database of clusters under ``$STRATO_HOME``.
+
+Kept: per cluster its provider, config path and hash, head address, token, timestamps,
+and a short list of recent events (``strato status`` shows them). The token lives in a
+0600 file beside the database (``secrets/<cluster>.token``), never in a log. Per-cluster
+logs go to ``$STRATO_HOME/logs/<cluster>/``. ``down`` never trusts this state to find
+nodes (providers' tags do that); it only removes it at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from strato.launcher.ssh import strato_home
+
+__all__ = ["ClusterRecord", "StateDB", "write_secret"]
+
+DB_NAME = "state.db"
+MAX_EVENTS = 200  # per cluster; older ones are dropped
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS clusters (
+    name TEXT PRIMARY KEY,
+    provider TEXT NOT NULL,
+    config_path TEXT NOT NULL,
+    config_hash TEXT NOT NULL DEFAULT '',
+    head_address TEXT,
+    token_path TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    cluster TEXT NOT NULL,
+    time REAL NOT NULL,
+    node TEXT NOT NULL DEFAULT '',
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_cluster ON events (cluster, id);
+"""
+
+
+@dataclass(frozen=True)
+class ClusterRecord:
+    """One row of ``clusters``; the token itself is read with ``StateDB.token``."""
+
+    name: str
+    provider: str
+    config_path: str
+    config_hash: str
+    head_address: str | None
+    token_path: str | None
+    created: float
+    updated: float
+
+
+def write_secret(path: Path, data: str) -> None:
+    """Write ``data`` to ``path`` with mode 0600 from the first byte (no readable window)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+class StateDB:
+    """The clusters database; every call opens a short transaction (safe across processes)."""
+
+    def __init__(self, home: Path | None = None):
+        self.home = Path(home) if home is not None else strato_home()
+        self.path = self.home / DB_NAME
+
+    # ------------------------------------------------------------ plumbing
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.path.exists():  # create it 0600: it names hosts and token files
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        conn = sqlite3.connect(self.path, timeout=30)
+        try:
+            conn.executescript(_SCHEMA)
+            with conn:
+                yield conn
+        finally:
+            conn.close()
+
+    def log_dir(self, cluster: str) -> Path:
+        """Where setup, runtime start and monitor output of ``cluster`` is kept."""
+        path = self.home / "logs" / cluster
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return path
+
+    def token_path(self, cluster: str) -> Path:
+        return self.home / "secrets" / f"{cluster}.token"
+
+    # ------------------------------------------------------------ clusters
+    def get(self, name: str) -> ClusterRecord | None:
+        with self._db() as db:
+            row = db.execute("SELECT name, provider, config_path, config_hash, head_address, "
+                             "token_path, created, updated FROM clusters WHERE name = ?",
+                             (name,)).fetchone()
+        return ClusterRecord(*row) if row else None
+
+    def list(self) -> list[ClusterRecord]:
+        with self._db() as db:
+            rows = db.execute("SELECT name, provider, config_path, config_hash, head_address, "
+                              "token_path, created, updated FROM clusters ORDER BY name")
+            return [ClusterRecord(*r) for r in rows.fetchall()]
+
+    def upsert(self, name: str, *, provider: str, config_path: str, config_hash: str) -> None:
+        """Record (or refresh) a cluster's provider and config."""
+        now = time.time()
+        with self._db() as db:
+            db.execute(
+                "INSERT INTO clusters (name, provider, config_path, config_hash, created, updated)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET"
+                " provider = excluded.provider, config_path = excluded.config_path,"
+                " config_hash = excluded.config_hash, updated = excluded.updated",
+                (name, provider, config_path, config_hash, now, now))
+
+    def set_head(self, name: str, head_address: str | None) -> None:
+        with self._db() as db:
+            db.execute("UPDATE clusters SET head_address = ?, updated = ? WHERE name = ?",
+                       (head_address, time.time(), name))
+
+    def token(self, name: str) -> str | None:
+        """The cluster token, or None if none was made yet."""
+        path = self.token_path(name)
+        try:
+            return path.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def ensure_token(self, name: str) -> str:
+        """The cluster's token, generated (and saved 0600) on first use."""
+        token = self.token(name)
+        if token is None:
+            token = secrets.token_hex(16)
+            self.save_token(name, token)
+        return token
+
+    def save_token(self, name: str, token: str) -> None:
+        path = self.token_path(name)
+        write_secret(path, token)
+        with self._db() as db:
+            db.execute("UPDATE clusters SET token_path = ? WHERE name = ?", (str(path), name))
+
+    def delete(self, name: str) -> None:
+        """Forget ``name``: its row, events, token file and logs."""
+        with self._db() as db:
+            db.execute("DELETE FROM clusters WHERE name = ?", (name,))
+            db.execute("DELETE FROM events WHERE cluster = ?", (name,))
+        with contextlib.suppress(FileNotFoundError):
+            self.token_path(name).unlink()
+        shutil.rmtree(self.home / "logs" / name, ignore_errors=True)
+
+    # ------------------------------------------------------------ events
+    def add_event(self, cluster: str, message: str, node: str = "") -> None:
+        """Remember something that happened (node created, setup failed, ...)."""
+        with self._db() as db:
+            db.execute("INSERT INTO events (cluster, time, node, message) VALUES (?, ?, ?, ?)",
+                       (cluster, time.time(), node, message))
+            db.execute("DELETE FROM events WHERE cluster = ? AND id NOT IN (SELECT id FROM "
+                       "events WHERE cluster = ? ORDER BY id DESC LIMIT ?)",
+                       (cluster, cluster, MAX_EVENTS))
+
+    def events(self, cluster: str, limit: int = 20) -> list[dict]:
+        """The ``limit`` most recent events, oldest first."""
+        with self._db() as db:
+            rows = db.execute("SELECT time, node, message FROM events WHERE cluster = ? "
+                              "ORDER BY id DESC LIMIT ?", (cluster, limit)).fetchall()
+        return [{"time": t, "node": n, "message": m} for t, n, m in reversed(rows)]
