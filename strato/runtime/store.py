@@ -15,7 +15,6 @@ from collections import OrderedDict
 
 from strato.runtime.serialization import SerializedValue, deserialize
 
-
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
