@@ -3,7 +3,7 @@
 ``import strato as ray`` runs a Ray user's code for the common Core API.
 """
 
-from strato import exceptions
+from strato import checkpoint, exceptions
 from strato.runtime.api import (
     ActorClass,
     ActorHandle,
@@ -30,7 +30,7 @@ from strato.runtime.core import ObjectRef
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActorClass", "ActorHandle", "ObjectRef", "RemoteFunction", "available_resources",
+    "ActorClass", "ActorHandle", "ObjectRef", "RemoteFunction", "available_resources", "checkpoint",
     "cancel", "cluster_resources", "exceptions", "get", "get_actor", "get_gpu_ids",
     "get_runtime_context", "init", "is_initialized", "kill", "method", "nodes", "put",
     "remote", "shutdown", "wait",

@@ -27,16 +27,19 @@ def cli() -> None:
 @click.option("--labels", help="Node labels as JSON (the launcher tags nodes with these).")
 @click.option("--node-ip", help="Address other nodes reach this one at (default: the route to the head).")
 @click.option("--object-store-memory", type=int, help="Shared-memory store size in bytes.")
+@click.option("--spot-notice", type=click.Choice(["none", "aws", "gcp"]), default="none",
+              show_default=True, help="Watch this cloud's spot preemption notice; drain on it.")
 @click.option("--temp-dir", default=DEFAULT_TEMP_DIR, show_default=True,
               help="Sockets, logs and spill files of this node.")
 def start(head, address, port, token, num_cpus, num_gpus, resources, labels, node_ip,
-          object_store_memory, temp_dir) -> None:
+          object_store_memory, spot_notice, temp_dir) -> None:
     """Start the runtime on this machine; returns once the node is up."""
     from strato.runtime.control import StartError, start_node
     try:
         node = start_node(head=head, address=address, port=port, token=token, num_cpus=num_cpus,
                           num_gpus=num_gpus, resources=resources, labels=labels, node_ip=node_ip,
-                          object_store_memory=object_store_memory, temp_dir=temp_dir)
+                          object_store_memory=object_store_memory, spot_notice=spot_notice,
+                          temp_dir=temp_dir)
     except StartError as exc:
         click.echo(f"strato start: {exc}", err=True)
         sys.exit(1)

@@ -669,8 +669,9 @@ class NodeAgent:
             if where == scheduler.INFEASIBLE and spec.task_id not in self.warned_infeasible:
                 self.warned_infeasible.add(spec.task_id)
                 self._warn_owner(spec, f"task {spec.name} needs {spec.resources}, which no node "
-                                 "in the cluster has; it stays pending until such a node joins "
-                                 "(the autoscaler sees it as demand)")
+                                 "taking work offers (draining nodes excluded); it stays "
+                                 "pending until such a node joins (the autoscaler sees it as "
+                                 "demand)")
             self.waiting.append(spec)
 
     def _warn_owner(self, spec: TaskSpec, text: str) -> None:
@@ -936,7 +937,7 @@ class NodeAgent:
                 self.peers.addresses.update(msg[3])
             me = next((v for v in msg[1] if v.node_id == self.node_id), None)
             if me is not None and me.draining and not self.draining:
-                self.draining = True
+                self._drain()
             self._retry_waiting()
         elif kind == "rpc_reply":
             cb = self._rpc_waiters.pop(msg[1], None)
@@ -951,7 +952,7 @@ class NodeAgent:
         elif kind == "node_dead":
             self._on_node_dead(msg[1])
         elif kind == "drain":
-            self.draining = True
+            self._drain()
         elif kind == "actor_created":
             # the creating call has finished: its owner's pending "creation" task is done
             self.owned_tasks.pop(msg[1], None)
@@ -960,6 +961,20 @@ class NodeAgent:
             if w is not None and w.conn is not None:
                 w.conn.send(("checkpoint",))
         self._dispatch_now()
+
+    def _drain(self) -> None:
+        """Take no new work: queued tasks not yet started go elsewhere (or wait)."""
+        if self.draining:
+            return
+        self.draining = True
+        log.warning("draining: no new work will run on this node")
+        queued = [spec for q in self.ready.values() for spec in q]
+        self.ready.clear()
+        for spec in queued:
+            if spec.owner_node == self.node_id:
+                self._place(spec)
+            else:
+                self.peers.send(spec.owner_node, ("task_rejected", spec))
 
     def _on_node_dead(self, node: bytes) -> None:
         self.view.pop(node, None)

@@ -38,7 +38,8 @@ def start_node(*, head: bool, temp_dir: str, address: str | None = None, port: i
                token: str | None = None, num_cpus: float | None = None,
                num_gpus: float | None = None, resources: str | None = None,
                labels: str | None = None, node_ip: str | None = None,
-               object_store_memory: int | None = None, timeout: float = 60.0) -> StartedNode:
+               object_store_memory: int | None = None, spot_notice: str | None = None,
+               env: dict | None = None, timeout: float = 60.0) -> StartedNode:
     """Launch a detached node process and return once it is up (or raise StartError)."""
     temp_dir = os.path.abspath(temp_dir)
     os.makedirs(os.path.join(temp_dir, "logs"), exist_ok=True)
@@ -67,10 +68,11 @@ def start_node(*, head: bool, temp_dir: str, address: str | None = None, port: i
         cmd += ["--address", address]
     for flag, value in (("--num-cpus", num_cpus), ("--num-gpus", num_gpus),
                         ("--resources", resources), ("--labels", labels),
-                        ("--node-ip", node_ip), ("--object-store-memory", object_store_memory)):
+                        ("--node-ip", node_ip), ("--object-store-memory", object_store_memory),
+                        ("--spot-notice", spot_notice)):
         if value is not None:
             cmd += [flag, str(value)]
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     if token:
         env["STRATO_TOKEN"] = token  # never on the command line, where `ps` shows it
     log_path = os.path.join(temp_dir, "logs", f"node-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")

@@ -288,10 +288,11 @@ class CoreWorker:
     def get(self, refs: list, timeout: float | None) -> list:
         values = self.values
         if not all(self._is_ready(r.id) for r in refs):
-            self._wait_ready(refs, len(refs), timeout, need_local=True)
+            self._wait_ready(refs, len(refs), timeout, need_local=True, raise_on_timeout=True)
         return [self._decode(r.id, values[r.id]) for r in refs]
 
-    def _wait_ready(self, refs, num: int, timeout: float | None, need_local: bool) -> list:
+    def _wait_ready(self, refs, num: int, timeout: float | None, need_local: bool,
+                    raise_on_timeout: bool = False) -> list:
         self.flush_frees()
         self._request_missing(refs, need_local)
         check = self._is_ready if need_local else (lambda oid: oid in self.values)
@@ -308,7 +309,7 @@ class CoreWorker:
                     if deadline is not None:
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
-                            if need_local:
+                            if raise_on_timeout:
                                 raise GetTimeoutError(
                                     f"get timed out after {timeout}s: {len(refs) - len(ready)} of "
                                     f"{len(refs)} objects not ready")

@@ -50,7 +50,10 @@ class ActorRecord:
 
 
 class HeadService:
-    def __init__(self, *, heartbeat_timeout: float = 5.0, view_interval: float = 0.2):
+    def __init__(self, *, heartbeat_timeout: float = 5.0, view_interval: float = 0.2,
+                 storage_dir: str | None = None):
+        self.storage_dir = storage_dir
+        self.events: list[dict] = []
         self.nodes: dict[bytes, NodeRecord] = {}
         self.actors: dict[bytes, ActorRecord] = {}
         self.named: dict[tuple[str, str], bytes] = {}
@@ -131,6 +134,19 @@ class HeadService:
         rec.demand = demand
         rec.store_used = store_used
         rec.num_actors = num_actors
+
+    def _m_preemption_notice(self, link, msg) -> None:
+        _, node_id, text = msg
+        rec = self.nodes.get(node_id)
+        if rec is None:
+            return
+        self.record_event("preemption-notice", node_id, text)
+        self.rpc_drain_node(node_id.hex(), f"spot preemption notice: {text}")
+
+    def record_event(self, kind: str, node_id: bytes | None, detail: str) -> None:
+        self.events.append({"time": time.time(), "kind": kind,
+                            "node": node_id.hex() if node_id else None, "detail": detail})
+        del self.events[:-200]
 
     def _m_job_started(self, link, msg) -> None:
         self.jobs[msg[1]] = {"node": msg[2], "start": time.time(), "end": None}
@@ -264,6 +280,7 @@ class HeadService:
         if rec is None or not rec.alive:
             return
         log.warning("node %s is dead: %s", node_id.hex()[:8], reason)
+        self.record_event("node-dead", node_id, reason)
         rec.alive = False
         self.dead.add(node_id)
         for other in self.nodes.values():
@@ -347,8 +364,11 @@ class HeadService:
     def rpc_drain_node(self, node_hex: str, reason: str = "drain requested") -> bool:
         """Stop placing work on a node (spot notice); actors get a checkpoint call."""
         rec = self._node_by_hex(node_hex)
+        if rec.draining:
+            return True
         rec.draining = True
         rec.drain_reason = reason
+        self.record_event("drain", rec.node_id, reason)
         rec.link.send(("drain",))
         for actor_id, arec in self.actors.items():
             if arec.node == rec.node_id and arec.state == "alive":
@@ -377,6 +397,43 @@ class HeadService:
     def rpc_actor_state(self, actor_id: bytes):
         rec = self.actors.get(actor_id)
         return None if rec is None else rec.state
+
+    def rpc_events(self) -> list[dict]:
+        return list(self.events)
+
+    def _checkpoint_path(self, key: str) -> str:
+        import hashlib
+        import os
+        if not self.storage_dir:
+            raise RuntimeError("this head has no checkpoint storage directory")
+        os.makedirs(self.storage_dir, exist_ok=True)
+        return os.path.join(self.storage_dir, hashlib.sha256(key.encode()).hexdigest())
+
+    def rpc_checkpoint_save(self, key: str, data: bytes) -> int:
+        """Write atomically to the head's disk, so a replacement worker can resume."""
+        import os
+        path = self._checkpoint_path(key)
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        return len(data)
+
+    def rpc_checkpoint_load(self, key: str):
+        try:
+            with open(self._checkpoint_path(key), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def rpc_checkpoint_delete(self, key: str) -> bool:
+        import os
+        try:
+            os.unlink(self._checkpoint_path(key))
+            return True
+        except FileNotFoundError:
+            return False
 
     def rpc_kv_put(self, key: str, value: bytes, overwrite: bool = True) -> bool:
         if not overwrite and key in self.kv:

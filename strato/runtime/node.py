@@ -82,8 +82,9 @@ async def run_node(args) -> int:
     store_memory = args.object_store_memory or int(psutil.virtual_memory().total * 0.3)
     labels = json.loads(args.labels) if args.labels else {}
 
-    head = HeadService(heartbeat_timeout=float(os.environ.get("STRATO_HEARTBEAT_TIMEOUT", "5")))\
-        if args.head else None
+    head = HeadService(heartbeat_timeout=float(os.environ.get("STRATO_HEARTBEAT_TIMEOUT", "5")),
+                       storage_dir=os.environ.get("STRATO_CHECKPOINT_DIR")
+                       or os.path.join(temp_dir, "checkpoints")) if args.head else None
     agent = NodeAgent(node_id=node_id, resources=resources, temp_dir=temp_dir,
                       session_dir=session_dir, shm_dir=shm_dir,
                       object_store_memory=store_memory, address="", labels=labels)
@@ -135,6 +136,12 @@ async def run_node(args) -> int:
     if args.parent_pid:
         loop.create_task(_watch_parent(args.parent_pid, stop))
     loop.create_task(_heartbeat_loop(agent))
+    if args.spot_notice != "none":
+        from strato.runtime import preemption
+        loop.create_task(preemption.watch(
+            args.spot_notice,
+            lambda text: agent.head.send(("preemption_notice", node_id, text)),
+            interval=float(os.environ.get("STRATO_NOTICE_INTERVAL", "1"))))
     waiters = [loop.create_task(stop.wait())]
     if head_client is not None:
         waiters.append(head_client.closed)
@@ -185,6 +192,8 @@ def parse_args(argv=None):
     p.add_argument("--temp-dir", default=DEFAULT_TEMP_DIR)
     p.add_argument("--ready-file", default=None)
     p.add_argument("--parent-pid", type=int, default=None)
+    p.add_argument("--spot-notice", choices=["none", "aws", "gcp"], default="none",
+                   help="watch this cloud's spot preemption notice and drain on it")
     return p.parse_args(argv)
 
 
