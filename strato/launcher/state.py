@@ -10,6 +10,7 @@ nodes (providers' tags do that); it only removes it at the end.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -34,6 +35,7 @@ CREATE TABLE IF NOT EXISTS clusters (
     config_hash TEXT NOT NULL DEFAULT '',
     head_address TEXT,
     token_path TEXT,
+    facts TEXT NOT NULL DEFAULT '{}',
     created REAL NOT NULL,
     updated REAL NOT NULL
 );
@@ -131,6 +133,17 @@ class StateDB:
         with self._db() as db:
             db.execute("UPDATE clusters SET head_address = ?, updated = ? WHERE name = ?",
                        (head_address, time.time(), name))
+
+    def set_facts(self, name: str, facts: dict) -> None:
+        """Remember what the provider's ``prepare`` said (key path, user): never secrets."""
+        with self._db() as db:
+            db.execute("UPDATE clusters SET facts = ?, updated = ? WHERE name = ?",
+                       (json.dumps(facts, default=str), time.time(), name))
+
+    def facts(self, name: str) -> dict:
+        with self._db() as db:
+            row = db.execute("SELECT facts FROM clusters WHERE name = ?", (name,)).fetchone()
+        return json.loads(row[0]) if row and row[0] else {}
 
     def token(self, name: str) -> str | None:
         """The cluster token, or None if none was made yet."""

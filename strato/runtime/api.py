@@ -47,13 +47,11 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
          num_gpus: float | None = None, resources: dict | None = None,
          namespace: str | None = None, ignore_reinit_error: bool = False,
          token: str | None = None, object_store_memory: int | None = None,
-         temp_dir: str | None = None, log_to_driver: bool = True, cluster: str | None = None,
-         **ignored) -> dict:
+         temp_dir: str | None = None, log_to_driver: bool = True, **ignored) -> dict:
     """Connect this process to a cluster, starting a local one when no address is given.
 
     ``address``: None (start a local head+node), "auto" (the node running on this
-    machine), "host:port" (a head). ``cluster="cluster.yaml"`` brings that cluster up
-    first if needed and connects through it.
+    machine), "host:port" (a head; a zero-resource local node joins it for this driver).
     """
     if current() is not None:
         if ignore_reinit_error:
@@ -65,9 +63,6 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
             raise ValueError(f"init(resources={{{name!r}: {value!r}}}): amounts must be >= 0")
     if num_cpus is not None and num_cpus < 0:
         raise ValueError(f"init(num_cpus={num_cpus}): must be >= 0")
-    if cluster is not None:
-        from strato.serverless import connect_cluster  # optional layer above the runtime
-        address, token = connect_cluster(cluster)
     temp_dir = os.path.abspath(temp_dir or os.environ.get("STRATO_TEMP_DIR", DEFAULT_TEMP_DIR))
     _state["temp_dir"] = temp_dir
     token = token or os.environ.get("STRATO_TOKEN")

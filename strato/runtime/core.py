@@ -250,7 +250,10 @@ class CoreWorker:
         if isinstance(value, ObjectRef):
             raise TypeError("put() of an ObjectRef is not allowed; pass the ref itself")
         oid = self.ids.next()
-        sv = serialize(value)
+        try:
+            sv = serialize(value)
+        except Exception as exc:
+            raise TypeError(f"put() could not serialize the value: {exc}") from exc
         for ref in sv.contained_refs:
             self.escaped.add(ref.id)
             self.recyclable.pop(ref.id, None)
