@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,8 @@ class LocalProvider(NodeProvider):
     def _node(self, node_id: str, record: Mapping[str, Any]) -> Node:
         return Node(id=node_id, state=self._runtime_state(record["temp_dir"]),
                     tags=dict(record.get("tags", {})), private_ip=LOCAL_IP, public_ip=None,
-                    launch_time=record.get("launch_time"), instance_type="local")
+                    launch_time=record.get("launch_time"), instance_type="local",
+                    spot=bool(record.get("spot", False)))
 
     # ------------------------------------------------------------ interface
     def create_nodes(self, spec: NodeTypeSpec, count: int, tags: Mapping[str, str], *,
@@ -121,9 +123,13 @@ class LocalProvider(NodeProvider):
 
         with self._state(write=True) as state:
             records = [state["nodes"].pop(i) for i in node_ids if i in state["nodes"]]
-        for record in records:
+        def stop(record: Mapping[str, Any]) -> None:
             stop_nodes(record["temp_dir"])
             shutil.rmtree(record["temp_dir"], ignore_errors=True)
+
+        if records:  # in parallel: each stop waits for its processes to exit
+            with ThreadPoolExecutor(min(16, len(records))) as pool:
+                list(pool.map(stop, records))
 
     def list_nodes(self, tag_filters: Mapping[str, str] | None = None, *,
                    include_terminated: bool = False) -> list[Node]:

@@ -878,6 +878,8 @@ class NodeAgent:
         if node == self.node_id:
             self._deliver_actor_call(spec)
         else:
+            if spec.owner_node == self.node_id:
+                self.owned_tasks[spec.task_id] = (spec, node)
             self.peers.send(node, ("actor_call", spec))
 
     def _deliver_actor_call(self, spec: TaskSpec) -> None:
@@ -983,7 +985,17 @@ class NodeAgent:
         if self.peers:
             self.peers.forget(node)
         for task_id, (spec, where) in list(self.owned_tasks.items()):
-            if where == node and spec.kind != ACTOR_CREATE:
+            if where == node and spec.kind == ACTOR_CALL:
+                if self._may_retry(spec):
+                    spec.attempt += 1
+                    self.owned_tasks[task_id] = (spec, None)
+                    self.actor_locations[spec.actor_id] = ("restarting", None, None)
+                    self._route_actor_call(spec)
+                else:
+                    self._complete_with_error(spec, ActorDiedError(
+                        f"actor {spec.name.split('.')[0]} died with node {node.hex()[:8]}; "
+                        f"call {spec.method} was in flight"))
+            elif where == node and spec.kind != ACTOR_CREATE:
                 if spec.kind == 0 and self._may_retry(spec):
                     spec.attempt += 1
                     spec.dep_values = None
