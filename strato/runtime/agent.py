@@ -54,6 +54,7 @@ class Worker:
     sent_fns: set = field(default_factory=set)
     job_id: bytes | None = None
     pid: int = 0
+    pending_actor: tuple | None = None   # actor to become once the process connects
 
 
 @dataclass
@@ -123,6 +124,7 @@ class NodeAgent:
         self.head = None          # link with .send(msg)
         self.peers = None         # PeerLinks with .send(node_id, msg)
         self.draining = False
+        self._dead_nodes: set[bytes] = set()
         self.idle_since: float | None = time.time()
         self._rpc_seq = 0
         self._rpc_waiters: dict[int, tuple] = {}
@@ -346,7 +348,7 @@ class NodeAgent:
             if w.state == "starting":
                 w.state = "idle"
                 self.idle_workers.append(w)
-                pending = getattr(w, "pending_actor", None)
+                pending = w.pending_actor
                 if pending is not None:
                     self.idle_workers.remove(w)
                     self._init_actor(w, *pending)
@@ -529,7 +531,7 @@ class NodeAgent:
             self.peers.send(owner_node, ("obj_want", oid, self.node_id))
 
     def dead_nodes(self) -> set:
-        return getattr(self, "_dead_nodes", set())
+        return self._dead_nodes
 
     def _set_ready(self, oid: bytes, ret: ReturnValue) -> None:
         entry = self.objects.get(oid)
@@ -904,11 +906,10 @@ class NodeAgent:
             self.fns[spec.function_id] = blob
         if spec.resources:
             scheduler.acquire(self.available, spec.resources)
-        for w in self.idle_workers:
-            if not w.sent_fns or True:
-                self.idle_workers.remove(w)
-                self._init_actor(w, spec)
-                return
+        if self.idle_workers:
+            # an idle pool worker becomes the actor's dedicated process
+            self._init_actor(self.idle_workers.pop(), spec)
+            return
         w = self._start_worker()
         w.pending_actor = (spec,)
 
