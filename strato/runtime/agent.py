@@ -273,6 +273,8 @@ class NodeAgent:
         code = w.proc.returncode if w.proc else None
         if prev == "actor" and w.actor_id is not None:
             self.actor_workers.pop(w.actor_id, None)
+            # calls arriving before the head's verdict wait for it (restart or death)
+            self.actor_locations[w.actor_id] = ("restarting", None, None)
             if w.actor_spec and w.actor_spec.resources:
                 scheduler.release(self.available, w.actor_spec.resources)
             err = ActorDiedError(f"actor {w.actor_spec.name if w.actor_spec else ''} died: worker "
@@ -643,10 +645,11 @@ class NodeAgent:
         def got(oid, info, spec=spec):
             if info[0] == "error":
                 # a failed dependency fails the task with the dependency's error
-                if spec.task_id in self.owned_tasks:
-                    self.owned_tasks.pop(spec.task_id, None)
-                    for rid in spec.return_ids:
-                        self._set_ready(rid, ReturnValue(rid, info[1], None, len(info[1]), True))
+                if spec.task_id in self.owned_tasks and not state.get("failed"):
+                    state["failed"] = True
+                    returns = [ReturnValue(rid, info[1], None, len(info[1]), True)
+                               for rid in spec.return_ids]
+                    self._task_finished(spec, returns, False, self.node_id)
                 return
             spec.dep_values[oid] = info
             state["missing"] -= 1
@@ -888,6 +891,9 @@ class NodeAgent:
         w = self.actor_workers.get(spec.actor_id)
         if w is None or w.conn is None:
             loc = self.actor_locations.get(spec.actor_id)
+            if loc is not None and loc[0] in ("pending", "restarting"):
+                self.actor_queues.setdefault(spec.actor_id, []).append(spec)
+                return
             err = loc[2] if loc else None
             self._complete_with_error(spec, _actor_error(err, spec))
             return

@@ -173,7 +173,6 @@ def shutdown() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    _REMOTE_EXPORTED.clear()
 
 
 def is_initialized() -> bool:
@@ -234,19 +233,15 @@ def _resources(options: dict, default_cpu: float) -> dict:
     return res
 
 
-_REMOTE_EXPORTED: dict[int, tuple[bytes, bytes]] = {}
-
-
-def _export(obj) -> bytes:
-    key = id(obj)
-    cached = _REMOTE_EXPORTED.get(key)
+def _export(holder, target) -> bytes:
+    """Pickle ``target`` once per remote function/class (cached on ``holder``, never by
+    id(), which Python reuses), and send it to this driver's agent once per connection."""
+    cached = holder.__dict__.get("_exported")
     if cached is None:
-        blob = cloudpickle.dumps(obj, protocol=5)
-        fid = hashlib.sha1(blob).digest()
-        cached = (fid, blob)
-        _REMOTE_EXPORTED[key] = cached
-    core = _core()
-    core.export_function(cached[0], cached[1])
+        blob = cloudpickle.dumps(target, protocol=5)
+        cached = (hashlib.sha1(blob).digest(), blob)
+        holder._exported = cached
+    _core().export_function(cached[0], cached[1])
     return cached[0]
 
 
@@ -298,9 +293,7 @@ def _prepare_args(core: CoreWorker, args: tuple, kwargs: dict):
                     deps.append((ref.id, ref.owner_node))
                     keep.append(ref)
             sv = serialize((big_args, new_kwargs))
-        for ref in sv.contained_refs:
-            core.escaped.add(ref.id)
-            recyclable.pop(ref.id, None)
+        core.mark_escaped(sv.contained_refs)
         return sv.to_bytes(), deps, keep
     return _EMPTY_ARGS, deps, keep
 
@@ -349,7 +342,8 @@ class RemoteFunction:
 
     def remote(self, *args, **kwargs):
         core = _core()
-        fid = _export(getattr(self, "_export_key", self)._fn)
+        origin = getattr(self, "_export_key", self)
+        fid = _export(origin, origin._fn)
         blob, deps, keep = _prepare_args(core, args, kwargs)
         task_id = core.ids.next()
         return_ids = core.new_return_ids(self._num_returns, task_id)
@@ -431,7 +425,8 @@ class ActorClass:
             else:
                 raise ValueError(f"an actor named {name!r} already exists in namespace "
                                  f"{namespace!r}")
-        fid = _export(getattr(self, "_export_key", self)._cls)
+        origin = getattr(self, "_export_key", self)
+        fid = _export(origin, origin._cls)
         meta = self._meta()
         blob, deps, keep = _prepare_args(core, args, kwargs)
         actor_id = core.ids.next()

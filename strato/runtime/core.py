@@ -240,6 +240,13 @@ class CoreWorker:
                     frees, self._to_free = self._to_free, []
                     self.conn.send(("free", frees))
 
+    def mark_escaped(self, refs) -> None:
+        """These refs were serialized into a value another process may read: never free
+        or recycle their objects from here."""
+        for ref in refs:
+            self.escaped.add(ref.id)
+            self.recyclable.pop(ref.id, None)
+
     def flush_frees(self) -> None:
         if self._to_free:
             frees, self._to_free = self._to_free, []
@@ -254,9 +261,7 @@ class CoreWorker:
             sv = serialize(value)
         except Exception as exc:
             raise TypeError(f"put() could not serialize the value: {exc}") from exc
-        for ref in sv.contained_refs:
-            self.escaped.add(ref.id)
-            self.recyclable.pop(ref.id, None)
+        self.mark_escaped(sv.contained_refs)
         self.owned.add(oid)
         if sv.total_size <= INLINE_MAX:
             data = sv.to_bytes()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 import threading
 import traceback
@@ -68,9 +69,17 @@ class Executor:
                 self.cond.notify()
         elif kind == "cancel":
             self.cancelled.add(msg[1])
+            with self.cond:
+                queued = [item for item in self.inbox if item[0].task_id == msg[1]]
+                for item in queued:
+                    self.inbox.remove(item)
+            for spec, _ in queued:  # not started yet: answer at once
+                err = TaskCancelledError(f"task {spec.name} cancelled")
+                self.core.send(("done", spec.task_id, self.pack_error(spec, err), False))
+                return
             if self.running is not None and self.running.task_id == msg[1] and self.actor is None:
-                import _thread
-                _thread.interrupt_main()
+                # a real signal: unlike interrupt_main() it also breaks a blocking sleep
+                os.kill(os.getpid(), signal.SIGINT)
         elif kind == "checkpoint":
             hook = getattr(self.actor, "__strato_checkpoint__", None) or \
                 getattr(self.actor, "checkpoint_on_drain", None)
@@ -173,8 +182,7 @@ class Executor:
         out = []
         for oid, value in zip(spec.return_ids, results):
             sv = serialize(value)
-            for ref in sv.contained_refs:
-                self.core.escaped.add(ref.id)
+            self.core.mark_escaped(sv.contained_refs)
             if sv.total_size <= INLINE_MAX:
                 data = sv.to_bytes()
                 out.append(ReturnValue(oid, data, None, len(data)))

@@ -52,6 +52,29 @@ def test_tasks_run_and_return(strato_local):
     assert strato.get(square.remote(7)) == 49
 
 
+def test_remote_functions_made_in_a_loop_stay_distinct(strato_local):
+    strato = strato_local
+
+    def make(v):
+        @strato.remote
+        def f():
+            return v
+        return f
+
+    # each function object is freed after use: a new one may reuse its memory address
+    assert [strato.get(make(i).remote(), timeout=30) for i in range(10)] == list(range(10))
+
+    def make_class(v):
+        @strato.remote
+        class A:
+            def get(self):
+                return v
+        return A
+
+    assert [strato.get(make_class(i).remote().get.remote(), timeout=30) for i in range(5)] \
+        == list(range(5))
+
+
 def test_nested_tasks(strato_local):
     strato = strato_local
 
@@ -63,8 +86,16 @@ def test_nested_tasks(strato_local):
     def parent(n):
         return sum(strato.get([leaf.remote(i) for i in range(n)]))
 
-    # more parents than CPUs: workers blocked in get() must not deadlock the node
-    assert strato.get([parent.remote(5) for _ in range(4)], timeout=30) == [15] * 4
+    # the first nested call of a fresh session, then more parents than CPUs: workers
+    # blocked in get() must not deadlock the node
+    first = parent.remote(3)
+    refs = [parent.remote(5) for _ in range(4)]
+    try:
+        assert strato.get(first, timeout=20) == 6
+        assert strato.get(refs, timeout=20) == [15] * 4
+    finally:
+        for ref in [first, *refs]:  # leave no blocked workers behind for later tests
+            strato.cancel(ref, force=True)
 
 
 def test_top_level_refs_resolved_nested_refs_stay_refs(strato_local):
@@ -79,6 +110,25 @@ def test_top_level_refs_resolved_nested_refs_stay_refs(strato_local):
     produced = strato.remote(lambda: "made").remote()
     out = strato.get(inspect_args.remote(ref, [ref, {"r": produced}], kw=produced))
     assert out == ("int", "ObjectRef", "ObjectRef", "str", 5)
+
+
+def test_refs_made_inside_a_task_outlive_it(strato_local):
+    strato = strato_local
+
+    @strato.remote
+    def make_refs():
+        # small (inline) and large (shared-memory) objects put by the worker, returned nested
+        return [strato.put("small"), strato.put(np.full(1_000_000, 3, dtype=np.int64))]
+
+    small, big = strato.get(make_refs.remote(), timeout=30)
+    assert strato.get(small, timeout=30) == "small"
+    assert int(strato.get(big, timeout=30).sum()) == 3_000_000
+
+    @strato.remote
+    def total(refs):
+        return int(strato.get(refs[0]).sum())
+
+    assert strato.get(total.remote([big]), timeout=30) == 3_000_000
 
 
 def test_put_get_values(strato_local):
@@ -182,7 +232,11 @@ def test_task_error_is_user_type_and_task_error(strato_local):
     assert "Traceback" in err.traceback_str
     assert "fails" in err.traceback_str and "MyError" in err.traceback_str
 
-    # a builtin exception type works the same, and errors flow through dependent tasks
+
+
+def test_error_propagates_through_dependent_task(strato_local):
+    strato = strato_local
+
     @strato.remote
     def div(a, b):
         return a / b
@@ -192,7 +246,11 @@ def test_task_error_is_user_type_and_task_error(strato_local):
         return x + 1
 
     with pytest.raises(ZeroDivisionError):
-        strato.get(plus_one.remote(div.remote(1, 0)))
+        strato.get(div.remote(1, 0), timeout=20)
+    # the dependent task fails with the upstream error instead of waiting forever
+    with pytest.raises(ZeroDivisionError) as info:
+        strato.get(plus_one.remote(div.remote(1, 0)), timeout=20)
+    assert isinstance(info.value, exc.TaskError)
 
 
 def test_unpicklable_exception_still_reported(strato_local):
@@ -316,12 +374,15 @@ def test_cancel_sleeping_task(strato_local, tmp_path):
         return "not cancelled"
 
     ref = sleeper.remote(started)
-    wait_until(lambda: os.path.exists(started), 30, message="the task to start")
-    t0 = time.monotonic()
-    strato.cancel(ref)
-    with pytest.raises(exc.TaskCancelledError):
-        strato.get(ref, timeout=20)
-    assert time.monotonic() - t0 < 10
+    try:
+        wait_until(lambda: os.path.exists(started), 30, message="the task to start")
+        t0 = time.monotonic()
+        strato.cancel(ref)
+        with pytest.raises(exc.TaskCancelledError):
+            strato.get(ref, timeout=10)
+        assert time.monotonic() - t0 < 10
+    finally:
+        strato.cancel(ref, force=True)  # no sleeping worker left behind if this failed
 
 
 def test_cancel_busy_loop_task(strato_local, tmp_path):
@@ -337,10 +398,13 @@ def test_cancel_busy_loop_task(strato_local, tmp_path):
         return "not cancelled"
 
     ref = spinner.remote(started)
-    wait_until(lambda: os.path.exists(started), 30, message="the task to start")
-    strato.cancel(ref)
-    with pytest.raises(exc.TaskCancelledError):
-        strato.get(ref, timeout=20)
+    try:
+        wait_until(lambda: os.path.exists(started), 30, message="the task to start")
+        strato.cancel(ref)
+        with pytest.raises(exc.TaskCancelledError):
+            strato.get(ref, timeout=10)
+    finally:
+        strato.cancel(ref, force=True)
 
 
 def test_cancel_force(strato_local, tmp_path):
@@ -381,10 +445,12 @@ def test_cancel_queued_task(strato_local, tmp_path):
 
     holders = [blocked.remote(gate) for _ in range(2)]  # both CPUs busy
     queued = blocked.remote(gate)
-    strato.cancel(queued)
-    with pytest.raises(exc.TaskCancelledError):
-        strato.get(queued, timeout=20)
-    touch(gate)
+    try:
+        strato.cancel(queued)
+        with pytest.raises(exc.TaskCancelledError):
+            strato.get(queued, timeout=10)
+    finally:
+        touch(gate)
     assert strato.get(holders, timeout=30) == ["ran", "ran"]
 
 
