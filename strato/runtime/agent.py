@@ -666,8 +666,7 @@ class NodeAgent:
         where, node = scheduler.place(spec.resources, self.local_view(), list(self.view.values()))
         if where == scheduler.REMOTE:
             self._forward(spec, node)
-        elif where == scheduler.LOCAL or (where == scheduler.WAIT and not self.draining
-                                          and scheduler.fits(spec.resources, self.total)):
+        elif where == scheduler.LOCAL or (where == scheduler.WAIT and self._only_here(spec)):
             self.ready.setdefault(spec.shape_key(), deque()).append(spec)
             self._schedule_dispatch()
         else:
@@ -678,6 +677,14 @@ class NodeAgent:
                                  "pending until such a node joins (the autoscaler sees it as "
                                  "demand)")
             self.waiting.append(spec)
+
+    def _only_here(self, spec: TaskSpec) -> bool:
+        """Queue locally only when no other node could ever run it; otherwise keep it
+        in ``waiting``, re-placed whenever a node frees up."""
+        if self.draining or not scheduler.fits(spec.resources, self.total):
+            return False
+        return not any(v.alive and not v.draining and scheduler.fits(spec.resources, v.total)
+                       for v in self.view.values())
 
     def _warn_owner(self, spec: TaskSpec, text: str) -> None:
         client = self.clients.get(spec.owner_client)
@@ -706,8 +713,16 @@ class NodeAgent:
         if not self.waiting:
             return
         waiting, self.waiting = self.waiting, []
+        stuck: set[tuple] = set()   # shapes that found no node: the rest of them wait too
         for spec in waiting:
+            key = spec.shape_key()
+            if key in stuck:
+                self.waiting.append(spec)
+                continue
+            before = len(self.waiting)
             self._place(spec)
+            if len(self.waiting) > before:
+                stuck.add(key)
 
     # ------------------------------------------------------------------ local dispatch
     def _schedule_dispatch(self) -> None:
@@ -755,9 +770,13 @@ class NodeAgent:
                 if gpus:
                     w.gpu_ids, self.free_gpus = self.free_gpus[:gpus], self.free_gpus[gpus:]
                 return w
+            # resources are free but no worker is: start one rather than queue behind
+            # a busy worker (pipelining is only for a saturated node)
             if self.starting_workers < max(1, int(self.total.get("CPU", 1))) \
                     and self.starting_workers < 4:
                 self._start_worker()
+            if self.starting_workers:
+                return None
         best = None
         for w in self.workers.values():
             if w.state == "leased" and w.lease_key == key and not w.blocked \

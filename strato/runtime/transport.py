@@ -97,6 +97,9 @@ class RuntimeServer:
     async def start(self, host: str, port: int) -> int:
         self.server = grpc.aio.server(options=GRPC_OPTIONS)
         handlers = {
+            "Auth": grpc.unary_unary_rpc_method_handler(
+                self._auth, request_deserializer=Frame.FromString,
+                response_serializer=Frame.SerializeToString),
             "Head": grpc.stream_stream_rpc_method_handler(
                 self._head_stream, request_deserializer=Frame.FromString,
                 response_serializer=Frame.SerializeToString),
@@ -121,6 +124,11 @@ class RuntimeServer:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 "wrong cluster token: this cluster refused the connection "
                                 "(pass the token printed by `strato start --head`)")
+
+    async def _auth(self, request, context) -> Frame:
+        """A unary check before any stream: a wrong token gets a clean UNAUTHENTICATED."""
+        await self._check_token(context)
+        return Frame(payload=b"head" if self.head is not None else b"node")
 
     async def _head_stream(self, request_iterator, context):
         await self._check_token(context)
@@ -158,6 +166,25 @@ async def open_stream(address: str, method: str, token: str):
     return channel, call
 
 
+async def check_auth(address: str, token: str, timeout: float) -> None:
+    """Raise AuthenticationError for a wrong token, ConnectionError if nobody answers."""
+    async with grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+        auth = channel.unary_unary(f"/{SERVICE}/Auth", request_serializer=Frame.SerializeToString,
+                                   response_deserializer=Frame.FromString)
+        try:
+            reply = await auth(Frame(), metadata=((TOKEN_KEY, token),), timeout=timeout,
+                               wait_for_ready=True)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise AuthenticationError(f"cannot join the cluster at {address}: "
+                                          f"{exc.details()}") from None
+            raise ConnectionError(f"cannot reach the head at {address}: no answer within "
+                                  f"{timeout:.0f}s ({exc.details()}); is `strato start --head` "
+                                  "running there and the port open?") from None
+    if reply.payload != b"head":
+        raise ConnectionError(f"{address} is a strato node, not the head; pass the head's address")
+
+
 class HeadClient:
     """An agent's stream to the head; the head's replies and broadcasts come back on it."""
 
@@ -172,17 +199,24 @@ class HeadClient:
 
     async def connect(self, register_msg, timeout: float = 15.0) -> None:
         """Open the stream and register; raises AuthenticationError on a wrong token."""
+        await check_auth(self.address, self.token, timeout)
         self.channel, self.call = await open_stream(self.address, "Head", self.token)
         self.batcher = _Batcher(self.call.write)
         self.batcher.send(register_msg)
         try:
             first = await asyncio.wait_for(self.call.read(), timeout)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            # the call's final status beats the read's error: a write racing the
+            # server's abort can surface as INTERNAL first
+            try:
+                code, details = await asyncio.wait_for(
+                    asyncio.gather(self.call.code(), self.call.details()), 5)
+            except (asyncio.TimeoutError, grpc.aio.AioRpcError):
+                code, details = exc.code(), exc.details()
+            if grpc.StatusCode.UNAUTHENTICATED in (code, exc.code()):
                 raise AuthenticationError(f"cannot join the cluster at {self.address}: "
-                                          f"{exc.details()}") from None
-            raise ConnectionError(f"cannot reach the head at {self.address}: "
-                                  f"{exc.details()}") from None
+                                          f"{details}") from None
+            raise ConnectionError(f"cannot reach the head at {self.address}: {details}") from None
         except asyncio.TimeoutError:
             raise ConnectionError(f"the head at {self.address} did not answer within "
                                   f"{timeout:.0f}s") from None
