@@ -479,6 +479,15 @@ class NodeAgent:
     def _rpc_node_id(self):
         return self.node_id
 
+    def _rpc_debug_state(self) -> dict:
+        """This agent's scheduling state, for `strato status` and failing tests."""
+        return {"available": dict(self.available), "draining": self.draining,
+                "ready": {str(dict(k)): len(q) for k, q in self.ready.items() if q},
+                "waiting": len(self.waiting),
+                "workers": {w.pid: (w.state, len(w.inflight), w.blocked)
+                            for w in self.workers.values()},
+                "view": {n.hex()[:8]: dict(v.available) for n, v in self.view.items()}}
+
     def _head_rpc(self, method: str, args: tuple, callback) -> None:
         self._rpc_seq += 1
         self._rpc_waiters[self._rpc_seq] = callback
