@@ -22,6 +22,7 @@ import importlib.resources
 import json
 import re
 import shlex
+import shutil
 import string
 import subprocess
 import sys
@@ -48,9 +49,10 @@ from strato.providers.base import (
 if TYPE_CHECKING:
     from strato.launcher.cluster import Cluster
 
-__all__ = ["bootstrap_node", "ensure_wheel", "install_strato", "render", "start_runtime",
+__all__ = ["TAG_NODE_ID_LABEL", "bootstrap_node", "ensure_wheel", "install_strato", "render", "start_runtime",
            "venv_dir", "version_tag"]
 
+TAG_NODE_ID_LABEL = "strato-node-id"  # runtime label matching a runtime node to its machine
 SSH_TIMEOUT = 300.0          # a cloud machine may take minutes to accept SSH
 START_TIMEOUT = 120.0        # `strato start` itself waits up to 60 s for the node
 INSTALL_LOCK_TIMEOUT = 900   # another node installing the same venv over NFS
@@ -126,8 +128,16 @@ def ensure_wheel(tag: str | None = None) -> Path:
                 "cannot build a strato wheel: this strato is not a source checkout; set "
                 "runtime_python in the cluster config to a Python that has strato installed")
         with tempfile.TemporaryDirectory(prefix="strato-wheel-") as tmp:
+            # build from a copy: an in-tree build leaves build/ (and stale files) behind
+            src = Path(tmp) / "src"
+            ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+            src.mkdir()
+            for name in ("pyproject.toml", "README.md", "LICENSE", "setup.py", "setup.cfg"):
+                if (root / name).is_file():
+                    shutil.copy2(root / name, src / name)
+            shutil.copytree(root / "strato", src / "strato", ignore=ignore)
             proc = subprocess.run(
-                [sys.executable, "-m", "pip", "wheel", str(root), "--no-deps",
+                [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps",
                  "--no-build-isolation", "--disable-pip-version-check", "-q", "-w", tmp],
                 capture_output=True, text=True, timeout=600)
             built = sorted(Path(tmp).glob("strato-*.whl"))
@@ -137,7 +147,7 @@ def ensure_wheel(tag: str | None = None) -> Path:
                                     f"{proc.returncode}):\n{tail}")
             out.mkdir(parents=True, exist_ok=True)
             final = out / built[0].name
-            built[0].replace(final)
+            shutil.move(built[0], final)
         return final
 
 
@@ -172,8 +182,6 @@ def start_args(cluster: Cluster, node: Node, head_address: str | None) -> list[s
         args += ["--num-gpus", f"{resources.pop('GPU'):g}"]
     if resources:
         args += ["--resources", json.dumps(resources, sort_keys=True)]
-    from strato.launcher.cluster import TAG_NODE_ID_LABEL
-
     labels = {TAG_CLUSTER: cluster.name, TAG_KIND: node.kind or "", TAG_NODE_TYPE: node_type,
               TAG_NODE_ID_LABEL: node.id}
     return [*args, "--labels", json.dumps(labels, sort_keys=True)]

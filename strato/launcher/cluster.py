@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from strato.exceptions import LauncherError
+from strato.launcher.bootstrap import TAG_NODE_ID_LABEL, render, venv_dir
 from strato.launcher.config import ClusterConfig
 from strato.launcher.runner import CommandRunner, LocalRunner, OutputSink, SSHRunner, shell_path
 from strato.launcher.ssh import SSHTarget
@@ -32,18 +33,10 @@ from strato.providers.base import (
 )
 from strato.runtime.session import DEFAULT_TEMP_DIR
 
-__all__ = ["DEFAULT_HEAD_PORT", "TAG_NODE_ID_LABEL", "Cluster", "render_template"]
+__all__ = ["DEFAULT_HEAD_PORT", "TAG_NODE_ID_LABEL", "Cluster"]
 
 DEFAULT_HEAD_PORT = 6380
-TAG_NODE_ID_LABEL = "strato-node-id"  # runtime label matching a runtime node to its machine
 MONITOR_MODES = ("head", "local", "off")
-
-
-def render_template(name: str, **values: str) -> str:
-    """Fill ``strato/templates/<name>`` (``{{ key }}`` slots, values already shell-quoted)."""
-    from strato.launcher.bootstrap import render  # one renderer, in bootstrap
-
-    return render(name, **values)
 
 
 class Cluster:
@@ -140,7 +133,10 @@ class Cluster:
         return head
 
     def launch_hash_current(self, node: Node) -> bool:
-        return node.tags.get(TAG_LAUNCH_HASH) == self.launch_hash(node.node_type or "")
+        """Whether the machine still matches its node type's config (False: type removed)."""
+        if node.node_type not in self.config.available_node_types:
+            return False
+        return node.tags.get(TAG_LAUNCH_HASH) == self.launch_hash(node.node_type)
 
     def find_nodes(self, which: str) -> list[Node]:
         """``head``, ``all``, or the nodes whose IP or id is ``which``."""
@@ -199,15 +195,17 @@ class Cluster:
             return shell_path(configured)
         if self.is_local:
             return shlex.quote(sys.executable)
-        from strato.launcher.bootstrap import venv_dir
-
         return shell_path((self.overrides.get("venv") or venv_dir()) + "/bin/python")
+
+    def temp_dir_path(self, node: Node) -> str:
+        """The node's runtime temp dir (its node files, sockets and logs)."""
+        if self.is_local:
+            return str(self.provider.temp_dir(node.id))  # type: ignore[attr-defined]
+        return DEFAULT_TEMP_DIR
 
     def temp_dir(self, node: Node) -> str:
         """The node's runtime temp dir as a shell word."""
-        if self.is_local:
-            return shlex.quote(str(self.provider.temp_dir(node.id)))  # type: ignore[attr-defined]
-        return shlex.quote(DEFAULT_TEMP_DIR)
+        return shlex.quote(self.temp_dir_path(node))
 
     def scratch_dir(self, node: Node) -> str:
         """A directory on the node for launcher files (submitted scripts, monitor), raw path."""
@@ -229,10 +227,11 @@ class Cluster:
             py = self.runtime_python(name)
             if py not in pythons:
                 pythons.append(py)
+        pythons.append('"$HOME"/.strato/venv-*/bin/python')  # installed by another version
         scratch = f"/tmp/strato-{self.name}"
-        return render_template(
+        return render(
             "stop_node.sh",
-            stop_monitor=render_template("stop_monitor.sh",
+            stop_monitor=render("stop_monitor.sh",
                                          pid_file=shlex.quote(scratch + "/monitor/monitor.pid")),
             pythons=" ".join(pythons), temp_dir=shlex.quote(DEFAULT_TEMP_DIR),
             cleanup_dirs=shlex.quote(scratch))

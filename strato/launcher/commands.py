@@ -28,7 +28,7 @@ from strato.exceptions import CapacityError, LauncherError
 from strato.launcher import bootstrap
 from strato.launcher.cluster import TAG_NODE_ID_LABEL, Cluster
 from strato.launcher.config import load_config
-from strato.launcher.runner import shell_path
+from strato.launcher.runner import CommandRunner, shell_path
 from strato.launcher.ssh import ADDRESS_MAP_ENV, ADDRESS_MAP_STRICT_ENV
 from strato.launcher.state import write_secret
 from strato.providers.base import (
@@ -156,12 +156,17 @@ def up(config_path: str | os.PathLike, yes: bool = False,
 
     # ---- workers
     targets = _worker_targets(cluster, min_workers_override)
+    orphans = [n for n in cluster.nodes(kind=WORKER) if n.node_type not in targets]
+    if orphans:
+        _say(f"terminating {len(orphans)} worker(s) of node types no longer in the config")
+        cluster.provider.terminate_nodes([n.id for n in orphans])
+        result.terminated += [n.id for n in orphans]
     jobs: list[tuple[Node, bool, bool]] = []   # (node, setup, restart)
     errors: list[str] = []
     info = None if head_restarted else cluster.runtime_info(head)
     alive_ids = _alive_runtime_ids(info)
     for node_type, want in targets.items():
-        workers = [n for n in cluster.nodes(kind=WORKER, node_type=node_type)]
+        workers = cluster.nodes(kind=WORKER, node_type=node_type)
         outdated = [n for n in workers if not cluster.launch_hash_current(n)]
         if outdated:
             _say(f"replacing {len(outdated)} {node_type} worker(s): node_config changed")
@@ -178,7 +183,7 @@ def up(config_path: str | os.PathLike, yes: bool = False,
                 jobs.append((n, setup, restart))
         missing = want - len(keep)
         if missing > 0:
-            _say(f"creating {missing} {node_type} worker(s)")
+            _say(f"creating {missing} worker(s) of type {node_type}")
             try:
                 created = cluster.provider.create_nodes(
                     config.node_type_spec(node_type), missing,
@@ -283,7 +288,9 @@ def _bootstrap_all(cluster: Cluster, jobs: Sequence[tuple[Node, bool, bool]],
 
 
 # ---------------------------------------------------------------- the monitor
-def _monitor_runner(cluster: Cluster, head: Node, *, connect_timeout: float | None = None):
+def _monitor_runner(cluster: Cluster, head: Node, *,
+                    connect_timeout: float | None = None) -> tuple[CommandRunner, str]:
+    """Where the monitor lives: the head's runner (mode head) or a local one, and its dir."""
     mdir = cluster.monitor_dir(head)
     if cluster.monitor_mode == "head":
         return cluster.runner(head, echo=False, connect_timeout=connect_timeout), mdir
@@ -346,7 +353,7 @@ def _start_monitor(cluster: Cluster, head: Node, head_address: str,
     _say(f"monitor started ({mode}): {tail.splitlines()[-1] if tail else ''}")
 
 
-def _prepare_head_monitor(cluster: Cluster, head: Node, runner, mdir: str,
+def _prepare_head_monitor(cluster: Cluster, head: Node, runner: CommandRunner, mdir: str,
                           spec: dict[str, Any], tmp: Path) -> None:
     """What a monitor on the head needs that lives here: key, provider state, mounts."""
     config = spec["config"]
@@ -358,8 +365,9 @@ def _prepare_head_monitor(cluster: Cluster, head: Node, runner, mdir: str,
         spec["key_path"] = f"{mdir}/key"
         config.setdefault("auth", {})["ssh_private_key"] = f"{mdir}/key"
     if not cluster.config.runtime_python_for(head.node_type or ""):
-        wheel = bootstrap.ensure_wheel()
-        spec["wheel"] = f"{cluster.scratch_dir(head)}/wheels/{wheel.name}"
+        wheel = bootstrap.ensure_wheel()  # for the workers the monitor will set up
+        spec["wheel"] = f"{mdir}/wheels/{wheel.name}"
+        runner.put(wheel, spec["wheel"])
     state_path = getattr(cluster.provider, "state_path", None)
     if cluster.kind == "ssh" and state_path and Path(state_path).exists():
         # the monitor works on a copy of the host claims (it only restarts runtimes there)
@@ -427,7 +435,9 @@ def exec_(config_path: str | os.PathLike, cmd: str, node: str = "head") -> int:
             code, _ = cluster.runner(n).run(cmd, env=env, check=False)
             return code
         except LauncherError as e:
-            console.print(f"[red]{cluster.label(n)}: {e}[/]")
+            label = cluster.label(n)
+            console.print(str(e) if label in str(e) else f"{label}: {e}", style="red",
+                          markup=False)
             return 255
 
     if len(nodes) == 1:
@@ -501,6 +511,9 @@ def status(config_path: str | os.PathLike) -> dict[str, Any]:
     for n in nodes:
         rt = by_id.get(n.id)
         node_type = n.node_type or ""
+        known_type = node_type in cluster.config.available_node_types
+        setup_current = known_type and n.tags.get(TAG_SETUP_HASH) == cluster.setup_hash(
+            node_type, head=n.kind == HEAD)
         out_nodes.append({
             "id": n.id, "type": node_type, "kind": n.kind, "state": n.state.value,
             "status": n.tags.get(TAG_STATUS, ""),
@@ -509,9 +522,7 @@ def status(config_path: str | os.PathLike) -> dict[str, Any]:
             "zone": n.zone, "instance_type": n.instance_type,
             "uptime": round(now - n.launch_time, 1) if n.launch_time else None,
             "launch_hash_current": cluster.launch_hash_current(n),
-            "setup_hash_current": n.tags.get(TAG_SETUP_HASH) == cluster.setup_hash(
-                node_type, head=n.kind == HEAD) if node_type in
-            cluster.config.available_node_types else False,
+            "setup_hash_current": setup_current,
             "runtime": None if info is None else (
                 "missing" if rt is None else ("alive" if rt.get("Alive") else "dead")),
             "resources": rt.get("Resources") if rt else None,
@@ -544,8 +555,7 @@ def logs(config_path: str | os.PathLike, node: str | None = None, lines: int = 2
         mlog = Path(cluster.monitor_dir(target)) / "monitor.log"
         parts += [f"==> monitor log {mlog} <==", _tail(mlog, lines)]
     runner = cluster.runner(target, echo=False)
-    temp_dir = cluster.temp_dir(target)
-    remote_logs = [f"{shlex.split(temp_dir)[0]}/logs"]
+    remote_logs = [f"{cluster.temp_dir_path(target)}/logs"]
     if target.kind == HEAD and cluster.monitor_mode == "head":
         remote_logs.append(f"{cluster.monitor_dir(target)}/monitor.log")
     with tempfile.TemporaryDirectory(prefix="strato-logs-") as tmp:

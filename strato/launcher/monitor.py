@@ -51,7 +51,7 @@ class Monitor:
         self.min_workers = min_workers
         self.tick_seconds = tick_seconds
         self.grace_seconds = grace_seconds if grace_seconds is not None else \
-            max(15.0, 3 * tick_seconds)
+            max(5.0, 3 * tick_seconds)
         self.missing_since: dict[str, float] = {}
         # ssh hosts are fixed: the monitor's copy of the claims must not diverge
         self.can_create = cluster.kind != "ssh"

@@ -21,7 +21,9 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
 
-from strato.exceptions import CommandError
+import paramiko
+
+from strato.exceptions import CommandError, SSHUnavailableError
 from strato.launcher import ssh
 from strato.launcher.ssh import CommandTimeoutError, SSHTarget
 
@@ -110,9 +112,14 @@ class SSHRunner:
     def run(self, command: str, *, env: Mapping[str, str] | None = None, check: bool = True,
             quiet: bool = False, timeout: float | None = None) -> tuple[int, str]:
         self.sink.write_log(f"$ {command}")
-        code, tail = ssh.run(self.target, command, env=env, check=False, timeout=timeout,
-                             connect_timeout=self.connect_timeout,
-                             stream_to=lambda line: self.sink.line(line, echo=not quiet))
+        try:
+            code, tail = ssh.run(self.target, command, env=env, check=False, timeout=timeout,
+                                 connect_timeout=self.connect_timeout,
+                                 stream_to=lambda line: self.sink.line(line, echo=not quiet))
+        except (EOFError, OSError, paramiko.SSHException) as e:  # a cached connection died
+            ssh.disconnect(self.target)
+            raise SSHUnavailableError(f"node {self.name}: lost the SSH connection: "
+                                      f"{type(e).__name__}: {e}") from e
         tail = self.sink.redact(tail)
         if check and code != 0:
             raise CommandError(self.name, command, code, tail)

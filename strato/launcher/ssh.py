@@ -381,7 +381,7 @@ def _upload_env(client: paramiko.SSHClient, env: Mapping[str, str], label: str) 
         with client.open_sftp() as sftp, sftp.open(path, "wx") as f:
             f.chmod(0o600)
             f.write(body.encode())
-    except (OSError, paramiko.SSHException) as e:
+    except (OSError, EOFError, paramiko.SSHException) as e:  # EOFError: a vanished host
         raise FileTransferError(f"node {label}: could not send the command environment: {e}") from e
     return path
 

@@ -106,6 +106,8 @@ class StateDB:
 
     # ------------------------------------------------------------ clusters
     def get(self, name: str) -> ClusterRecord | None:
+        if not self.path.exists():  # reading never creates the database
+            return None
         with self._db() as db:
             row = db.execute("SELECT name, provider, config_path, config_hash, head_address, "
                              "token_path, created, updated FROM clusters WHERE name = ?",
@@ -113,6 +115,8 @@ class StateDB:
         return ClusterRecord(*row) if row else None
 
     def list(self) -> list[ClusterRecord]:
+        if not self.path.exists():
+            return []
         with self._db() as db:
             rows = db.execute("SELECT name, provider, config_path, config_hash, head_address, "
                               "token_path, created, updated FROM clusters ORDER BY name")
@@ -141,6 +145,8 @@ class StateDB:
                        (json.dumps(facts, default=str), time.time(), name))
 
     def facts(self, name: str) -> dict:
+        if not self.path.exists():
+            return {}
         with self._db() as db:
             row = db.execute("SELECT facts FROM clusters WHERE name = ?", (name,)).fetchone()
         return json.loads(row[0]) if row and row[0] else {}
@@ -188,6 +194,8 @@ class StateDB:
 
     def events(self, cluster: str, limit: int = 20) -> list[dict]:
         """The ``limit`` most recent events, oldest first."""
+        if not self.path.exists():
+            return []
         with self._db() as db:
             rows = db.execute("SELECT time, node, message FROM events WHERE cluster = ? "
                               "ORDER BY id DESC LIMIT ?", (cluster, limit)).fetchall()

@@ -1,4 +1,4 @@
-# Install strato {{ version }} into {{ venv }} once per version, safely when several nodes
+# Install {{ version }} into {{ venv }} once per version, safely when several nodes
 # share this home directory (NFS): the first node to take the lock installs, the others
 # wait for it and then find the done marker.
 set -eu
@@ -10,7 +10,7 @@ if ! flock -w {{ lock_timeout }} 9; then
   exit 1
 fi
 if [ -f "$venv/.strato-installed" ]; then
-  echo "strato {{ version }} is already installed in $venv"
+  echo "{{ version }} is already installed in $venv"
   exit 0
 fi
 rm -rf "$venv"
@@ -18,4 +18,4 @@ rm -rf "$venv"
 "$venv/bin/python" -m pip install --disable-pip-version-check --quiet {{ pip_args }} {{ wheel }}
 "$venv/bin/python" -c "import strato.cli"
 touch "$venv/.strato-installed"
-echo "installed strato {{ version }} in $venv"
+echo "installed {{ version }} in $venv"

@@ -177,6 +177,7 @@ class Host:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(timeout=10)
         self._proc = None
+        self.init_pid = 0  # the old namespace's init may linger as a zombie; never reuse it
 
     def _net(self) -> SSHHostNetwork:
         assert self._network is not None

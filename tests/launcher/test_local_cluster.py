@@ -1,0 +1,195 @@
+"""The launcher with the local provider: nodes are runtime processes on this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from strato.exceptions import LauncherError
+from strato.launcher import commands
+from strato.launcher.state import StateDB
+from strato.providers.base import TAG_STATUS
+from strato.providers.local import LocalProvider
+from strato.runtime.session import node_files
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(autouse=True)
+def strato_home(monkeypatch: pytest.MonkeyPatch):
+    # short: node sockets live under it, and unix socket paths are limited to 107 bytes
+    home = Path(tempfile.mkdtemp(prefix="sh-", dir="/tmp"))
+    monkeypatch.setenv("STRATO_HOME", str(home))
+    yield home
+    for cluster in StateDB(home).list():  # a failed test must not leave processes behind
+        try:
+            commands.down(cluster.config_path, yes=True)
+        except Exception:
+            pass
+    import shutil
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def _config(path: Path, name: str, **extra) -> Path:
+    data = {
+        "cluster_name": name,
+        "provider": {"type": "local"},
+        "autoscaler": {"tick_seconds": 0.5},
+        "available_node_types": {
+            "head": {"resources": {"CPU": 1}},
+            "cpu": {"resources": {"CPU": 1, "w": 1}, "min_workers": 2, "max_workers": 3},
+        },
+        "head_node_type": "head",
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _cluster_pids(name: str) -> set[int]:
+    """Every process of the cluster: node processes, their workers, the monitor."""
+    provider = LocalProvider({"type": "local"}, name)
+    pids = set()
+    for node in provider.list_nodes():
+        for info in node_files(str(provider.temp_dir(node.id))):
+            proc = psutil.Process(info["pid"])
+            pids |= {proc.pid} | {c.pid for c in proc.children(recursive=True)}
+    pid_file = Path(os.environ["STRATO_HOME"], "monitor", name, "monitor.pid")
+    if pid_file.exists():
+        pids.add(int(pid_file.read_text()))
+    return pids
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.2)
+
+
+SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    import strato
+
+    strato.init(address="auto")
+    labels = {n["NodeID"]: n["Labels"].get("strato-node-id") for n in strato.nodes()}
+
+    @strato.remote(resources={"w": 1})
+    def where():
+        time.sleep(0.3)
+        return strato.get_runtime_context().get_node_id()
+
+    seen = strato.get([where.remote() for _ in range(6)], timeout=60)
+    with open(sys.argv[1], "w") as f:
+        json.dump({"nodes": sorted({labels[s] for s in seen}), "args": sys.argv[2:]}, f)
+    print("ran on", sorted({labels[s] for s in seen}))
+""")
+
+
+def test_local_cluster_up_exec_submit_status_down(tmp_path, strato_home):
+    config = _config(tmp_path / "local.yaml", "loc")
+    result = commands.up(config, yes=True)
+    head_id = LocalProvider({}, "loc").list_nodes({"strato-node-kind": "head"})[0].id
+    workers = [i for i in result.created if i != head_id]
+    assert len(result.created) == 3 and len(workers) == 2
+    assert commands.up(config, yes=True).created == []  # idempotent
+
+    out = tmp_path / "exec.txt"
+    assert commands.exec_(config, f"echo $STRATO_ADDRESS >> {out}", node="all") == 0
+    assert out.read_text().split() == [result.head_address] * 3
+    assert commands.exec_(config, "exit 5") == 5
+
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    res = tmp_path / "res.json"
+    assert commands.submit(config, script, [str(res), "--lr", "3e-4"]) == 0
+    ran = json.loads(res.read_text())
+    assert ran == {"nodes": sorted(workers), "args": ["--lr", "3e-4"]}
+
+    info = commands.status(config)
+    assert sorted(n["id"] for n in info["nodes"]) == sorted(result.created)
+    assert all(n["state"] == "running" and n["runtime"] == "alive" and n["ip"] == "127.0.0.1"
+               for n in info["nodes"])
+    assert info["runtime"]["nodes_alive"] == 3
+
+    # the monitor replaces a worker whose process died
+    pids = _cluster_pids("loc")
+    victim = workers[0]
+    victim_dir = LocalProvider({}, "loc").temp_dir(victim)
+    os.kill(node_files(str(victim_dir))[0]["pid"], signal.SIGKILL)
+    _wait(lambda: victim not in {n.id for n in LocalProvider({}, "loc").list_nodes()}
+          and sum(n["runtime"] == "alive" for n in commands.status(config)["nodes"]) == 3,
+          30, "the monitor to replace the killed worker")
+    pids |= _cluster_pids("loc")
+
+    commands.down(config, yes=True)
+    _wait(lambda: not [p for p in pids if psutil.pid_exists(p)
+                       and psutil.Process(p).status() != psutil.STATUS_ZOMBIE],
+          15, "every cluster process to exit")
+    assert StateDB().get("loc") is None
+    assert not (strato_home / "local" / "loc").exists()
+    assert not (strato_home / "logs" / "loc").exists()
+    assert not StateDB().token_path("loc").exists()
+
+
+def test_setup_failure_is_retried_and_changes_are_applied(tmp_path, strato_home):
+    marker = tmp_path / "fail"
+    marker.touch()
+    config = _config(tmp_path / "c.yaml", "retry",
+                     worker_setup_commands=[f"echo checking; test ! -e {marker}"])
+    with pytest.raises(LauncherError) as info:
+        commands.up(config, yes=True)
+    assert "exit 1" in str(info.value) and str(marker) in str(info.value)
+    provider = LocalProvider({}, "retry")
+    workers = provider.list_nodes({"strato-node-kind": "worker"})
+    assert [n.tags[TAG_STATUS] for n in workers] == ["update-failed"] * 2
+
+    marker.unlink()  # fixed: the next `up` retries the failed nodes, creating nothing
+    again = commands.up(config, yes=True)
+    assert again.created == [] and sorted(again.bootstrapped) == sorted(n.id for n in workers)
+    assert {n.tags[TAG_STATUS] for n in provider.list_nodes()} == {"up-to-date"}
+
+    # changed setup: setup runs again on the workers (the head's setup did not change)
+    data = yaml.safe_load(config.read_text())
+    data["worker_setup_commands"] = ["echo new setup"]
+    config.write_text(yaml.safe_dump(data))
+    changed = commands.up(config, yes=True)
+    assert changed.created == [] and sorted(changed.bootstrapped) == sorted(n.id for n in workers)
+    assert "new setup" in commands.logs(config, node=workers[0].id)
+
+    # changed node_config: the head is replaced, workers rejoin the new head
+    old_head = provider.list_nodes({"strato-node-kind": "head"})[0].id
+    data["available_node_types"]["head"]["node_config"] = {"flavour": "b"}
+    config.write_text(yaml.safe_dump(data))
+    replaced = commands.up(config, yes=True)
+    assert replaced.terminated == [old_head] and len(replaced.created) == 1
+    status = commands.status(config)
+    assert len(status["nodes"]) == 3 and all(n["runtime"] == "alive" for n in status["nodes"])
+
+    commands.down(config, yes=True)
+    assert provider.list_nodes() == []
+
+
+def test_min_workers_override_and_workers_only_down(tmp_path, strato_home):
+    config = _config(tmp_path / "c.yaml", "few")
+    data = yaml.safe_load(config.read_text())
+    data["provider"]["monitor"] = "off"
+    config.write_text(yaml.safe_dump(data))
+    result = commands.up(config, yes=True, min_workers_override=1)
+    assert len(result.created) == 2
+    assert not (strato_home / "monitor" / "few" / "monitor.pid").exists()
+    commands.down(config, yes=True, workers_only=True)
+    nodes = LocalProvider({}, "few").list_nodes()
+    assert [n.kind for n in nodes] == ["head"] and StateDB().get("few") is not None
+    commands.down(config, yes=True)
+    assert StateDB().get("few") is None and LocalProvider({}, "few").list_nodes() == []
