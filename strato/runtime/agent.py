@@ -968,7 +968,11 @@ class NodeAgent:
     def on_head_message(self, msg) -> None:
         kind = msg[0]
         if kind == "view":
-            self.view = {v.node_id: v for v in msg[1] if v.node_id != self.node_id}
+            # own copies: optimistic accounting here must never touch the head's records
+            # (in-process links hand over the very objects)
+            self.view = {v.node_id: scheduler.NodeView(v.node_id, v.total, dict(v.available),
+                                                       v.alive, v.draining)
+                         for v in msg[1] if v.node_id != self.node_id}
             self._dead_nodes = set(msg[2])
             if self.peers is not None:
                 self.peers.addresses.update(msg[3])
@@ -1011,7 +1015,7 @@ class NodeAgent:
             if spec.owner_node == self.node_id:
                 self._place(spec)
             else:
-                self.peers.send(spec.owner_node, ("task_rejected", spec))
+                self.peers.send(spec.owner_node, ("task_rejected", spec, self.node_id))
 
     def _on_node_dead(self, node: bytes) -> None:
         self.view.pop(node, None)
@@ -1052,13 +1056,22 @@ class NodeAgent:
             spec, blob = msg[1], msg[2]
             if blob is not None:
                 self.fns[spec.function_id] = blob
-            if self.draining or not scheduler.fits(spec.resources, self.total):
-                self.peers.send(spec.owner_node, ("task_rejected", spec))
+            if self.draining or not scheduler.fits(spec.resources, self.available):
+                # the owner's view was stale: let it place the task again rather than
+                # queue it here behind work that may never finish
+                self.peers.send(spec.owner_node, ("task_rejected", spec, self.node_id))
                 return
             self.ready.setdefault(spec.shape_key(), deque()).append(spec)
             self._schedule_dispatch()
         elif kind == "task_rejected":
             spec = msg[1]
+            rejected_by = msg[2] if len(msg) > 2 else None
+            view = self.view.get(rejected_by)
+            if view is not None:
+                # until the next view, count that node as full for this shape
+                for name, amount in spec.resources.items():
+                    view.available[name] = min(view.available.get(name, 0.0),
+                                               max(0.0, amount - 1e-6))
             self.owned_tasks[spec.task_id] = (spec, None)
             self._place(spec)
         elif kind == "task_done":
