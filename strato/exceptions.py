@@ -162,3 +162,9 @@ class CommandError(LauncherError):
 
 class SSHUnavailableError(LauncherError):
     """A node did not accept SSH within the timeout."""
+
+
+# Ray's names, so `import strato as ray` code that catches them keeps working.
+RayError = StratoError
+RayTaskError = TaskError
+RayActorError = ActorError

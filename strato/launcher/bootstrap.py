@@ -56,6 +56,7 @@ TAG_NODE_ID_LABEL = "strato-node-id"  # runtime label matching a runtime node to
 SSH_TIMEOUT = 300.0          # a cloud machine may take minutes to accept SSH
 START_TIMEOUT = 120.0        # `strato start` itself waits up to 60 s for the node
 INSTALL_LOCK_TIMEOUT = 900   # another node installing the same venv over NFS
+SPOT_NOTICE_CLOUDS = ("aws", "gcp")  # providers whose spot nodes watch a metadata notice
 _HEAD_STARTED = re.compile(r"strato head started at (\S+)")
 _wheel_lock = threading.Lock()
 
@@ -182,6 +183,9 @@ def start_args(cluster: Cluster, node: Node, head_address: str | None) -> list[s
         args += ["--num-gpus", f"{resources.pop('GPU'):g}"]
     if resources:
         args += ["--resources", json.dumps(resources, sort_keys=True)]
+    if node.spot and cluster.kind in SPOT_NOTICE_CLOUDS:
+        # the node agent watches the cloud's notice so the head drains it before reclaim
+        args += ["--spot-notice", cluster.kind]
     labels = {TAG_CLUSTER: cluster.name, TAG_KIND: node.kind or "", TAG_NODE_TYPE: node_type,
               TAG_NODE_ID_LABEL: node.id}
     return [*args, "--labels", json.dumps(labels, sort_keys=True)]

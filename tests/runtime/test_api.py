@@ -916,6 +916,13 @@ def test_import_strato_as_ray(strato_local):
     assert isinstance(big, ray.ObjectRef)
     assert ray.cluster_resources()["CPU"] >= 1
     assert ray.get_runtime_context().get_job_id()
+
+    @ray.remote
+    def fail():
+        raise KeyError("missing")
+
+    with pytest.raises(ray.exceptions.RayTaskError):  # Ray's exception names still catch
+        ray.get(fail.remote())
     assert ray.get_gpu_ids() == []
     try:
         ray.get(add.remote(1, "x"))

@@ -1,0 +1,486 @@
+"""The autoscaler loop: read the world, ``plan()`` it, apply the plan, log every reason.
+
+Kept thin on purpose: every decision is made by the pure ``plan``; this module only turns
+the provider's machines and the head's runtime view into a ``Snapshot`` and carries out
+the resulting ``Plan``:
+
+- launches go to ``next_zone``'s (zone, spot); a ``CapacityError`` backs that
+  (type, zone, spot) off and the *same tick* tries the next zone, then on-demand when the
+  type allows it, so a capacity error costs no extra tick;
+- launched nodes are bootstrapped in threads (a tick never waits minutes for SSH);
+  failed setups are retried after a growing delay, then given up (``plan`` terminates
+  and replaces them at ``max_setup_failures``);
+- machines the cloud took back (spot preemption), stopped machines (a crashed local
+  runtime) and workers whose runtime vanished from the head (missed heartbeats) for
+  longer than a grace period are terminated and counted as gone, so ``plan`` replaces
+  them while ``min_workers`` or demand needs them.
+
+The head's view, the bootstrapper and the clock are injected, so tests run ``tick()``
+against moto with a stub head and no SSH. Events go to an ``EventLog`` (JSON lines) that
+``strato status`` shows as recent events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from strato.exceptions import CapacityError, LauncherError
+from strato.launcher.autoscaler.events import EventLog
+from strato.launcher.autoscaler.lifecycle import NodeState, check_transition
+from strato.launcher.autoscaler.plan import (
+    HEAD,
+    WORKER,
+    Demand,
+    Launch,
+    NodeInfo,
+    NodeTypeInfo,
+    Plan,
+    Snapshot,
+    TypeBackoff,
+    backoff_delay,
+    clear_backoff,
+    next_zone,
+    plan,
+    record_capacity_failure,
+)
+from strato.launcher.bootstrap import TAG_NODE_ID_LABEL
+from strato.providers.base import TAG_CLUSTER, TAG_STATUS, Node, NodeStatus
+from strato.providers.base import NodeState as MachineState
+
+if TYPE_CHECKING:  # typing only: cluster.py imports the launcher's heavier modules
+    from strato.launcher.cluster import Cluster
+
+__all__ = ["Autoscaler", "HeadRuntime", "RuntimeView", "setup_retry_delay"]
+
+PARALLEL_BOOTSTRAPS = 16
+SETUP_RETRY_BASE_S = 10.0
+SETUP_RETRY_CAP_S = 300.0
+
+Bootstrapper = Callable[[Node, bool], None]  # (node, run setup?) -> raises on failure
+
+
+class RuntimeView(Protocol):
+    """What the loop asks the head: ``head_rpc("demand")`` and ``drain_node``."""
+
+    def view(self) -> Mapping[str, Any] | None:
+        """``{"demand": [...], "nodes": [...]}`` as the head's ``demand`` rpc, None if down."""
+
+    def drain(self, node_hex: str, reason: str) -> None:
+        """Ask the head to stop placing work on a runtime node."""
+
+
+class HeadRuntime:
+    """The head's view through a driver attached to the head node (``address="auto"``).
+
+    The loop runs on the head or, for the local provider, on the same machine, so it
+    attaches to the head node's own socket and never adds a node to the cluster. On any
+    error the driver is dropped and the next call reconnects (the head may restart).
+    """
+
+    def __init__(self, temp_dir: Callable[[], str], token: str | None = None) -> None:
+        self.temp_dir = temp_dir
+        self.token = token
+        self.connected = False
+
+    def _call(self, method: str, *args: Any) -> Any:
+        import strato
+        from strato.runtime.api import head_rpc
+
+        if not self.connected:
+            with contextlib.redirect_stdout(io.StringIO()):
+                strato.init(address="auto", temp_dir=self.temp_dir(), token=self.token,
+                            log_to_driver=False, ignore_reinit_error=True)
+            self.connected = True
+        try:
+            return head_rpc(method, *args)
+        except Exception:
+            self.close()
+            raise
+
+    def view(self) -> Mapping[str, Any] | None:
+        try:
+            return self._call("demand")
+        except Exception:
+            return None
+
+    def drain(self, node_hex: str, reason: str) -> None:
+        self._call("drain_node", node_hex, reason)
+
+    def close(self) -> None:
+        import strato
+
+        if self.connected:
+            self.connected = False
+            with contextlib.suppress(Exception):
+                strato.shutdown()
+
+
+def setup_retry_delay(failures: int) -> float:
+    """Wait before the next setup attempt after ``failures`` failed ones: 10 s, x2, <= 5 min."""
+    return min(SETUP_RETRY_BASE_S * 2 ** max(failures - 1, 0), SETUP_RETRY_CAP_S)
+
+
+@dataclass
+class _Tracked:
+    """What the loop remembers about a node it launched or set up."""
+
+    state: NodeState
+    failures: int = 0
+    retry_at: float | None = None
+    since: float = 0.0
+
+
+class Autoscaler:
+    """One cluster's autoscaler; ``tick()`` is one pass, ``run()`` loops until stopped."""
+
+    def __init__(self, cluster: Cluster, *, runtime: RuntimeView,
+                 bootstrapper: Bootstrapper | None = None, events: EventLog | None = None,
+                 head_address: str | None = None, min_workers: Mapping[str, int] | None = None,
+                 clock: Callable[[], float] = time.time,
+                 lost_grace_s: float | None = None) -> None:
+        self.cluster = cluster
+        self.config = cluster.config
+        self.provider = cluster.provider
+        self.runtime = runtime
+        self.head_address = head_address
+        self.bootstrapper = bootstrapper or self._bootstrap_node
+        self.events = events or EventLog(
+            cluster.state.log_dir(cluster.name) / "autoscaler-events.jsonl")
+        self.min_workers = dict(min_workers or {})
+        self.clock = clock
+        self.tick_seconds = self.config.autoscaler.tick_seconds
+        self.lost_grace_s = lost_grace_s if lost_grace_s is not None else \
+            max(5.0, 3 * self.tick_seconds)
+        # SSH hosts are a fixed pool: never claim or release them, only restart runtimes
+        self.can_create = cluster.kind != "ssh"
+        self.ticks = 0
+        self.backoffs: list[TypeBackoff] = []
+        self.tracked: dict[str, _Tracked] = {}
+        self.inflight: dict[str, Future[None]] = {}
+        self.missing_since: dict[str, float] = {}
+        self.gone_seen: set[str] = set()
+        self.last_warnings: set[str] = set()
+        self.stop = threading.Event()
+        self._lock = threading.RLock()
+        self._pool = ThreadPoolExecutor(PARALLEL_BOOTSTRAPS, thread_name_prefix="bootstrap")
+        self._types: dict[str, NodeTypeInfo] | None = None
+
+    # ------------------------------------------------------------ the world
+    def node_types(self) -> dict[str, NodeTypeInfo]:
+        """The config's node types as ``plan`` sees them (resources asked of the provider)."""
+        if self._types is None:
+            types = {}
+            for name, nt in self.config.available_node_types.items():
+                spec = self.config.node_type_spec(name)
+                types[name] = NodeTypeInfo(
+                    name=name, resources=self.provider.runtime_resources(spec),
+                    min_workers=self.min_workers.get(name, nt.min_workers),
+                    max_workers=nt.max_workers, spot=nt.spot,
+                    fallback_to_on_demand=nt.fallback_to_on_demand, zones=tuple(spec.zones))
+            self._types = types
+        return self._types
+
+    def _runtime_nodes(self, view: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
+        """Runtime nodes by the provider node id in their labels (alive ones win)."""
+        out: dict[str, Mapping[str, Any]] = {}
+        for rt in (view or {}).get("nodes", []):
+            node_id = (rt.get("labels") or {}).get(TAG_NODE_ID_LABEL)
+            if node_id and (node_id not in out or rt.get("alive")):
+                out[node_id] = rt
+        return out
+
+    def _node_info(self, node: Node, rt: Mapping[str, Any] | None, has_view: bool,
+                   now: float, dead: list[tuple[Node, str]]) -> NodeInfo | None:
+        """One machine as ``plan`` sees it; dead ones go to ``dead`` to be terminated."""
+        kind = HEAD if node.kind == HEAD else WORKER
+        base: dict[str, Any] = dict(
+            id=node.id, node_type=node.node_type or "", kind=kind, spot=node.spot,
+            preempted=node.preempted, launch_hash_current=self.cluster.launch_hash_current(node))
+        gone = NodeInfo(state=NodeState.TERMINATED, **base)
+        if node.state == MachineState.TERMINATED:
+            self._forget(node.id)
+            if node.id in self.gone_seen:
+                return None
+            self.gone_seen.add(node.id)
+            if node.preempted:
+                self.events.record("preempted", "the cloud reclaimed this spot node",
+                                   node=node.id, node_type=node.node_type, tick=self.ticks)
+            return gone
+        if kind == WORKER and node.state in (MachineState.STOPPED, MachineState.STOPPING):
+            why = ("its runtime process died" if self.cluster.is_local
+                   else f"the machine is {node.state.value}")
+            dead.append((node, "preempted by the cloud" if node.preempted else why))
+            return gone
+        if node.id in self.inflight:
+            return NodeInfo(state=NodeState.SETTING_UP, **base)
+        tracked = self.tracked.get(node.id)
+        status = node.tags.get(TAG_STATUS)
+        if (tracked and tracked.state == NodeState.SETUP_FAILED) or \
+                (tracked is None and status == NodeStatus.UPDATE_FAILED.value):
+            return NodeInfo(state=NodeState.SETUP_FAILED,
+                            setup_failures=tracked.failures if tracked else 1,
+                            setup_retry_at=tracked.retry_at if tracked else None, **base)
+        if (tracked is None or tracked.state != NodeState.RUNNING) and \
+                status != NodeStatus.UP_TO_DATE.value:
+            return NodeInfo(state=NodeState.ALLOCATED, **base)  # set up below (resumed)
+        if not has_view:  # the head cannot be asked: keep everything, assume busy
+            return NodeInfo(state=NodeState.RUNNING, available={} if kind == HEAD else None,
+                            **base)
+        if rt is None or not rt.get("alive"):
+            if kind == HEAD:
+                return NodeInfo(state=NodeState.RUNNING, available={}, **base)
+            since = self.missing_since.setdefault(node.id, now)
+            if now - since < self.lost_grace_s:
+                return NodeInfo(state=NodeState.RUNNING, **base)
+            dead.append((node, f"runtime lost: gone from the head for {now - since:.0f}s "
+                               "(missed heartbeats or crashed)"))
+            return gone
+        self.missing_since.pop(node.id, None)
+        idle = float(rt.get("idle_seconds") or 0.0)
+        draining = bool(rt.get("draining"))
+        return NodeInfo(
+            state=NodeState.DRAINING if draining else NodeState.RUNNING, draining=draining,
+            idle_since=now - idle if idle > 0 else None,
+            available=dict(rt.get("available") or {}),
+            has_actors=int(rt.get("num_actors") or 0) > 0,
+            holds_primary_objects=float(rt.get("object_store_used") or 0) > 0, **base)
+
+    def snapshot(self) -> tuple[Snapshot, dict[str, Node], dict[str, Mapping[str, Any]],
+                                list[tuple[Node, str]]]:
+        """Read the head and the provider: the Snapshot plus what applying it needs."""
+        now = self.clock()
+        view = self.runtime.view()
+        runtime_nodes = self._runtime_nodes(view)
+        machines = self.provider.list_nodes({TAG_CLUSTER: self.cluster.name},
+                                            include_terminated=True)
+        dead: list[tuple[Node, str]] = []
+        infos = []
+        for m in machines:
+            info = self._node_info(m, runtime_nodes.get(m.id), view is not None, now, dead)
+            if info is not None:
+                infos.append(info)
+        demand = [Demand(dict(d.get("shape") or {}), int(d.get("count") or 0),
+                         bool(d.get("infeasible"))) for d in (view or {}).get("demand", [])]
+        config = self.config
+        snap = Snapshot(
+            now=now, node_types=self.node_types(), nodes=infos, demand=demand,
+            max_workers=config.max_workers, upscaling_speed=config.upscaling_speed,
+            idle_timeout_s=config.idle_timeout_minutes * 60.0, backoffs=list(self.backoffs),
+            max_setup_failures=config.autoscaler.max_launch_failures)
+        return snap, {m.id: m for m in machines}, runtime_nodes, dead
+
+    # ------------------------------------------------------------ one tick
+    def tick(self) -> Plan:
+        """Read, decide, apply; returns the plan this tick carried out."""
+        with self._lock:
+            self.ticks += 1
+            snap, machines, runtime_nodes, dead = self.snapshot()
+            if dead:
+                self._handle_dead(dead)
+            decision = plan(snap)
+            self._apply(decision, snap, machines, runtime_nodes)
+            for info in snap.nodes:  # nodes created but never set up (a crashed bootstrap)
+                if info.state == NodeState.ALLOCATED and info.id not in self.inflight and \
+                        info.id in machines and not self._terminated(decision, info.id):
+                    self._start_bootstrap(machines[info.id], setup=True,
+                                          why="created but never set up")
+            return decision
+
+    def _terminated(self, decision: Plan, node_id: str) -> bool:
+        return any(t.node_id == node_id for t in decision.terminate)
+
+    def _handle_dead(self, dead: list[tuple[Node, str]]) -> None:
+        if not self.can_create:  # SSH hosts: restart the runtime in place
+            for node, why in dead:
+                self.missing_since.pop(node.id, None)
+                if node.id not in self.inflight:
+                    self._start_bootstrap(node, setup=False, why=f"restart runtime: {why}")
+            return
+        for node, why in dead:
+            self.events.record("terminate", f"dead worker: {why}", node=node.id,
+                               node_type=node.node_type, tick=self.ticks)
+            self._move(node.id, NodeState.TERMINATED)
+            self.missing_since.pop(node.id, None)
+        self.provider.terminate_nodes([n.id for n, _ in dead])
+
+    def _apply(self, decision: Plan, snap: Snapshot, machines: Mapping[str, Node],
+               runtime_nodes: Mapping[str, Mapping[str, Any]]) -> None:
+        for d in decision.drain:
+            rt = runtime_nodes.get(d.node_id)
+            if rt is None:
+                continue
+            try:
+                self.runtime.drain(str(rt["node_id"]), d.reason)
+            except Exception as e:
+                self.events.record("error", f"drain failed: {e}", node=d.node_id)
+                continue
+            self.events.record("drain", d.reason, node=d.node_id, tick=self.ticks)
+        if self.can_create and decision.terminate:
+            for t in decision.terminate:
+                self.events.record("terminate", t.reason, node=t.node_id, tick=self.ticks)
+                self._move(t.node_id, NodeState.TERMINATING)
+            self.provider.terminate_nodes([t.node_id for t in decision.terminate])
+            for t in decision.terminate:
+                self._move(t.node_id, NodeState.TERMINATED)
+        for r in decision.retry_setup:
+            node = machines.get(r.node_id)
+            if node is not None and r.node_id not in self.inflight:
+                self._start_bootstrap(node, setup=True, why=f"retry setup: {r.reason}")
+        if self.can_create:
+            for launch in decision.launch:
+                self._launch(launch, snap.now)
+        warnings = set(decision.warnings)
+        for w in sorted(warnings - self.last_warnings):  # say each once, not every tick
+            self.events.record("warning", w, tick=self.ticks)
+        self.last_warnings = warnings
+
+    # ------------------------------------------------------------ launching
+    def _launch(self, launch: Launch, now: float) -> list[Node]:
+        """Create the nodes, moving to the next zone / on-demand on capacity errors."""
+        from strato.launcher.commands import _new_tags
+
+        t = launch.node_type
+        info = self.node_types()[t]
+        spec = self.config.node_type_spec(t)
+        mode = next_zone(info, self.backoffs, now)
+        while mode is not None:
+            zone, spot = mode
+            where = f"{'spot' if spot else 'on-demand'} in {zone or 'the default zone'}"
+            try:
+                created = self.provider.create_nodes(spec, launch.count,
+                                                     _new_tags(self.cluster, WORKER, t),
+                                                     zone=zone, spot=spot)
+            except CapacityError as e:
+                self.backoffs = record_capacity_failure(self.backoffs, t, zone, spot, now)
+                failures = max(b.failures for b in self.backoffs
+                               if (b.node_type, b.zone, b.spot) == (t, zone, spot))
+                self.events.record(
+                    "capacity-error", f"{launch.count} x {t} {where}: {e.code or e}; "
+                    f"backed off {backoff_delay(failures):.0f}s", node_type=t, zone=zone,
+                    spot=spot, code=e.code, tick=self.ticks)
+                nxt = next_zone(info, self.backoffs, now)
+                if nxt is None:
+                    self.events.record(
+                        "launch-failed", f"{launch.count} x {t}: no capacity anywhere it may "
+                        "run; retried when the backoff ends", node_type=t, tick=self.ticks)
+                elif spot and not nxt[1]:
+                    self.events.record(
+                        "fallback", f"{t}: no spot capacity in any zone; falling back to "
+                        "on-demand", node_type=t, tick=self.ticks)
+                mode = nxt
+                continue
+            except LauncherError as e:  # not capacity: back off (no tight loop), say why
+                self.backoffs = record_capacity_failure(self.backoffs, t, zone, spot, now)
+                self.events.record("launch-failed", f"{launch.count} x {t} {where}: "
+                                   f"{str(e).splitlines()[0]}", node_type=t, tick=self.ticks)
+                return []
+            self.backoffs = clear_backoff(self.backoffs, t, zone, spot)
+            ids = [n.id for n in created]
+            self.events.record("launch", f"{len(created)} x {t} {where}: {launch.reason}",
+                               node_type=t, zone=zone, spot=spot, nodes=ids, tick=self.ticks)
+            for n in created:
+                self.tracked[n.id] = _Tracked(NodeState.QUEUED, since=now)
+                self._move(n.id, NodeState.REQUESTED)
+                self._move(n.id, NodeState.ALLOCATED)
+                self._start_bootstrap(n, setup=True, why=None)
+            return created
+        return []
+
+    # ------------------------------------------------------------ bootstrapping
+    def _bootstrap_node(self, node: Node, setup: bool) -> None:
+        from strato.launcher import bootstrap
+
+        bootstrap.bootstrap_node(self.cluster, node, head_address=self.head_address,
+                                 setup=setup, restart=True)
+
+    def _start_bootstrap(self, node: Node, *, setup: bool, why: str | None) -> None:
+        if why:
+            self.events.record("setup", why, node=node.id, tick=self.ticks)
+        tracked = self.tracked.get(node.id)
+        if tracked is None or not setup:
+            # untracked (set up by `up`) or a runtime restart in place (SSH hosts): the
+            # node's lifecycle starts over at SETTING_UP
+            self.tracked[node.id] = _Tracked(NodeState.SETTING_UP, since=self.clock())
+        else:
+            self._move(node.id, NodeState.SETTING_UP)
+        started = self.clock()
+        future = self._pool.submit(self.bootstrapper, node, setup)
+        self.inflight[node.id] = future
+        future.add_done_callback(lambda f: self._bootstrap_done(node, f, started))
+
+    def _bootstrap_done(self, node: Node, future: Future[None], started: float) -> None:
+        with self._lock:
+            self.inflight.pop(node.id, None)
+            tracked = self.tracked.get(node.id)
+            if tracked is None or tracked.state != NodeState.SETTING_UP:
+                return  # terminated meanwhile
+            error = future.exception()
+            took = self.clock() - started
+            if error is None:
+                tracked.failures, tracked.retry_at = 0, None
+                self._move(node.id, NodeState.RUNNING)
+                self.events.record("ready", f"set up and running after {took:.1f}s",
+                                   node=node.id, tick=self.ticks)
+                return
+            tracked.failures += 1
+            tracked.retry_at = self.clock() + setup_retry_delay(tracked.failures)
+            self._move(node.id, NodeState.SETUP_FAILED)
+            first = (str(error).splitlines() or [type(error).__name__])[0]
+            self.events.record("setup-failed", f"attempt {tracked.failures} failed after "
+                               f"{took:.1f}s: {first}", node=node.id, tick=self.ticks)
+
+    def wait_for_bootstraps(self, timeout: float = 60.0) -> None:
+        """Block until every running bootstrap has finished (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                pending = list(self.inflight.values())
+            if not pending:
+                return
+            for f in pending:
+                with contextlib.suppress(Exception):
+                    f.result(timeout=max(0.0, deadline - time.monotonic()))
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(pending)} bootstrap(s) still running")
+
+    # ------------------------------------------------------------ lifecycle bookkeeping
+    def _move(self, node_id: str, new: NodeState) -> None:
+        """Record a lifecycle change of a node the loop tracks (checked against ALLOWED)."""
+        tracked = self.tracked.get(node_id)
+        if tracked is None:
+            if new not in (NodeState.TERMINATING, NodeState.TERMINATED):
+                self.tracked[node_id] = _Tracked(new, since=self.clock())
+            return
+        if tracked.state == new:
+            return
+        check_transition(tracked.state, new)
+        tracked.state, tracked.since = new, self.clock()
+        if new == NodeState.TERMINATED:
+            self._forget(node_id)
+
+    def _forget(self, node_id: str) -> None:
+        self.tracked.pop(node_id, None)
+        self.missing_since.pop(node_id, None)
+
+    # ------------------------------------------------------------ running
+    def run(self) -> None:
+        """Tick every ``tick_seconds`` until ``stop`` is set; errors are logged, not fatal."""
+        while not self.stop.is_set():
+            try:
+                self.tick()
+            except Exception as e:
+                self.events.record("error", f"tick {self.ticks} failed: "
+                                   f"{type(e).__name__}: {e}")
+            self.stop.wait(self.tick_seconds)
+
+    def close(self) -> None:
+        """Stop the loop and let running bootstraps finish in the background."""
+        self.stop.set()
+        self._pool.shutdown(wait=False)
