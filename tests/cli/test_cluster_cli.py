@@ -102,3 +102,26 @@ def test_cli_local_cluster_round_trip(tmp_path, home):
         res = strato(home, "down", str(config), "-y")
     assert res.returncode == 0, res.stderr
     assert not (home / "local" / "cli").exists()
+
+
+def test_attach_opens_an_interactive_shell_on_the_head(tmp_path, home):
+    """`strato attach` in a real terminal: type a command, see its output, exit cleanly."""
+    pexpect = pytest.importorskip("pexpect")
+    config = _local(tmp_path / "a.yaml", "att")
+    res = strato(home, "up", str(config), "-y")
+    try:
+        assert res.returncode == 0, res.stderr + res.stdout
+        env = {**os.environ, "STRATO_HOME": str(home), "PS1": "$ "}
+        child = pexpect.spawn(sys.executable, ["-m", "strato.cli", "attach", str(config)],
+                              env=env, encoding="utf-8", timeout=30)
+        try:
+            child.sendline("echo attached-$((6*7))")
+            child.expect("attached-42")
+            child.sendline("exit 0")
+            child.expect(pexpect.EOF)
+        finally:
+            child.close(force=True)
+        assert child.exitstatus == 0
+    finally:
+        down = strato(home, "down", str(config), "-y")
+        assert down.returncode == 0, down.stderr
