@@ -14,6 +14,8 @@ from typing import Any
 
 import cloudpickle
 
+from strato.localfiles import atomic_write
+
 __all__ = ["save", "load", "delete"]
 
 _MISSING = object()
@@ -71,12 +73,7 @@ class _LocalDir:
 
     def put(self, key: str, data: bytes) -> None:
         os.makedirs(self.path, exist_ok=True)
-        path = self._file(key)
-        with open(path + ".tmp", "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
+        atomic_write(self._file(key), data)
 
     def get(self, key: str) -> bytes | None:
         try:

@@ -40,6 +40,7 @@ from typing import IO
 import paramiko
 
 from strato.exceptions import CommandError, LauncherError, SSHUnavailableError
+from strato.localfiles import strato_home
 
 log = logging.getLogger(__name__)
 # paramiko logs every refused connect at ERROR with a traceback; wait_for_ssh expects
@@ -180,11 +181,6 @@ def _describe(target: SSHTarget, host: str, port: int) -> str:
 
 
 # ---------------------------------------------------------------- host keys
-def strato_home() -> Path:
-    """Where strato keeps local state (``$STRATO_HOME``, default ``~/.strato``)."""
-    return Path(os.environ.get("STRATO_HOME") or Path.home() / ".strato").expanduser()
-
-
 def known_hosts_path() -> Path:
     return strato_home() / "known_hosts"
 

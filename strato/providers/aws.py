@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from strato.exceptions import CapacityError, ConfigError, ProviderError
+from strato.localfiles import strato_home
 from strato.providers.base import (
     TAG_CLUSTER,
     TAG_KIND,
@@ -30,6 +31,7 @@ from strato.providers.base import (
     NodeState,
     NodeTypeSpec,
 )
+from strato.providers.keys import public_key_from_private
 
 # Error codes that all mean "no capacity for this request here": the autoscaler treats
 # them alike (next zone, then on-demand), whatever EC2's wording.
@@ -98,11 +100,6 @@ def make_ec2_client(provider_config: Mapping[str, Any]) -> Any:
     )
 
 
-def strato_home() -> Path:
-    """Where strato keeps local state (``$STRATO_HOME``, default ``~/.strato``)."""
-    return Path(os.environ.get("STRATO_HOME") or "~/.strato").expanduser()
-
-
 def _error_code(exc: BaseException) -> str:
     return getattr(exc, "response", {}).get("Error", {}).get("Code", "") or ""
 
@@ -133,23 +130,6 @@ def _tags_dict(tags: Iterable[Mapping[str, str]] | None) -> dict[str, str]:
 
 def _aws_tags(tags: Mapping[str, str]) -> list[dict[str, str]]:
     return [{"Key": k, "Value": str(v)} for k, v in tags.items()]
-
-
-def public_key_from_private(private_key_path: str | os.PathLike[str]) -> str:
-    """OpenSSH public key line for a PEM or OpenSSH private key file (unencrypted)."""
-    from cryptography.hazmat.primitives import serialization
-
-    data = Path(private_key_path).expanduser().read_bytes()
-    try:
-        if b"OPENSSH PRIVATE KEY" in data:
-            key = serialization.load_ssh_private_key(data, password=None)
-        else:
-            key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"auth.ssh_private_key: cannot read {private_key_path}: {e}; "
-                          "give auth.ssh_public_key too") from e
-    return key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
 
 
 def _key_body(public_key: str) -> str:

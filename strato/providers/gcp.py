@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from strato.exceptions import CapacityError, ConfigError, ProviderError
+from strato.localfiles import strato_home
 from strato.providers.base import (
     TAG_CLUSTER,
     TAG_KIND,
@@ -39,6 +40,7 @@ from strato.providers.base import (
     NodeState,
     NodeTypeSpec,
 )
+from strato.providers.keys import ensure_key_pair, public_key_from_private
 
 COMPUTE_URL = "https://www.googleapis.com/compute/v1/"
 DEFAULT_NETWORK = "global/networks/default"
@@ -238,54 +240,6 @@ def machine_shape(machine_type: str) -> tuple[float | None, float | None, int, s
 
 
 # ------------------------------------------------------------------ ssh keys
-def strato_home() -> Path:
-    """Where strato keeps local state (``$STRATO_HOME``, default ``~/.strato``)."""
-    return Path(os.environ.get("STRATO_HOME") or "~/.strato").expanduser()
-
-
-def public_key_from_private(private_key_path: str | os.PathLike[str]) -> str:
-    """OpenSSH public key line for a PEM or OpenSSH private key (``<path>.pub`` if present)."""
-    from cryptography.hazmat.primitives import serialization
-
-    path = Path(private_key_path).expanduser()
-    pub = path.with_name(path.name + ".pub")
-    if pub.exists():
-        return pub.read_text().strip()
-    data = path.read_bytes()
-    try:
-        if b"OPENSSH PRIVATE KEY" in data:
-            key = serialization.load_ssh_private_key(data, password=None)
-        else:
-            key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"auth.ssh_private_key: cannot read {path}: {e}; "
-                          "give auth.ssh_public_key too") from e
-    return key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
-
-
-def ensure_key_pair(path: Path) -> str:
-    """Create an ed25519 key pair at ``path`` (0600) unless it exists; return the public key."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    if path.exists():
-        return public_key_from_private(path)
-    key = Ed25519PrivateKey.generate()
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                           serialization.PublicFormat.OpenSSH).decode()
-    public = f"{public} strato"
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(private)
-    os.chmod(path, 0o600)
-    path.with_name(path.name + ".pub").write_text(public + "\n")
-    return public
-
-
 # ------------------------------------------------------------------ errors
 def capacity_code(text: str) -> str | None:
     """The capacity code an error text amounts to, or None if it is not about capacity."""

@@ -14,21 +14,19 @@ nothing started yet -> pending.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
-import json
 import os
 import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from strato.exceptions import ProviderError
+from strato.localfiles import locked_json
 from strato.providers.base import TAG_CLUSTER, Node, NodeProvider, NodeState, NodeTypeSpec
 
 LOCAL_IP = "127.0.0.1"
@@ -50,25 +48,9 @@ class LocalProvider(NodeProvider):
         self.state_path = self.root / "nodes.json"
 
     # ------------------------------------------------------------ state file
-    @contextlib.contextmanager
-    def _state(self, write: bool = False) -> Iterator[dict[str, Any]]:
+    def _state(self, write: bool = False):
         """The records file, under an exclusive lock; written back atomically when ``write``."""
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(self.root / "nodes.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                state: dict[str, Any] = {"nodes": {}}
-                if self.state_path.exists():
-                    state = json.loads(self.state_path.read_text() or '{"nodes": {}}')
-                yield state
-                if write:
-                    tmp = self.state_path.with_suffix(f".{os.getpid()}.tmp")
-                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                    with os.fdopen(fd, "w") as f:
-                        json.dump(state, f, indent=2, sort_keys=True)
-                    os.replace(tmp, self.state_path)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        return locked_json(self.state_path, self.root / "nodes.lock", write)
 
     def _temp_dir_for(self, node_id: str) -> Path:
         """The node's directory; a short one under /tmp when STRATO_HOME is too deep for

@@ -23,17 +23,14 @@ imported lazily so listing and claiming never need it.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import logging
-import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from strato.exceptions import CapacityError, ConfigError, ProviderError
+from strato.localfiles import locked_json, strato_home
 from strato.providers.base import (
     TAG_CLUSTER,
     TAG_KIND,
@@ -51,7 +48,7 @@ STOP_TIMEOUT = 20.0
 
 
 def _state_dir() -> Path:
-    return Path(os.environ.get("STRATO_HOME") or Path.home() / ".strato").expanduser() / "ssh"
+    return strato_home() / "ssh"
 
 
 class SSHProvider(NodeProvider):
@@ -76,26 +73,9 @@ class SSHProvider(NodeProvider):
         self.state_path = _state_dir() / f"{cluster_name}.json"
 
     # ------------------------------------------------------------ state file
-    @contextlib.contextmanager
-    def _state(self, write: bool = False) -> Iterator[dict[str, Any]]:
+    def _state(self, write: bool = False):
         """The claims file, under an exclusive lock; written back atomically when ``write``."""
-        self.state_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        lock_path = self.state_path.with_suffix(".lock")
-        with open(lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                state: dict[str, Any] = {"nodes": {}}
-                if self.state_path.exists():
-                    state = json.loads(self.state_path.read_text() or '{"nodes": {}}')
-                yield state
-                if write:
-                    tmp = self.state_path.with_suffix(f".{os.getpid()}.tmp")
-                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                    with os.fdopen(fd, "w") as f:
-                        json.dump(state, f, indent=2, sort_keys=True)
-                    os.replace(tmp, self.state_path)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        return locked_json(self.state_path, self.state_path.with_suffix(".lock"), write)
 
     def _node(self, ip: str, record: Mapping[str, Any]) -> Node:
         return Node(id=ip, state=NodeState.RUNNING, tags=dict(record.get("tags", {})),

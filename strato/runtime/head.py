@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from strato.exceptions import ActorDiedError
+from strato.localfiles import atomic_write
 from strato.runtime import scheduler
 from strato.runtime.serialization import serialize
 from strato.runtime.spec import TaskSpec
@@ -411,13 +412,7 @@ class HeadService:
 
     def rpc_checkpoint_save(self, key: str, data: bytes) -> int:
         """Write atomically to the head's disk, so a replacement worker can resume."""
-        import os
-        path = self._checkpoint_path(key)
-        with open(path + ".tmp", "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
+        atomic_write(self._checkpoint_path(key), data)
         return len(data)
 
     def rpc_checkpoint_load(self, key: str):

@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import pytest
 
 import strato
 from strato.runtime.control import start_node, stop_nodes
-from tests.runtime.test_preemption import MetadataServer
+from tests.runtime.test_preemption import MetadataServer, _wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "spot_training.py"
 
@@ -41,16 +40,6 @@ def _kill_node(pid: int) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(victims, timeout=10)
-
-
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.mark.timeout(120)
