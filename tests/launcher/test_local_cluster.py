@@ -193,3 +193,26 @@ def test_min_workers_override_and_workers_only_down(tmp_path, strato_home):
     assert [n.kind for n in nodes] == ["head"] and StateDB().get("few") is not None
     commands.down(config, yes=True)
     assert StateDB().get("few") is None and LocalProvider({}, "few").list_nodes() == []
+
+
+def test_file_mounts_and_setup_commands_reach_every_node(tmp_path):
+    """file_mounts are copied before initialization/setup commands run, on head and workers."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "data.txt").write_text("mounted-content\n")
+    mount = tmp_path / "mounted"
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    config = _config(
+        tmp_path / "fm.yaml", "fm",
+        file_mounts={str(mount): str(source)},
+        initialization_commands=[f"test -f {mount}/data.txt"],
+        setup_commands=[f"cat {mount}/data.txt > {marks}/$RANDOM$RANDOM"],
+    )
+    commands.up(config, yes=True, min_workers_override=1)
+    try:
+        assert (mount / "data.txt").read_text() == "mounted-content\n"
+        seen = [p.read_text() for p in marks.iterdir()]
+        assert seen == ["mounted-content\n"] * 2  # the head and one worker
+    finally:
+        commands.down(config, yes=True)
