@@ -131,13 +131,16 @@ def register(cli: click.Group) -> None:
     @config_argument
     @click.argument("script", type=click.Path(exists=True, dir_okay=False))
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    @click.option("--spot-recovery", type=click.IntRange(min=0), default=0, show_default=True,
+                  help="Relaunch the job up to N times (with STRATO_RESUME=1) when it fails "
+                       "after a node was preempted or lost.")
     @_handle_errors
-    def submit(config: str, script: str, args: tuple[str, ...]) -> None:
+    def submit(config: str, script: str, args: tuple[str, ...], spot_recovery: int) -> None:
         """Upload SCRIPT to the head and run it there (args after `--` go to it)."""
         from strato.launcher import commands
 
         _warn_config(config)
-        sys.exit(commands.submit(config, script, list(args)))
+        sys.exit(commands.submit(config, script, list(args), spot_recovery=spot_recovery))
 
     @cli.command()
     @config_argument
@@ -202,6 +205,12 @@ def register(cli: click.Group) -> None:
         for d in rt.get("demand") or []:
             _out.print(f"  pending: {d.get('count')} x {d.get('shape')}"
                        + (" (infeasible)" if d.get("infeasible") else ""))
+        problems = (info.get("autoscaler") or {}).get("launch_problems") or []
+        if problems:
+            _out.print("why launches failed (latest):")
+            for ev in problems[-5:]:
+                when = time.strftime("%H:%M:%S", time.localtime(ev.get("time", 0)))
+                _out.print(f"  {when} {ev.get('kind')}: {ev.get('message')}", markup=False)
         if info["events"]:
             _out.print("recent events:")
             for ev in info["events"][-10:]:

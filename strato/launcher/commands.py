@@ -9,6 +9,7 @@ node's name as prefix and kept under ``$STRATO_HOME/logs/<cluster>/``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -51,6 +52,8 @@ HEAD = NodeKind.HEAD.value
 WORKER = NodeKind.WORKER.value
 DOWN_CONNECT_TIMEOUT = 5.0   # `down` must not wait long for a node that is gone
 PARALLEL_BOOTSTRAPS = 16
+STATUS_EVENTS = 20           # recent events `status` returns
+LAUNCH_PROBLEMS = ("capacity-error", "fallback", "launch-failed", "setup-failed")
 
 
 def _say(message: str) -> None:
@@ -448,9 +451,18 @@ def exec_(config_path: str | os.PathLike, cmd: str, node: str = "head") -> int:
 
 
 def submit(config_path: str | os.PathLike, script: str | os.PathLike,
-           args: Sequence[str] = ()) -> int:
+           args: Sequence[str] = (), spot_recovery: int = 0) -> int:
     """Upload ``script`` to the head and run it there with the cluster's address in the
-    environment (``strato.init(address="auto")`` connects); returns its exit code."""
+    environment (``strato.init(address="auto")`` connects); returns its exit code.
+
+    ``spot_recovery``: relaunch the job up to this many times with ``STRATO_RESUME=1``
+    when it was preempted. A job counts as preempted when it exits non-zero and the head
+    recorded a node loss (spot preemption notice or a node's death) while it ran: the job
+    itself runs on the head, so it dies of the workers it used being taken away. A job
+    that fails with no node lost is not relaunched.
+    """
+    if spot_recovery < 0:
+        raise LauncherError(f"submit: --spot-recovery must be >= 0 (got {spot_recovery})")
     script = Path(script)
     if not script.is_file():
         raise LauncherError(f"submit: no such script {script}")
@@ -462,9 +474,41 @@ def submit(config_path: str | os.PathLike, script: str | os.PathLike,
     runner.put(script, f"{workdir}/{script.name}")
     python = cluster.runtime_python(head.node_type or "")
     argv = " ".join(shlex.quote(a) for a in [script.name, *args])
-    code, _ = runner.run(f"cd {shell_path(workdir)} && exec {python} -u {argv}", env=env,
-                         check=False)
-    return code
+    command = f"cd {shell_path(workdir)} && exec {python} -u {argv}"
+    recoveries = 0
+    while True:
+        since = _node_losses(cluster, head)["now"] if spot_recovery else None
+        code, _ = runner.run(command, env=env, check=False)
+        if code == 0 or recoveries >= spot_recovery:
+            return code
+        losses = _node_losses(cluster, head, since).get("losses")
+        if not losses:
+            return code
+        recoveries += 1
+        what = f"{losses[-1].get('kind')} of node {str(losses[-1].get('node'))[:8]}"
+        message = (f"job {script.name} exited {code} after a {what}; relaunching with "
+                   f"STRATO_RESUME=1 (recovery {recoveries} of {spot_recovery})")
+        _say(message)
+        cluster.state.add_event(cluster.name, message)
+        env["STRATO_RESUME"] = "1"
+
+
+def _node_losses(cluster: Cluster, head: Node, since: float | None = None) -> dict[str, Any]:
+    """Node-loss events of the head's runtime at or after ``since`` (the head's clock)."""
+    cmd = (f"{cluster.runtime_python(head.node_type or '')} -m "
+           f"strato.launcher.autoscaler.events --temp-dir {cluster.temp_dir(head)}")
+    if since is not None:
+        cmd += f" --since {since!r}"
+    try:
+        _, tail = cluster.runner(head, echo=False).run(cmd, check=False, quiet=True,
+                                                      timeout=60)
+    except LauncherError:
+        return {"now": time.time(), "losses": None}
+    for line in reversed(tail.splitlines()):
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                return json.loads(line)
+    return {"now": time.time(), "losses": None}
 
 
 def attach(config_path: str | os.PathLike) -> int:
@@ -506,6 +550,7 @@ def status(config_path: str | os.PathLike) -> dict[str, Any]:
     info = cluster.runtime_info(head, timeout=20) if head is not None else None
     by_id = {n.get("Labels", {}).get(TAG_NODE_ID_LABEL): n for n in (info or {}).get("nodes", [])}
     record = cluster.state.get(cluster.name)
+    auto_events = _autoscaler_events(cluster, head)
     now = time.time()
     out_nodes = []
     for n in nodes:
@@ -537,8 +582,42 @@ def status(config_path: str | os.PathLike) -> dict[str, Any]:
         "runtime": {"reachable": info is not None,
                     "nodes_alive": sum(1 for n in (info or {}).get("nodes", []) if n.get("Alive")),
                     "demand": (info or {}).get("demand", [])},
-        "events": cluster.state.events(cluster.name),
+        "events": _merge_events(cluster.state.events(cluster.name), auto_events),
+        "autoscaler": {
+            "events": auto_events[-STATUS_EVENTS:],
+            # why nodes are missing: capacity errors, fallbacks, failed launches and setups
+            "launch_problems": [e for e in auto_events if e.get("kind") in LAUNCH_PROBLEMS
+                                ][-STATUS_EVENTS:],
+        },
     }
+
+
+def _autoscaler_events(cluster: Cluster, head: Node | None) -> list[dict[str, Any]]:
+    """The autoscaler's decision log: here (local monitor) or fetched from the head."""
+    from strato.launcher.autoscaler.events import EVENTS_FILE, read_events
+
+    if cluster.monitor_mode == "local" or head is None:
+        return read_events(cluster.state.log_dir(cluster.name) / EVENTS_FILE, 200)
+    if cluster.monitor_mode == "off":
+        return []
+    remote = f"{cluster.monitor_dir(head)}/home/logs/{cluster.name}/{EVENTS_FILE}"
+    with tempfile.TemporaryDirectory(prefix="strato-events-") as tmp:
+        try:
+            cluster.runner(head, echo=False, connect_timeout=10).get(remote, f"{tmp}/events")
+        except (LauncherError, OSError):
+            return []
+        return read_events(f"{tmp}/events", 200)
+
+
+def _merge_events(launcher: list[dict[str, Any]],
+                  autoscaler: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Launcher and autoscaler events in one timeline (``kind: message`` for the latter)."""
+    merged = list(launcher) + [
+        {"time": e.get("time", 0.0), "node": e.get("node") or "",
+         "message": f"autoscaler {e.get('kind', 'event')}: {e.get('message', '')}"}
+        for e in autoscaler]
+    merged.sort(key=lambda e: e["time"])
+    return merged[-STATUS_EVENTS:]
 
 
 def logs(config_path: str | os.PathLike, node: str | None = None, lines: int = 200) -> str:

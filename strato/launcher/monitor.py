@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = pid_file.with_suffix(".tmp")
     tmp.write_text(f"{os.getpid()}\n")
     tmp.replace(pid_file)
-    print(f"{time.strftime('%H:%M:%S')} autoscaler of cluster {cluster.name!r} started "
-          f"(pid {os.getpid()}, tick {autoscaler.tick_seconds:g}s)", flush=True)
+    print(f"{time.strftime('%H:%M:%S')} monitor of cluster {cluster.name!r} started "
+          f"(autoscaler, pid {os.getpid()}, tick {autoscaler.tick_seconds:g}s)", flush=True)
     try:
         autoscaler.run()
     finally:

@@ -764,7 +764,7 @@ class NodeAgent:
                     fns[spec.function_id] = self.fns.get(spec.function_id)
                     w.sent_fns.add(spec.function_id)
             self._prefetch_then_send(w, specs, fns)
-        if self.idle_workers or self.ready_count():
+        if self.ready_count():  # queued work: busy (pooled idle processes are not work)
             self.idle_since = None
 
     def _worker_for(self, key: tuple, shape: dict) -> Worker | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import urllib.error
 import urllib.request
 
@@ -56,6 +57,36 @@ CHECKS = {"aws": (check_aws, "STRATO_AWS_METADATA_URL", AWS_DEFAULT),
           "gcp": (check_gcp, "STRATO_GCE_METADATA_URL", GCP_DEFAULT)}
 
 
+async def _in_daemon_thread(fn, *args):
+    """Run a blocking call in a daemon thread. Unlike ``asyncio.to_thread`` (whose executor
+    ``asyncio.run`` joins), a stopping node never waits for a metadata request in flight
+    (one to an unreachable metadata address can block for its whole timeout)."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def run() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:  # handed to the awaiting coroutine
+            result, error = None, exc
+
+        def deliver() -> None:
+            if future.done():
+                return
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+        try:
+            loop.call_soon_threadsafe(deliver)
+        except RuntimeError:  # the loop closed meanwhile: nobody waits for the answer
+            pass
+
+    threading.Thread(target=run, name="spot-notice", daemon=True).start()
+    return await future
+
+
 async def watch(cloud: str, on_notice, interval: float = 1.0) -> None:
     """Poll the metadata service until a notice appears, then call ``on_notice(text)``."""
     check, env, default = CHECKS[cloud]
@@ -63,7 +94,7 @@ async def watch(cloud: str, on_notice, interval: float = 1.0) -> None:
     failures = 0
     while True:
         try:
-            notice = await asyncio.to_thread(check, base)
+            notice = await _in_daemon_thread(check, base)
             failures = 0
         except (urllib.error.URLError, OSError) as exc:
             failures += 1

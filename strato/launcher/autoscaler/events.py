@@ -71,3 +71,52 @@ def read_events(path: str | os.PathLike[str], limit: int | None = None) -> list[
         if isinstance(event, dict):
             out.append(event)
     return out
+
+
+# ---------------------------------------------------------------- runtime events (submit)
+# Head runtime events that mean a node was lost (or is about to be): a job that fails
+# after one of these is treated as preempted by `strato submit --spot-recovery`.
+NODE_LOSS_KINDS = ("preemption-notice", "node-dead")
+
+
+def runtime_node_losses(temp_dir: str, since: float | None) -> dict[str, Any]:
+    """``{"now": head clock, "losses": [...]}``: node-loss events of the head at or after
+    ``since`` (head clock), read through a driver attached to the node in ``temp_dir``."""
+    import contextlib
+    import io
+
+    import strato
+    from strato.runtime.api import head_rpc
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        strato.init(address="auto", temp_dir=temp_dir, log_to_driver=False)
+    try:
+        events = head_rpc("events")
+    finally:
+        strato.shutdown()
+    losses = [e for e in events if e.get("kind") in NODE_LOSS_KINDS
+              and (since is None or float(e.get("time", 0.0)) >= since)]
+    return {"now": time.time(), "losses": losses}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m strato.launcher.autoscaler.events``: print node losses as one JSON line."""
+    import argparse
+    import sys
+
+    from strato.runtime.session import DEFAULT_TEMP_DIR
+
+    parser = argparse.ArgumentParser(prog="strato.launcher.autoscaler.events")
+    parser.add_argument("--temp-dir", default=DEFAULT_TEMP_DIR)
+    parser.add_argument("--since", type=float, default=None)
+    args = parser.parse_args(argv)
+    try:
+        out = runtime_node_losses(args.temp_dir, args.since)
+    except Exception as e:  # the head may be gone: say so, in JSON
+        out = {"now": time.time(), "losses": None, "error": f"{type(e).__name__}: {e}"}
+    sys.stdout.write(json.dumps(out, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

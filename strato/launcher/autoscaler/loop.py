@@ -383,7 +383,10 @@ class Autoscaler:
                 return []
             self.backoffs = clear_backoff(self.backoffs, t, zone, spot)
             ids = [n.id for n in created]
-            self.events.record("launch", f"{len(created)} x {t} {where}: {launch.reason}",
+            reason = launch.reason
+            if info.spot and not spot and "fallback to on-demand" not in reason:
+                reason += "; fallback to on-demand: no spot capacity in any zone"
+            self.events.record("launch", f"{len(created)} x {t} {where}: {reason}",
                                node_type=t, zone=zone, spot=spot, nodes=ids, tick=self.ticks)
             for n in created:
                 self.tracked[n.id] = _Tracked(NodeState.QUEUED, since=now)

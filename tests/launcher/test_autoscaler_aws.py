@@ -1,0 +1,210 @@
+"""The autoscaler loop against moto: launch, spot replacement, zone and on-demand fallback.
+
+No SSH and no runtime: ``Autoscaler.tick()`` runs with a stub head (demand and runtime
+nodes from plain data) and a fake bootstrapper that only tags the node up to date.
+moto's instance IPs are never contacted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+
+from strato.launcher.autoscaler.events import EventLog
+from strato.launcher.autoscaler.loop import Autoscaler
+from strato.launcher.bootstrap import TAG_NODE_ID_LABEL, start_args
+from strato.launcher.cluster import Cluster
+from strato.launcher.commands import _new_tags
+from strato.launcher.config import load_config_from_dict
+from strato.launcher.state import StateDB
+from strato.providers.base import TAG_STATUS, Node, NodeStatus
+from tests.harness.moto_server import inject_capacity_error, interrupt_spot_instance
+
+pytestmark = pytest.mark.timeout(60)
+
+ZONES = ["us-east-1a", "us-east-1b"]
+
+
+class StubHead:
+    """The head's view as plain data: every bootstrapped, still-running machine is alive."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.started: set[str] = set()
+        self.demand: list[dict[str, Any]] = []
+        self.drained: list[tuple[str, str]] = []
+
+    def view(self) -> Mapping[str, Any]:
+        alive = {n.id for n in self.cluster.nodes()}
+        nodes = [{"node_id": f"rt-{i}", "labels": {TAG_NODE_ID_LABEL: i}, "alive": True,
+                  "draining": False, "available": {"CPU": 0.0}, "num_actors": 0,
+                  "object_store_used": 0, "idle_seconds": 0.0}
+                 for i in sorted(self.started & alive)]
+        return {"demand": self.demand, "nodes": nodes}
+
+    def drain(self, node_hex: str, reason: str) -> None:
+        self.drained.append((node_hex, reason))
+
+    def bootstrap(self, node: Node, setup: bool) -> None:
+        self.cluster.provider.set_tags(node.id, {TAG_STATUS: NodeStatus.UP_TO_DATE.value})
+        self.started.add(node.id)
+
+
+@pytest.fixture
+def cluster(moto_endpoint, tmp_path, monkeypatch) -> Cluster:
+    monkeypatch.setenv("STRATO_HOME", str(tmp_path / "home"))
+    config = load_config_from_dict({
+        "cluster_name": "as",
+        "provider": {"type": "aws", "region": "us-east-1"},
+        "autoscaler": {"tick_seconds": 0.1},
+        "available_node_types": {
+            "head": {"node_config": {"InstanceType": "t3.medium"}, "zones": ZONES[:1]},
+            "spot": {"node_config": {"InstanceType": "m5.large"}, "spot": True,
+                     "fallback_to_on_demand": True, "zones": ZONES,
+                     "min_workers": 1, "max_workers": 3},
+        },
+        "head_node_type": "head",
+    })
+    c = Cluster(config, state=StateDB(tmp_path / "home"), echo=False)
+    c.prepare()
+    c.token = "test-token"
+    head = c.provider.create_nodes(config.node_type_spec("head"), 1,
+                                   _new_tags(c, "head", "head"))[0]
+    c.provider.set_tags(head.id, {TAG_STATUS: NodeStatus.UP_TO_DATE.value})
+    return c
+
+
+def _autoscaler(cluster: Cluster, tmp_path, **kw) -> tuple[Autoscaler, StubHead]:
+    stub = StubHead(cluster)
+    kw.setdefault("bootstrapper", stub.bootstrap)
+    auto = Autoscaler(cluster, runtime=stub, events=EventLog(tmp_path / "events.jsonl"),
+                      head_address="10.0.0.1:6380", **kw)
+    stub.started.add(cluster.require_head().id)
+    return auto, stub
+
+
+def _workers(ec2) -> list[dict]:
+    out = []
+    for r in ec2.describe_instances(Filters=[
+            {"Name": "tag:strato-node-kind", "Values": ["worker"]},
+            {"Name": "instance-state-name", "Values": ["pending", "running"]}])["Reservations"]:
+        out += r["Instances"]
+    return out
+
+
+def _kinds(auto: Autoscaler) -> list[str]:
+    return [e["kind"] for e in auto.events.read()]
+
+
+def test_spot_worker_preempted_is_replaced(cluster, tmp_path):
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    auto, stub = _autoscaler(cluster, tmp_path)
+    auto.tick()  # min_workers 1 -> one spot worker in the first zone
+    auto.wait_for_bootstraps()
+    (first,) = _workers(ec2)
+    assert first.get("InstanceLifecycle") == "spot"
+    assert first["Placement"]["AvailabilityZone"] == ZONES[0]
+    spot_node = cluster.provider.list_nodes({"strato-node-kind": "worker"})[0]
+    args = start_args(cluster, spot_node, "10.0.0.1:6380")  # spot on aws: watch the notice
+    assert args[args.index("--spot-notice") + 1] == "aws"
+    assert auto.tick().is_noop
+
+    interrupt_spot_instance(first["InstanceId"])
+    decision = auto.tick()
+    auto.wait_for_bootstraps()
+    (second,) = _workers(ec2)
+    assert second["InstanceId"] != first["InstanceId"]
+    assert second.get("InstanceLifecycle") == "spot"
+    assert f"replace preempted node {first['InstanceId']}" in decision.launch[0].reason
+    events = auto.events.read()
+    preempted = [e for e in events if e["kind"] == "preempted"]
+    assert [e["node"] for e in preempted] == [first["InstanceId"]]
+    assert "replace preempted" in [e for e in events if e["kind"] == "launch"][-1]["message"]
+    assert auto.tick().is_noop and _kinds(auto).count("preempted") == 1
+
+
+def test_capacity_error_moves_to_the_next_zone_in_the_same_tick(cluster, tmp_path):
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    auto, _ = _autoscaler(cluster, tmp_path)
+    undo = inject_capacity_error(cluster.provider.ec2, zones=ZONES[:1])
+    try:
+        auto.tick()
+    finally:
+        undo()
+    (worker,) = _workers(ec2)
+    assert worker["Placement"]["AvailabilityZone"] == ZONES[1]
+    assert worker.get("InstanceLifecycle") == "spot"
+    events = auto.events.read()
+    assert [e["kind"] for e in events][:2] == ["capacity-error", "launch"]
+    assert events[0]["zone"] == ZONES[0] and events[0]["code"] == "InsufficientInstanceCapacity"
+    assert events[1]["tick"] == events[0]["tick"] == 1
+
+
+def _inject_spot_capacity_error(ec2_client) -> None:
+    """InsufficientInstanceCapacity for every spot request, in every zone."""
+    def handler(params: dict[str, Any], **_: Any) -> None:
+        if params.get("InstanceMarketOptions"):
+            raise ClientError({"Error": {"Code": "InsufficientInstanceCapacity",
+                                         "Message": "no spot capacity (injected)"}},
+                              "RunInstances")
+
+    ec2_client.meta.events.register("before-parameter-build.ec2.RunInstances", handler,
+                                    unique_id="strato-test-spot-capacity")
+
+
+def test_no_spot_capacity_anywhere_falls_back_to_on_demand(cluster, tmp_path):
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    auto, stub = _autoscaler(cluster, tmp_path)
+    _inject_spot_capacity_error(cluster.provider.ec2)
+    auto.tick()
+    auto.wait_for_bootstraps()
+    (worker,) = _workers(ec2)
+    assert worker.get("InstanceLifecycle") != "spot"
+    events = auto.events.read()
+    assert [e["kind"] for e in events][:4] == ["capacity-error", "capacity-error", "fallback",
+                                              "launch"]
+    first_error = events[0]
+    launch = events[3]
+    assert launch["spot"] is False and "fallback to on-demand" in launch["message"]
+    ticks = launch["tick"] - first_error["tick"] + 1
+    print(f"\nFIGURE ticks from capacity error to fallback launch: {ticks}")
+    assert ticks == 1
+
+    # backed off: more demand launches on demand directly, no retry storm on spot
+    stub.demand = [{"shape": {"CPU": 2}, "count": 2, "infeasible": False}]
+    auto.tick()
+    assert _kinds(auto).count("capacity-error") == 2
+    assert sum(w.get("InstanceLifecycle") != "spot" for w in _workers(ec2)) == 2
+
+
+def test_failed_setup_is_retried_with_backoff_then_replaced(cluster, tmp_path):
+    now = [1000.0]
+    attempts: list[str] = []
+
+    def failing(node: Node, setup: bool) -> None:
+        attempts.append(node.id)
+        raise RuntimeError("setup command exited 1")
+
+    auto, _ = _autoscaler(cluster, tmp_path, bootstrapper=failing, clock=lambda: now[0])
+    auto.tick()
+    auto.wait_for_bootstraps()
+    (bad,) = set(attempts)
+    auto.tick()  # the retry waits for its backoff: nothing new
+    auto.wait_for_bootstraps()
+    assert attempts == [bad]
+    for step in (11.0, 21.0):  # 10 s, then 20 s
+        now[0] += step
+        auto.tick()
+        auto.wait_for_bootstraps()
+    assert attempts == [bad] * 3
+    now[0] += 41.0
+    decision = auto.tick()  # at the limit (3): terminated and replaced in one tick
+    auto.wait_for_bootstraps()
+    assert [t.node_id for t in decision.terminate] == [bad]
+    assert len(set(attempts)) == 2
+    assert cluster.provider.list_nodes({"strato-node-kind": "worker"})[0].id != bad
+    assert _kinds(auto).count("setup-failed") == 4
