@@ -37,6 +37,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+SOURCE_ROOT = Path(__import__("strato").__file__).resolve().parents[1]  # what hosts import
 INSTALL_SCRIPT = REPO / "scripts" / "install-system-deps.sh"
 SSHD = "/usr/sbin/sshd"
 WORK_ROOT = Path("/var/tmp")          # shared with the hosts (their /tmp is private)
@@ -48,10 +49,15 @@ START_TIMEOUT = 15.0
 # (daemonised runtimes end up here); when it dies the kernel kills the whole namespace.
 _INIT = r'''
 import os, signal, socket, subprocess, sys
-hostname, hosts_file, resolv_conf, config, log = sys.argv[1:6]
+hostname, hosts_file, resolv_conf, config, log, source, park = sys.argv[1:8]
 socket.sethostname(hostname)
+if source:  # the strato source lives under /tmp: keep it visible under the private /tmp
+    subprocess.run(["mount", "--bind", source, park], check=True)
 for where in ("/tmp", "/dev/shm"):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=1777", "tmpfs", where], check=True)
+if source:
+    os.makedirs(source, exist_ok=True)
+    subprocess.run(["mount", "--move", park, source], check=True)
 subprocess.run(["mount", "--bind", hosts_file, "/etc/hosts"], check=True)
 subprocess.run(["mount", "--bind", resolv_conf, "/etc/resolv.conf"], check=True)
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -272,6 +278,17 @@ class SSHHostNetwork:
         self._start(host)
         return host
 
+    @staticmethod
+    def _source_mount(hdir: Path) -> list[str]:
+        """The hosts run this machine's strato; when its source tree is under /tmp (a CI
+        clone, say), the host's private /tmp would hide it, so init binds it back."""
+        source = SOURCE_ROOT
+        if source.parts[:2] != ("/", "tmp"):
+            return ["", ""]
+        park = hdir / "source"
+        park.mkdir(exist_ok=True)
+        return [str(source), str(park)]
+
     def _start(self, host: Host) -> None:
         """Start the host's namespaced init + sshd and wait until sshd sends its banner."""
         assert self.workdir is not None
@@ -284,7 +301,7 @@ class SSHHostNetwork:
              "--mount-proc", sys.executable, "-I", str(hdir / "init.py"),
              host.hostname, str(self.hosts_file), str(self.resolv_conf),
              str(hdir / "sshd_config"),
-             str(hdir / "sshd.log")],
+             str(hdir / "sshd.log"), *self._source_mount(hdir)],
             stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
         out.close()
         host.pid = host._proc.pid
