@@ -183,9 +183,11 @@ def start_args(cluster: Cluster, node: Node, head_address: str | None) -> list[s
         args += ["--num-gpus", f"{resources.pop('GPU'):g}"]
     if resources:
         args += ["--resources", json.dumps(resources, sort_keys=True)]
-    if node.spot and cluster.kind in SPOT_NOTICE_CLOUDS:
+    notice = cluster.kind if cluster.kind in SPOT_NOTICE_CLOUDS else \
+        cluster.config.provider.spot_notice
+    if node.spot and notice:
         # the node agent watches the cloud's notice so the head drains it before reclaim
-        args += ["--spot-notice", cluster.kind]
+        args += ["--spot-notice", notice]
     labels = {TAG_CLUSTER: cluster.name, TAG_KIND: node.kind or "", TAG_NODE_TYPE: node_type,
               TAG_NODE_ID_LABEL: node.id}
     return [*args, "--labels", json.dumps(labels, sort_keys=True)]

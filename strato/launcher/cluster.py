@@ -84,7 +84,7 @@ class Cluster:
     def monitor_mode(self) -> str:
         """Where the monitor runs: ``head`` (beside the head service), ``local`` (this
         machine) or ``off``; from env ``STRATO_MONITOR`` or ``provider.monitor``."""
-        mode = os.environ.get("STRATO_MONITOR") or self.config.provider.extras.get("monitor")
+        mode = os.environ.get("STRATO_MONITOR") or self.config.provider.monitor
         if not mode:
             mode = "local" if self.is_local else "head"
         if mode not in MONITOR_MODES:
@@ -96,7 +96,7 @@ class Cluster:
     def head_port(self) -> int:
         if self.is_local:
             return 0  # any free port: several local clusters may run side by side
-        return int(self.config.provider.extras.get("head_port", DEFAULT_HEAD_PORT))
+        return self.config.provider.head_port
 
     # ------------------------------------------------------------ hashes
     def launch_hash(self, node_type: str) -> str:

@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
@@ -70,6 +70,11 @@ class ProviderConfig(BaseModel):
     worker_ips: list[str] = Field(default_factory=list)
     endpoint_url: str | None = None  # aws: EC2 endpoint override (tests point it at moto)
     api_endpoint: str | None = None  # gcp: Compute API endpoint override
+    monitor: Literal["head", "local", "off"] | None = None  # where the autoscaler runs
+    head_port: int = Field(6380, ge=1, le=65535)  # the head's runtime port
+    # local provider: spot nodes watch this cloud's notice format (base URL from
+    # STRATO_AWS_METADATA_URL / STRATO_GCE_METADATA_URL), to rehearse preemptions locally
+    spot_notice: Literal["aws", "gcp"] | None = None
 
     @property
     def extras(self) -> dict[str, Any]:
