@@ -145,3 +145,52 @@ def test_checkpoint_roundtrip_local_uri(tmp_path):
         strato.checkpoint.save("", 1, uri=str(tmp_path))
     with pytest.raises(ValueError, match="uri"):
         strato.checkpoint.save("k", 1, uri="ftp://x/y")
+
+
+def test_gcp_notice_format_needs_the_metadata_flavor_header():
+    """GCE answers instance/preempted with FALSE, then TRUE, only to Metadata-Flavor: Google."""
+    from strato.runtime import preemption
+
+    state = {"preempted": False, "headers_ok": True}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.headers.get("Metadata-Flavor") != "Google":
+                state["headers_ok"] = False
+                self.send_response(403)
+                self.end_headers()
+                return
+            body = b"TRUE" if state["preempted"] else b"FALSE"
+            self.send_response(200 if self.path == "/computeMetadata/v1/instance/preempted"
+                               else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        assert preemption.check_gcp(base) is None
+        state["preempted"] = True
+        assert preemption.check_gcp(base) == "preempted"
+        assert state["headers_ok"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_s3_checkpoints_against_moto(moto_endpoint):
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="ckpt")
+    strato.checkpoint.save("run/1", {"step": 40}, uri="s3://ckpt/experiments")
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="ckpt")["Contents"]]
+    assert keys == ["experiments/run/1"]
+    assert strato.checkpoint.load("run/1", uri="s3://ckpt/experiments") == {"step": 40}
+    assert strato.checkpoint.load("run/2", default="none", uri="s3://ckpt/experiments") == "none"
+    assert strato.checkpoint.delete("run/1", uri="s3://ckpt/experiments")
+    assert strato.checkpoint.load("run/1", uri="s3://ckpt/experiments") is None
