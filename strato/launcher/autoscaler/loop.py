@@ -217,6 +217,9 @@ class Autoscaler:
             why = ("its runtime process died" if self.cluster.is_local
                    else f"the machine is {node.state.value}")
             dead.append((node, "preempted by the cloud" if node.preempted else why))
+            if node.preempted:  # stopped, not deleted (GCE STOP action): say so as well
+                self.events.record("preempted", "the cloud stopped this spot node",
+                                   node=node.id, node_type=node.node_type, tick=self.ticks)
             return gone
         if node.id in self.inflight:
             return NodeInfo(state=NodeState.SETTING_UP, **base)
