@@ -145,7 +145,10 @@ def test_local_cluster_up_exec_submit_status_down(tmp_path, strato_home):
 def test_setup_failure_is_retried_and_changes_are_applied(tmp_path, strato_home):
     marker = tmp_path / "fail"
     marker.touch()
+    # the autoscaler would retry failed setups on its own (tested elsewhere); here it is
+    # off so the tags reflect only what `up` did
     config = _config(tmp_path / "c.yaml", "retry",
+                     provider={"type": "local", "monitor": "off"},
                      worker_setup_commands=[f"echo checking; test ! -e {marker}"])
     with pytest.raises(LauncherError) as info:
         commands.up(config, yes=True)
