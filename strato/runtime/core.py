@@ -228,12 +228,21 @@ class CoreWorker:
 
     def release(self, oid: bytes) -> None:
         """The last local ref is gone: forget the value; the owner frees the object."""
-        self.values.pop(oid, None)
+        value = self.values.pop(oid, None)
         if oid in self.owned:
             self.owned.discard(oid)
             size = self.recyclable.pop(oid, None)
             if size is not None:
                 self.pool.add(oid, size)
+            elif oid not in self.escaped and value is not None and value[0] == "node" \
+                    and value[1] == self.node_id:
+                # nobody else holds a ref: give the memory back now rather than when the
+                # agent gets to the free (it may lag behind a tight loop); mappings that
+                # exist stay valid, and the agent's delete then only fixes its accounting
+                try:
+                    os.unlink(os.path.join(self.store_paths[0], oid.hex()))
+                except OSError:
+                    pass
             if oid not in self.escaped:
                 self._to_free.append(oid)
                 if len(self._to_free) >= 1000:
