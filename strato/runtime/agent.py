@@ -24,7 +24,7 @@ from strato.exceptions import (
 from strato.runtime import scheduler
 from strato.runtime.protocol.framing import FrameProtocol
 from strato.runtime.serialization import serialize
-from strato.runtime.spec import ACTOR_CALL, ACTOR_CREATE, ReturnValue, TaskSpec
+from strato.runtime.spec import ACTOR_CALL, ReturnValue, TaskSpec
 from strato.runtime.store import ObjectStore
 
 log = logging.getLogger("strato.agent")
@@ -392,7 +392,7 @@ class NodeAgent:
 
     def _c_actor_create(self, client: Client, msg) -> None:
         spec, meta = msg[1], msg[2]
-        self.owned_tasks[spec.task_id] = (spec, None)
+        # the head owns creation from here (placement, restarts); nothing to track here
         self.head.send(("actor_register", spec, meta, self.fns.get(spec.function_id)))
 
     def _c_actor_call(self, client: Client, msg) -> None:
@@ -994,9 +994,6 @@ class NodeAgent:
             self._on_node_dead(msg[1])
         elif kind == "drain":
             self._drain()
-        elif kind == "actor_created":
-            # the creating call has finished: its owner's pending "creation" task is done
-            self.owned_tasks.pop(msg[1], None)
         elif kind == "actor_checkpoint":
             w = self.actor_workers.get(msg[1])
             if w is not None and w.conn is not None:
@@ -1034,7 +1031,7 @@ class NodeAgent:
                     self._complete_with_error(spec, ActorDiedError(
                         f"actor {spec.name.split('.')[0]} died with node {node.hex()[:8]}; "
                         f"call {spec.method} was in flight"))
-            elif where == node and spec.kind != ACTOR_CREATE:
+            elif where == node:
                 if spec.kind == 0 and self._may_retry(spec):
                     spec.attempt += 1
                     spec.dep_values = None

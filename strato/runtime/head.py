@@ -209,9 +209,6 @@ class HeadService:
         if state == "alive":
             rec.state = "alive"
             rec.node = node
-            owner = self.nodes.get(rec.spec.owner_node)
-            if owner is not None:
-                owner.link.send(("actor_created", rec.spec.task_id))
         elif state == "failed":
             rec.state = "dead"
             rec.error = err
