@@ -24,7 +24,7 @@ from strato.exceptions import (
 from strato.runtime import scheduler
 from strato.runtime.protocol.framing import FrameProtocol
 from strato.runtime.serialization import serialize
-from strato.runtime.spec import ACTOR_CALL, ReturnValue, TaskSpec
+from strato.runtime.spec import ACTOR_CALL, TASK, ReturnValue, TaskSpec
 from strato.runtime.store import ObjectStore
 
 log = logging.getLogger("strato.agent")
@@ -625,7 +625,7 @@ class NodeAgent:
 
     def _reconstruct_or_fail(self, oid: bytes, entry: ObjEntry, callback) -> None:
         spec = entry.lineage
-        if spec is None or spec.kind != 0:
+        if spec is None or spec.kind != TASK:
             callback(("error", error_bytes(ObjectLostError(
                 f"object {oid.hex()} was lost with its node and cannot be rebuilt "
                 "(made by put or an actor)"))))
@@ -1032,12 +1032,12 @@ class NodeAgent:
                         f"actor {spec.name.split('.')[0]} died with node {node.hex()[:8]}; "
                         f"call {spec.method} was in flight"))
             elif where == node:
-                if spec.kind == 0 and self._may_retry(spec):
+                if spec.kind == TASK and self._may_retry(spec):
                     spec.attempt += 1
                     spec.dep_values = None
                     self.owned_tasks[task_id] = (spec, None)
                     self._resolve_then_place(spec)
-                elif spec.kind == 0:
+                elif spec.kind == TASK:
                     self._complete_with_error(spec, WorkerCrashedError(
                         f"node {node.hex()[:8]} running {spec.name} died"))
         for entry in self.objects.values():
