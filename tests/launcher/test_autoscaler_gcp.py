@@ -14,43 +14,18 @@ import pytest
 
 from strato.launcher.autoscaler.events import EventLog
 from strato.launcher.autoscaler.loop import Autoscaler
-from strato.launcher.bootstrap import TAG_NODE_ID_LABEL
 from strato.launcher.cluster import Cluster
 from strato.launcher.commands import _new_tags
 from strato.launcher.config import load_config_from_dict
 from strato.launcher.state import StateDB
-from strato.providers.base import TAG_STATUS, Node, NodeStatus
+from strato.providers.base import TAG_STATUS, NodeStatus
 from strato.providers.gcp import GCPProvider
+from tests.launcher.autoscaler_stubs import StubHead
 
 pytestmark = pytest.mark.timeout(60)
 
 ZONES = ["us-central1-a", "us-central1-b"]
 MAX_TICKS = 5
-
-
-class StubHead:
-    """The head's view as plain data: every bootstrapped, still-listed machine is alive."""
-
-    def __init__(self, cluster: Cluster) -> None:
-        self.cluster = cluster
-        self.started: set[str] = set()
-        self.demand: list[dict[str, Any]] = []
-        self.drained: list[tuple[str, str]] = []
-
-    def view(self) -> Mapping[str, Any]:
-        alive = {n.id for n in self.cluster.nodes()}
-        nodes = [{"node_id": f"rt-{i}", "labels": {TAG_NODE_ID_LABEL: i}, "alive": True,
-                  "draining": False, "available": {"CPU": 0.0}, "num_actors": 0,
-                  "object_store_used": 0, "idle_seconds": 0.0}
-                 for i in sorted(self.started & alive)]
-        return {"demand": self.demand, "nodes": nodes}
-
-    def drain(self, node_hex: str, reason: str) -> None:
-        self.drained.append((node_hex, reason))
-
-    def bootstrap(self, node: Node, setup: bool) -> None:
-        self.cluster.provider.set_tags(node.id, {TAG_STATUS: NodeStatus.UP_TO_DATE.value})
-        self.started.add(node.id)
 
 
 def _make_cluster(provider_config: dict[str, Any], tmp_path, spot_config: dict[str, Any]
