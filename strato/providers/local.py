@@ -15,7 +15,6 @@ nothing started yet -> pending.
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 import shutil
 import tempfile
@@ -26,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from strato.exceptions import ProviderError
-from strato.localfiles import locked_json
-from strato.providers.base import TAG_CLUSTER, Node, NodeProvider, NodeState, NodeTypeSpec
+from strato.localfiles import strato_home
+from strato.providers.base import TAG_CLUSTER, Node, NodeState, NodeTypeSpec
+from strato.providers.records import RecordProvider
 
 LOCAL_IP = "127.0.0.1"
 # A node's unix socket is <temp_dir>/session/agent-xxxxxxxx.sock; Linux allows 107 bytes.
@@ -35,23 +35,16 @@ _SOCKET_SUFFIX = len("/session/agent-xxxxxxxx.sock")
 _MAX_SOCKET_PATH = 107
 
 
-def _home() -> Path:
-    return Path(os.environ.get("STRATO_HOME") or Path.home() / ".strato").expanduser()
-
-
-class LocalProvider(NodeProvider):
+class LocalProvider(RecordProvider):
     """Runtime processes on this machine, posing as the machines of one cluster."""
 
     def __init__(self, provider_config: Mapping[str, Any], cluster_name: str):
         super().__init__(provider_config, cluster_name)
-        self.root = _home() / "local" / cluster_name
+        self.root = strato_home() / "local" / cluster_name
         self.state_path = self.root / "nodes.json"
+        self.lock_path = self.root / "nodes.lock"
 
-    # ------------------------------------------------------------ state file
-    def _state(self, write: bool = False):
-        """The records file, under an exclusive lock; written back atomically when ``write``."""
-        return locked_json(self.state_path, self.root / "nodes.lock", write)
-
+    # ------------------------------------------------------------ node directories
     def _temp_dir_for(self, node_id: str) -> Path:
         """The node's directory; a short one under /tmp when STRATO_HOME is too deep for
         the node's unix socket path."""
@@ -112,23 +105,6 @@ class LocalProvider(NodeProvider):
         if records:  # in parallel: each stop waits for its processes to exit
             with ThreadPoolExecutor(min(16, len(records))) as pool:
                 list(pool.map(stop, records))
-
-    def list_nodes(self, tag_filters: Mapping[str, str] | None = None, *,
-                   include_terminated: bool = False) -> list[Node]:
-        if not self.state_path.exists():
-            return []
-        with self._state() as state:
-            nodes = [self._node(i, rec) for i, rec in state["nodes"].items()]
-        wanted = dict(tag_filters or {})
-        return [n for n in nodes if all(n.tags.get(k) == v for k, v in wanted.items())]
-
-    def set_tags(self, node_id: str, tags: Mapping[str, str]) -> None:
-        with self._state(write=True) as state:
-            record = state["nodes"].get(node_id)
-            if record is None:
-                raise ProviderError(f"local provider: no node {node_id} in cluster "
-                                    f"{self.cluster_name!r}")
-            record["tags"].update(tags)
 
     def internal_address(self, node: Node) -> str:
         return LOCAL_IP

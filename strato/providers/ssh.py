@@ -29,17 +29,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from strato.exceptions import CapacityError, ConfigError, ProviderError
-from strato.localfiles import locked_json, strato_home
+from strato.exceptions import CapacityError, ConfigError
+from strato.localfiles import strato_home
 from strato.providers.base import (
     TAG_CLUSTER,
     TAG_KIND,
     Node,
     NodeKind,
-    NodeProvider,
     NodeState,
     NodeTypeSpec,
 )
+from strato.providers.records import RecordProvider
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _state_dir() -> Path:
     return strato_home() / "ssh"
 
 
-class SSHProvider(NodeProvider):
+class SSHProvider(RecordProvider):
     """Hands out a fixed list of SSH hosts as the nodes of one cluster."""
 
     def __init__(self, provider_config: Mapping[str, Any], cluster_name: str):
@@ -71,12 +71,9 @@ class SSHProvider(NodeProvider):
         self.ssh_port = int(cfg.get("ssh_port", 22))
         self.stop_command: str = cfg.get("stop_command", DEFAULT_STOP_COMMAND) or ""
         self.state_path = _state_dir() / f"{cluster_name}.json"
+        self.lock_path = self.state_path.with_suffix(".lock")
 
     # ------------------------------------------------------------ state file
-    def _state(self, write: bool = False):
-        """The claims file, under an exclusive lock; written back atomically when ``write``."""
-        return locked_json(self.state_path, self.state_path.with_suffix(".lock"), write)
-
     def _node(self, ip: str, record: Mapping[str, Any]) -> Node:
         return Node(id=ip, state=NodeState.RUNNING, tags=dict(record.get("tags", {})),
                     private_ip=ip, public_ip=ip, launch_time=record.get("launch_time"))
@@ -117,22 +114,6 @@ class SSHProvider(NodeProvider):
             released = [ip for ip in node_ids if state["nodes"].pop(ip, None) is not None]
         for ip in released:
             self._stop_host(ip)
-
-    def list_nodes(self, tag_filters: Mapping[str, str] | None = None, *,
-                   include_terminated: bool = False) -> list[Node]:
-        """Claimed hosts whose tags match; released hosts are simply gone."""
-        with self._state() as state:
-            nodes = [self._node(ip, rec) for ip, rec in state["nodes"].items()]
-        wanted = dict(tag_filters or {})
-        return [n for n in nodes if all(n.tags.get(k) == v for k, v in wanted.items())]
-
-    def set_tags(self, node_id: str, tags: Mapping[str, str]) -> None:
-        with self._state(write=True) as state:
-            record = state["nodes"].get(node_id)
-            if record is None:
-                raise ProviderError(f"ssh provider: node {node_id} is not claimed by "
-                               f"cluster {self.cluster_name!r}")
-            record["tags"].update(tags)
 
     # ------------------------------------------------------------ helpers
     def _stop_host(self, ip: str) -> None:
