@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,7 +103,8 @@ def _failure_message(log_path: str, code: int) -> str:
 
 def stop_nodes(temp_dir: str, timeout: float = 10.0) -> int:
     """Stop every node process recorded under ``temp_dir`` (by pid); returns how many."""
-    infos = node_files(os.path.abspath(temp_dir))
+    temp_dir = os.path.abspath(temp_dir)
+    infos = node_files(temp_dir)
     procs = []
     for info in infos:
         try:
@@ -120,7 +122,10 @@ def stop_nodes(temp_dir: str, timeout: float = 10.0) -> int:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=5)
-    for info in infos:
+    # nodes that were killed (SIGKILL, OOM) could not clean up: their store and files go too
+    for info in infos + node_files(temp_dir, dead=True):
+        if info.get("shm_dir", "").startswith("/dev/shm/strato-"):
+            shutil.rmtree(info["shm_dir"], ignore_errors=True)
         for path in (info.get("_file"), info.get("token_file")):
             if path:
                 try:

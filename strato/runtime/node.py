@@ -119,7 +119,7 @@ async def run_node(args) -> int:
     info = {"node_id": node_id.hex(), "pid": os.getpid(), "head": bool(args.head),
             "head_address": head_address, "agent_address": agent.address,
             "socket": agent.socket_path, "token_file": token_file, "started": time.time(),
-            "resources": resources, "temp_dir": temp_dir}
+            "resources": resources, "temp_dir": temp_dir, "shm_dir": shm_dir}
     node_file = os.path.join(temp_dir, "nodes", f"{short}.json")
     with open(node_file + ".tmp", "w") as f:
         json.dump(info, f)

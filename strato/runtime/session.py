@@ -11,8 +11,9 @@ import psutil
 DEFAULT_TEMP_DIR = os.path.join("/tmp", "strato-runtime")
 
 
-def node_files(temp_dir: str) -> list[dict]:
-    """Node files of live runtime processes under ``temp_dir``, newest first."""
+def node_files(temp_dir: str, *, dead: bool = False) -> list[dict]:
+    """Node files of live runtime processes under ``temp_dir``, newest first (with
+    ``dead``: those whose process is gone, e.g. killed, so their leftovers can go)."""
     out = []
     nodes_dir = os.path.join(temp_dir, "nodes")
     try:
@@ -28,7 +29,7 @@ def node_files(temp_dir: str) -> list[dict]:
                 info = json.load(f)
         except (OSError, ValueError):
             continue
-        if not psutil.pid_exists(info.get("pid", -1)):
+        if psutil.pid_exists(info.get("pid", -1)) == dead:
             continue
         info["_file"] = path
         out.append(info)
