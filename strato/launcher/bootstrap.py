@@ -115,6 +115,25 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _can_build_in_place() -> bool:
+    """Whether this Python can build strato's wheel without pip's isolated build env:
+    setuptools >= 68 (pyproject's floor) and a bdist_wheel (the ``wheel`` package, or
+    setuptools >= 70.1 which ships its own). A fresh ``python -m venv`` has neither, so
+    pip then builds in isolation, fetching them from the package index."""
+    try:
+        version = importlib.metadata.version("setuptools")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    parts = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+    if parts < (68, 0):
+        return False
+    try:
+        importlib.metadata.version("wheel")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return parts >= (70, 1)
+
+
 def ensure_wheel(tag: str | None = None) -> Path:
     """A wheel of the running strato, built once per version tag and reused."""
     tag = tag or version_tag()
@@ -137,9 +156,10 @@ def ensure_wheel(tag: str | None = None) -> Path:
                 if (root / name).is_file():
                     shutil.copy2(root / name, src / name)
             shutil.copytree(root / "strato", src / "strato", ignore=ignore)
+            isolation = ["--no-build-isolation"] if _can_build_in_place() else []
             proc = subprocess.run(
-                [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps",
-                 "--no-build-isolation", "--disable-pip-version-check", "-q", "-w", tmp],
+                [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", *isolation,
+                 "--disable-pip-version-check", "-q", "-w", tmp],
                 capture_output=True, text=True, timeout=600)
             built = sorted(Path(tmp).glob("strato-*.whl"))
             if proc.returncode != 0 or not built:
