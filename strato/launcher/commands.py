@@ -33,12 +33,14 @@ from strato.launcher.runner import CommandRunner, shell_path
 from strato.launcher.ssh import ADDRESS_MAP_ENV, ADDRESS_MAP_STRICT_ENV
 from strato.launcher.state import write_secret
 from strato.providers.base import (
+    TAG_GOING_DOWN,
     TAG_KIND,
     TAG_LAUNCH_HASH,
     TAG_NAME,
     TAG_NODE_TYPE,
     TAG_SETUP_HASH,
     TAG_STATUS,
+    GoingDown,
     Node,
     NodeKind,
     NodeStatus,
@@ -155,6 +157,7 @@ def up(config_path: str | os.PathLike, yes: bool = False,
 
     # ---- head
     head, head_restarted = _up_head(cluster, result, yes, no_restart, restart_only)
+    _mark_going_down(cluster, head, "")  # a `down` that was interrupted left its mark
     state.set_head(name, result.head_address)
 
     # ---- workers
@@ -303,17 +306,27 @@ def _monitor_runner(cluster: Cluster, head: Node, *,
     return runner, mdir
 
 
-def _stop_monitor(cluster: Cluster, head: Node, *, connect_timeout: float | None = None) -> None:
-    """Stop the monitor (by its pid file), best effort."""
+def _stop_monitor(cluster: Cluster, head: Node, *,
+                  connect_timeout: float | None = None) -> bool:
+    """Stop the monitor (by its pid file) and wait until it has exited.
+
+    Returns True when it is known to be stopped (or not running, or ``monitor: off``),
+    False when that could not be confirmed (the head could not be reached).
+    """
     if cluster.monitor_mode == "off":
-        return
+        return True
     try:
         runner, mdir = _monitor_runner(cluster, head, connect_timeout=connect_timeout)
-        runner.run(bootstrap.render("stop_monitor.sh",
-                                    pid_file=shell_path(f"{mdir}/monitor.pid")),
-                   check=False, quiet=True, timeout=30)
+        code, tail = runner.run(bootstrap.render("stop_monitor.sh",
+                                                 pid_file=shell_path(f"{mdir}/monitor.pid")),
+                                check=False, quiet=True, timeout=30)
     except LauncherError as e:
         _say(f"[yellow]could not stop the monitor: {e}[/]")
+        return False
+    if code != 0:
+        _say(f"[yellow]could not stop the monitor (exit {code}): "
+             f"{(tail.strip().splitlines() or [''])[-1]}[/]")
+    return code == 0
 
 
 def _start_monitor(cluster: Cluster, head: Node, head_address: str,
@@ -332,11 +345,15 @@ def _start_monitor(cluster: Cluster, head: Node, head_address: str,
         "venv": bootstrap.venv_dir() if not cluster.is_local else None,
         "key_path": cluster.key_path(),
         "ssh_user": cluster.facts.get("ssh_user") or cluster.config.auth.ssh_user,
+        # prepare()'s facts (the SSH public key among them): every node the monitor
+        # creates must let the head in, like those `up` created (the monitor never prepares)
+        "facts": dict(cluster.facts),
     }
     env = {"STRATO_TOKEN": cluster.token or ""}
     for name in (ADDRESS_MAP_ENV, ADDRESS_MAP_STRICT_ENV):  # the tests' address seam
         if os.environ.get(name):
             env[name] = os.environ[name]
+    env.update(_monitor_extra_env())
     with tempfile.TemporaryDirectory(prefix="strato-monitor-") as tmp:
         if mode == "head":
             python = cluster.runtime_python(head.node_type or "")
@@ -354,6 +371,26 @@ def _start_monitor(cluster: Cluster, head: Node, head_address: str,
                                       pid_file=shell_path(f"{mdir}/monitor.pid")))
     _, tail = runner.run(script, env=env, quiet=True, timeout=60)
     _say(f"monitor started ({mode}): {tail.splitlines()[-1] if tail else ''}")
+
+
+MONITOR_ENV = "STRATO_MONITOR_ENV"
+
+
+def _monitor_extra_env() -> dict[str, str]:
+    """Extra environment for the monitor process, from ``STRATO_MONITOR_ENV`` (a JSON
+    object). For development and tests: e.g. a cloud endpoint and credentials that the
+    head would otherwise get from its instance profile / service account."""
+    raw = os.environ.get(MONITOR_ENV, "").strip()
+    if not raw:
+        return {}
+    try:
+        extra = json.loads(raw)
+    except ValueError as e:
+        raise LauncherError(f"{MONITOR_ENV} must be a JSON object of strings: {e}") from e
+    if not isinstance(extra, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+        raise LauncherError(f"{MONITOR_ENV} must be a JSON object of strings")
+    return extra
 
 
 def _prepare_head_monitor(cluster: Cluster, head: Node, runner: CommandRunner, mdir: str,
@@ -378,36 +415,109 @@ def _prepare_head_monitor(cluster: Cluster, head: Node, runner: CommandRunner, m
 
 
 # ---------------------------------------------------------------- down
+DOWN_SWEEP_INTERVAL_S = 1.0
+DOWN_SWEEP_GRACE_S = 20.0   # how long `down` watches for stray launches if the monitor
+                            # could not be confirmed stopped
+DOWN_SWEEP_LIMIT_S = 300.0  # give up (with an error) if nodes keep appearing this long
+
+
 def down(config_path: str | os.PathLike, yes: bool = False,
          workers_only: bool = False) -> list[str]:
     """Terminate the cluster's nodes (found by tags) and forget it; returns node ids.
 
-    Also cleans up after a half-failed ``up``. Nodes that cannot be reached are still
-    terminated at the provider (for SSH hosts: their claim is released, stopping strato
-    there is best effort). ``workers_only`` keeps the head and the local state.
+    Nothing may be launched behind ``down``'s back, so the order is: tag the head as
+    going down (the autoscaler launches nothing for such a cluster, wherever it runs),
+    stop the monitor and wait for it, terminate, then list the cluster again and
+    terminate whatever appeared meanwhile until a listing comes back empty. Also cleans
+    up after a half-failed ``up``; nodes that cannot be reached are still terminated at
+    the provider (SSH hosts: their claim is released, stopping strato there is best
+    effort). ``workers_only`` keeps the head and the local state, and starts the monitor
+    again with ``min_workers`` 0 until the next ``up``.
     """
     cluster = _open(config_path)
-    if workers_only and cluster.kind in ("aws", "gcp") and not cluster.facts:
+    if workers_only and cluster.provider.needs_prepare_to_reach_nodes and not cluster.facts:
         cluster.prepare()  # the key to reach the head (to stop its monitor)
     name = cluster.name
     nodes = cluster.nodes(alive_only=False)
     targets = [n for n in nodes if not workers_only or n.kind != HEAD]
     what = "the workers of" if workers_only else "every node of"
     _confirm(f"Terminate {what} cluster {name!r} ({len(targets)} node(s))?", yes)
-    head = next((n for n in nodes if n.kind == HEAD), None)
-    if head is not None and (workers_only or cluster.monitor_mode == "local"):
-        _stop_monitor(cluster, head, connect_timeout=DOWN_CONNECT_TIMEOUT)
+    heads = [n for n in nodes if n.kind == HEAD]
+    head = next((n for n in heads if n.is_alive), None)
+    mark = GoingDown.WORKERS if workers_only else GoingDown.ALL
+    stopped = True
+    if head is not None:
+        _mark_going_down(cluster, head, mark.value)
+    if head is not None or (heads and cluster.monitor_mode == "local"):
+        stopped = _stop_monitor(cluster, head or heads[0],
+                                connect_timeout=DOWN_CONNECT_TIMEOUT)
     if targets:
         _say(f"terminating {len(targets)} node(s): {', '.join(cluster.label(n) for n in targets)}")
         cluster.provider.terminate_nodes([n.id for n in targets])
+    done = {n.id for n in targets}
+    strays = _sweep(cluster, done, workers_only=workers_only,
+                    grace=0.0 if stopped else DOWN_SWEEP_GRACE_S)
+    if strays:
+        _say(f"[yellow]terminated {len(strays)} node(s) launched while going down: "
+             f"{', '.join(strays)}[/]")
+    ids = [n.id for n in targets] + strays
     if workers_only:
-        for n in targets:
-            cluster.state.add_event(name, "terminated (down --workers-only)", node=n.id)
+        for node_id in ids:
+            cluster.state.add_event(name, "terminated (down --workers-only)", node=node_id)
+        if head is not None:
+            _mark_going_down(cluster, head, "")
+            record = cluster.state.get(name)
+            if cluster.monitor_mode != "off" and record and record.head_address:
+                _start_monitor(cluster, head, record.head_address,
+                               {t: 0 for t in cluster.config.available_node_types})
+                _say("workers terminated; the autoscaler runs on with min_workers 0 (it "
+                     "launches for demand only) until `strato up` restores min_workers")
+                return ids
         _say("workers terminated; `strato up` starts min_workers and the monitor again")
-        return [n.id for n in targets]
+        return ids
     _forget(cluster)
     _say(f"cluster [bold]{name}[/] is down")
-    return [n.id for n in targets]
+    return ids
+
+
+def _mark_going_down(cluster: Cluster, head: Node, value: str) -> None:
+    """Tag the head so that no autoscaler launches for this cluster ('' clears it)."""
+    if head.tags.get(TAG_GOING_DOWN, "") == value:
+        return
+    try:
+        cluster.provider.set_tags(head.id, {TAG_GOING_DOWN: value})
+    except Exception as e:  # the head may be half gone; the sweep below still runs
+        _say(f"[yellow]could not tag head {head.id} as going down: {e}[/]")
+
+
+def _sweep(cluster: Cluster, done: set[str], *, workers_only: bool,
+           grace: float) -> list[str]:
+    """Terminate the cluster's live nodes not in ``done`` until a listing finds none.
+
+    With ``grace`` > 0 (the monitor could not be confirmed stopped) listings go on for
+    that long after the last one that found something. Returns the ids terminated here.
+    """
+    found: list[str] = []
+    quiet_since = started = time.monotonic()
+    while time.monotonic() - started < DOWN_SWEEP_LIMIT_S:
+        fresh = [n for n in cluster.nodes(alive_only=False)
+                 if n.is_alive and n.id not in done and not (workers_only and n.kind == HEAD)]
+        if fresh:
+            cluster.provider.terminate_nodes([n.id for n in fresh])
+            for n in fresh:
+                cluster.state.add_event(cluster.name, "terminated: launched while the "
+                                        "cluster went down", node=n.id)
+            done.update(n.id for n in fresh)
+            found += [n.id for n in fresh]
+            quiet_since = time.monotonic()
+            continue
+        if time.monotonic() - quiet_since >= grace:
+            return found
+        time.sleep(DOWN_SWEEP_INTERVAL_S)
+    raise LauncherError(f"cluster {cluster.name!r}: nodes kept appearing for "
+                        f"{DOWN_SWEEP_LIMIT_S:.0f}s while going down (terminated "
+                        f"{len(found)}); is another `strato up` or a monitor elsewhere "
+                        "running? Run `strato down` again once it has stopped")
 
 
 def _forget(cluster: Cluster) -> None:

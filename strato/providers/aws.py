@@ -140,6 +140,8 @@ def _key_body(public_key: str) -> str:
 class AWSProvider(NodeProvider):
     """Nodes are EC2 instances tagged with the cluster name; state lives only in AWS tags."""
 
+    needs_prepare_to_reach_nodes = True
+
     def __init__(self, provider_config: Mapping[str, Any], cluster_name: str):
         super().__init__(provider_config, cluster_name)
         self._ec2: Any = None

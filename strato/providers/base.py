@@ -20,6 +20,8 @@ TAG_NODE_TYPE = "strato-node-type"     # key of available_node_types
 TAG_LAUNCH_HASH = "strato-launch-hash"  # hash of node_config (+ provider bits)
 TAG_SETUP_HASH = "strato-setup-hash"   # hash of setup commands / file mounts
 TAG_STATUS = "strato-status"           # see NodeStatus
+TAG_GOING_DOWN = "strato-going-down"   # on the head: "all" | "workers" while `down` runs;
+                                      # no autoscaler launches for such a cluster
 TAG_NAME = "Name"
 
 
@@ -35,6 +37,13 @@ class NodeStatus(str, enum.Enum):
     SETTING_UP = "setting-up"
     UP_TO_DATE = "up-to-date"
     UPDATE_FAILED = "update-failed"
+
+
+class GoingDown(str, enum.Enum):
+    """Values of TAG_GOING_DOWN; the empty string means the cluster is not going down."""
+
+    ALL = "all"            # `down`: everything goes, the monitor exits
+    WORKERS = "workers"    # `down --workers-only`: no launches until it is over
 
 
 class NodeState(str, enum.Enum):
@@ -99,6 +108,10 @@ class NodeProvider(abc.ABC):
         self.provider_config = dict(provider_config)
         self.cluster_name = cluster_name
 
+    #: whether ``prepare`` must run before nodes can be reached (it makes or finds the
+    #: SSH key the cloud installs on them)
+    needs_prepare_to_reach_nodes: bool = False
+
     def prepare(self, config: Mapping[str, Any]) -> Mapping[str, Any]:
         """Create one-time resources (key pair, security group, firewall) if missing.
 
@@ -106,6 +119,12 @@ class NodeProvider(abc.ABC):
         launcher keeps (e.g. the key pair name and the private key path). Idempotent.
         """
         return {}
+
+    def adopt_facts(self, facts: Mapping[str, Any]) -> None:
+        """Use what an earlier ``prepare`` returned (in this or another process, e.g. the
+        monitor on the head) without creating anything, so nodes created here get the
+        same key and network settings as those ``up`` created. Default: nothing to adopt.
+        """
 
     @abc.abstractmethod
     def create_nodes(self, spec: NodeTypeSpec, count: int, tags: Mapping[str, str], *,

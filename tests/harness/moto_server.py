@@ -15,6 +15,7 @@ connect to them.
 from __future__ import annotations
 
 import logging
+import threading
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -22,6 +23,32 @@ from typing import Any
 import pytest
 
 MOTO_REGION = "us-east-1"
+SHUTDOWN_SECONDS = 2.0   # terminated instances sit in shutting-down this long, as on EC2
+
+
+def _slow_termination(delay: float) -> Callable[[], None]:
+    """Make moto's terminated instances go ``shutting-down`` for ``delay`` seconds before
+    ``terminated``, as EC2's do: code that terminates and at once lists again must cope
+    with instances still on their way out. Returns the undo."""
+    from moto.ec2.models.instances import Instance
+
+    original = Instance.terminate
+
+    def terminate(self: Any) -> Any:
+        previous = original(self)
+        self._state.name, self._state.code = "shutting-down", 32
+
+        def finish() -> None:
+            if self._state.name == "shutting-down":
+                self._state.name, self._state.code = "terminated", 48
+
+        timer = threading.Timer(delay, finish)
+        timer.daemon = True
+        timer.start()
+        return previous
+
+    Instance.terminate = terminate  # type: ignore[method-assign]
+    return lambda: setattr(Instance, "terminate", original)
 
 
 @pytest.fixture(scope="session")
@@ -32,11 +59,62 @@ def moto_server() -> Iterator[str]:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    undo = _slow_termination(SHUTDOWN_SECONDS)
     host, port = server._server.server_address[:2]  # port=0: ask the bound socket
     try:
         yield f"http://{host}:{port}"
     finally:
+        undo()
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_bridge_server(moto_server: str, ssh_host_network: Any) -> Iterator[str]:
+    """The same moto (its state is this process's) also on the SSH test hosts' bridge, so
+    a monitor running on a test host can reach it, as a head reaches the EC2 API."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address=ssh_host_network.bridge_ip, port=0, verbose=False)
+    server.start()
+    host, port = server._server.server_address[:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+def monitor_env_for(endpoint: str) -> dict[str, str]:
+    """What a monitor on a test host needs to call moto: endpoint, dummy credentials."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": MOTO_REGION,
+            "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
+
+
+def map_instances_to_hosts(monkeypatch: pytest.MonkeyPatch, address_map: Any,
+                           hosts_by_kind: dict[str, list[Any]]) -> list[str]:
+    """Map every instance moto creates, whoever asks for it (the test or a monitor on a
+    test host), to a test host by its ``strato-node-kind`` tag, round robin, before the
+    RunInstances answer leaves moto. Returns the ids in order of creation."""
+    from moto.ec2.models.instances import InstanceBackend
+
+    original = InstanceBackend.run_instances
+    created: list[str] = []
+    turn = {kind: 0 for kind in hosts_by_kind}
+
+    def run_instances(self: Any, *args: Any, **kwargs: Any) -> Any:
+        reservation = original(self, *args, **kwargs)
+        for inst in reservation.instances:
+            tags = {t["key"]: t["value"] for t in inst.get_tags()}
+            kind = tags.get("strato-node-kind")
+            if kind in hosts_by_kind:
+                pool = hosts_by_kind[kind]
+                address_map.add(inst.id, pool[turn[kind] % len(pool)])
+                turn[kind] += 1
+            created.append(inst.id)
+        return reservation
+
+    monkeypatch.setattr(InstanceBackend, "run_instances", run_instances)
+    return created
 
 
 @pytest.fixture

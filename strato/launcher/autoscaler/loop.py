@@ -26,7 +26,7 @@ import contextlib
 import io
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -51,7 +51,15 @@ from strato.launcher.autoscaler.plan import (
     record_capacity_failure,
 )
 from strato.launcher.bootstrap import TAG_NODE_ID_LABEL
-from strato.providers.base import TAG_CLUSTER, TAG_STATUS, Node, NodeStatus
+from strato.providers.base import (
+    TAG_CLUSTER,
+    TAG_GOING_DOWN,
+    TAG_KIND,
+    TAG_STATUS,
+    GoingDown,
+    Node,
+    NodeStatus,
+)
 from strato.providers.base import NodeState as MachineState
 
 if TYPE_CHECKING:  # typing only: cluster.py imports the launcher's heavier modules
@@ -166,7 +174,9 @@ class Autoscaler:
         self.inflight: dict[str, Future[None]] = {}
         self.missing_since: dict[str, float] = {}
         self.gone_seen: set[str] = set()
+        self.preempted_seen: set[str] = set()
         self.last_warnings: set[str] = set()
+        self.held: str | None = None   # why the last tick did nothing (cluster going down)
         self.stop = threading.Event()
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(PARALLEL_BOOTSTRAPS, thread_name_prefix="bootstrap")
@@ -204,23 +214,23 @@ class Autoscaler:
             id=node.id, node_type=node.node_type or "", kind=kind, spot=node.spot,
             preempted=node.preempted, launch_hash_current=self.cluster.launch_hash_current(node))
         gone = NodeInfo(state=NodeState.TERMINATED, **base)
+        if node.preempted:
+            self._note_preempted(node)
         if node.state == MachineState.TERMINATED:
             self._forget(node.id)
             if node.id in self.gone_seen:
                 return None
             self.gone_seen.add(node.id)
-            if node.preempted:
-                self.events.record("preempted", "the cloud reclaimed this spot node",
-                                   node=node.id, node_type=node.node_type, tick=self.ticks)
             return gone
-        if kind == WORKER and node.state in (MachineState.STOPPED, MachineState.STOPPING):
+        if kind == WORKER and node.state in (MachineState.STOPPED, MachineState.STOPPING) \
+                and not (node.preempted and node.state == MachineState.STOPPING):
             why = ("its runtime process died" if self.cluster.is_local
                    else f"the machine is {node.state.value}")
             dead.append((node, "preempted by the cloud" if node.preempted else why))
-            if node.preempted:  # stopped, not deleted (GCE STOP action): say so as well
-                self.events.record("preempted", "the cloud stopped this spot node",
-                                   node=node.id, node_type=node.node_type, tick=self.ticks)
             return gone
+        # A preempted worker still STOPPING is in its shutdown grace (checkpoint hooks run):
+        # never cut it short. It goes on below as a live node that ``plan`` replaces at
+        # once and drains (or terminates if idle); the cloud stops it when the grace ends.
         if node.id in self.inflight:
             return NodeInfo(state=NodeState.SETTING_UP, **base)
         tracked = self.tracked.get(node.id)
@@ -285,6 +295,8 @@ class Autoscaler:
         with self._lock:
             self.ticks += 1
             snap, machines, runtime_nodes, dead = self.snapshot()
+            if self._hold(machines.values()):
+                return Plan()
             if dead:
                 self._handle_dead(dead)
             decision = plan(snap)
@@ -295,6 +307,49 @@ class Autoscaler:
                     self._start_bootstrap(machines[info.id], setup=True,
                                           why="created but never set up")
             return decision
+
+    def _hold(self, machines: Iterable[Node] | None = None) -> bool:
+        """Whether this cluster is going away, so nothing may be launched or set up.
+
+        True while no head machine is alive (gone, terminating, stopped) or ``down``
+        has tagged the head ``TAG_GOING_DOWN``; for a whole-cluster ``down`` the loop
+        also stops. ``machines`` is this tick's listing; None lists the heads afresh
+        (the last check right before a launch).
+        """
+        if machines is None:
+            machines = self.provider.list_nodes({TAG_CLUSTER: self.cluster.name,
+                                                 TAG_KIND: HEAD})
+        heads = [m for m in machines if m.kind == HEAD and m.is_alive]
+        mark = next((m.tags.get(TAG_GOING_DOWN) for m in heads
+                     if m.tags.get(TAG_GOING_DOWN)), None)
+        if not heads:
+            why = "the head node is gone or shutting down: nothing is launched"
+        elif mark == GoingDown.ALL.value:
+            why = "`strato down` is removing the cluster: the autoscaler stops"
+        elif mark:
+            why = "`strato down --workers-only` is running: nothing is launched until it ends"
+        else:
+            why = None
+        if why and why != self.held:
+            self.events.record("hold", why, tick=self.ticks)
+        self.held = why
+        if mark == GoingDown.ALL.value:
+            self.stop.set()
+        return why is not None
+
+    def _note_preempted(self, node: Node) -> None:
+        """Record a preemption once, as soon as the provider reports it (GCE: from its
+        ``compute.instances.preempted`` operation, while the VM is still stopping)."""
+        if node.id in self.preempted_seen:
+            return
+        self.preempted_seen.add(node.id)
+        what = {MachineState.TERMINATED: "reclaimed", MachineState.STOPPED: "stopped"}.get(
+            node.state, "is reclaiming")
+        grace = "; it keeps running through its shutdown grace" if \
+            node.state == MachineState.STOPPING else ""
+        self.events.record("preempted", f"the cloud {what} this spot node{grace}",
+                           node=node.id, node_type=node.node_type, zone=node.zone,
+                           tick=self.ticks)
 
     def _terminated(self, decision: Plan, node_id: str) -> bool:
         return any(t.node_id == node_id for t in decision.terminate)
@@ -356,6 +411,8 @@ class Autoscaler:
         while mode is not None:
             zone, spot = mode
             where = f"{'spot' if spot else 'on-demand'} in {zone or 'the default zone'}"
+            if self._hold():  # `down` may have begun since this tick's listing
+                return []
             try:
                 created = self.provider.create_nodes(spec, launch.count,
                                                      _new_tags(self.cluster, WORKER, t),

@@ -1,0 +1,186 @@
+"""`strato down` leaves nothing behind while the head's autoscaler keeps `min_workers`.
+
+moto for EC2, with terminated instances in ``shutting-down`` for a few seconds as on AWS,
+and the monitor where it runs by default: on the head (a test sshd host), talking to the
+same moto through the hosts' bridge. Every instance moto creates, whoever asks, is mapped
+to a test host before its address is known, so the head's autoscaler could set up
+replacements: only `down` stopping it first keeps it from relaunching `min_workers`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+
+from strato.launcher import commands
+from strato.launcher.state import StateDB
+from tests.harness.moto_server import (
+    SHUTDOWN_SECONDS,
+    map_instances_to_hosts,
+    monitor_env_for,
+)
+from tests.launcher.cluster_helpers import stop_strato, strato_processes
+
+pytestmark = pytest.mark.timeout(240)
+
+TICK = 0.2
+# after the last instance is fully terminated, watch this long for relaunches: the old
+# bug relaunched within a tick or two of seeing the workers gone (here: 25 ticks)
+WATCH_SECONDS = 5.0
+
+
+@pytest.fixture
+def cloud(moto_endpoint, moto_bridge_server, ssh_hosts, ssh_address_map, monkeypatch,
+          tmp_path):
+    """moto + hosts for its instances + a monitor on the head that can reach moto."""
+    monkeypatch.setenv("STRATO_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("STRATO_MONITOR", raising=False)  # the default: on the head
+    monkeypatch.setenv("STRATO_MONITOR_ENV", json.dumps(monitor_env_for(moto_bridge_server)))
+    created = map_instances_to_hosts(monkeypatch, ssh_address_map,
+                                     {"head": ssh_hosts[:1], "worker": ssh_hosts[1:]})
+    return boto3.client("ec2", region_name="us-east-1"), created
+
+
+def _config(path: Path, key_path: str) -> Path:
+    path.write_text(yaml.safe_dump({
+        "cluster_name": "leak",
+        "provider": {"type": "aws", "region": "us-east-1", "availability_zone": "us-east-1a"},
+        "auth": {"ssh_user": "root", "ssh_private_key": key_path},
+        "runtime_python": sys.executable,
+        "autoscaler": {"tick_seconds": TICK},
+        "available_node_types": {
+            "head": {"node_config": {"InstanceType": "t3.medium"}, "max_workers": 0},
+            "spot_worker": {"node_config": {"InstanceType": "m5.large"}, "spot": True,
+                            "min_workers": 2, "max_workers": 4},
+        },
+        "head_node_type": "head",
+    }))
+    return path
+
+
+def _instances(ec2, kind: str | None = None) -> list[dict]:
+    filters = [{"Name": "tag:strato-cluster", "Values": ["leak"]}]
+    if kind:
+        filters.append({"Name": "tag:strato-node-kind", "Values": [kind]})
+    out = []
+    for r in ec2.describe_instances(Filters=filters)["Reservations"]:
+        out += r["Instances"]
+    return out
+
+
+def _live(ec2, kind: str | None = None) -> list[str]:
+    return [i["InstanceId"] for i in _instances(ec2, kind)
+            if i["State"]["Name"] in ("pending", "running")]
+
+
+def _settled(ec2, kind: str | None = None) -> None:
+    """Wait (bounded) until no instance is shutting down, then watch for relaunches."""
+    deadline = time.monotonic() + SHUTDOWN_SECONDS + 30
+    while any(i["State"]["Name"] == "shutting-down" for i in _instances(ec2, kind)):
+        assert time.monotonic() < deadline, "instances stuck in shutting-down"
+        time.sleep(0.2)
+    watch_until = time.monotonic() + WATCH_SECONDS
+    while time.monotonic() < watch_until:
+        assert _live(ec2, kind) == [], f"relaunched while going down: {_live(ec2, kind)}"
+        time.sleep(0.25)
+
+
+def _monitor_running(host) -> bool:
+    return "strato.launcher.monitor" in strato_processes(host)
+
+
+def test_down_stops_the_head_autoscaler_before_terminating(cloud, ssh_hosts, shared_tmp_path):
+    ec2, created = cloud
+    config = _config(shared_tmp_path / "leak.yaml", ssh_hosts[0].key_path)
+    try:
+        commands.up(config, yes=True)
+        assert len(_live(ec2, "worker")) == 2
+        assert _monitor_running(ssh_hosts[0])
+
+        ids = commands.down(config, yes=True)
+        assert len(ids) == 3
+        assert not _monitor_running(ssh_hosts[0]), "down left the monitor running"
+        _settled(ec2)
+        assert len(created) == 3, f"instances launched behind down's back: {created}"
+        assert StateDB().get("leak") is None
+    finally:
+        if StateDB().get("leak") is not None:
+            commands.down(config, yes=True)
+        for h in ssh_hosts:  # terminating a moto instance stops nothing on the host
+            stop_strato(h)
+            assert not strato_processes(h), h.name
+
+
+def test_down_workers_only_keeps_them_down(cloud, ssh_hosts, shared_tmp_path):
+    ec2, created = cloud
+    config = _config(shared_tmp_path / "leak.yaml", ssh_hosts[0].key_path)
+    try:
+        commands.up(config, yes=True)
+        workers = _live(ec2, "worker")
+        assert len(workers) == 2
+
+        ids = commands.down(config, yes=True, workers_only=True)
+        assert sorted(ids) == sorted(workers)
+        # the monitor runs on (it launches for demand), with min_workers 0
+        assert _monitor_running(ssh_hosts[0])
+        _settled(ec2, "worker")
+        assert len(_live(ec2, "head")) == 1
+        assert len(created) == 3, f"instances launched behind down's back: {created}"
+
+        # `up` restores min_workers
+        assert len(commands.up(config, yes=True).created) == 2
+        commands.down(config, yes=True)
+        _settled(ec2)
+    finally:
+        if StateDB().get("leak") is not None:
+            commands.down(config, yes=True)
+        for h in ssh_hosts:
+            stop_strato(h)
+            assert not strato_processes(h), h.name
+
+
+def test_autoscaler_holds_while_the_head_is_marked_going_down(cloud, ssh_hosts,
+                                                              shared_tmp_path):
+    """Defence in depth: a monitor that `down` could not stop still launches nothing."""
+    from strato.launcher.autoscaler.events import EventLog
+    from strato.launcher.autoscaler.loop import Autoscaler
+    from strato.launcher.cluster import Cluster
+    from strato.launcher.commands import _new_tags
+    from strato.launcher.config import load_config
+    from strato.providers.base import TAG_GOING_DOWN, TAG_STATUS, NodeStatus
+    from tests.launcher.autoscaler_stubs import StubHead
+
+    ec2, _ = cloud
+    path = _config(shared_tmp_path / "leak.yaml", ssh_hosts[0].key_path)
+    cluster = Cluster(load_config(path), echo=False)
+    cluster.prepare()
+    spec = cluster.config.node_type_spec("head")
+    head = cluster.provider.create_nodes(spec, 1, _new_tags(cluster, "head", "head"))[0]
+    cluster.provider.set_tags(head.id, {TAG_STATUS: NodeStatus.UP_TO_DATE.value})
+    stub = StubHead(cluster)
+    stub.started.add(head.id)
+    auto = Autoscaler(cluster, runtime=stub, bootstrapper=stub.bootstrap,
+                      events=EventLog(shared_tmp_path / "events.jsonl"),
+                      head_address="10.0.0.1:6380")
+    try:
+        cluster.provider.set_tags(head.id, {TAG_GOING_DOWN: "workers"})
+        assert auto.tick().is_noop and _live(ec2, "worker") == []
+        assert not auto.stop.is_set()
+        cluster.provider.set_tags(head.id, {TAG_GOING_DOWN: "all"})
+        auto.tick()
+        assert auto.stop.is_set() and _live(ec2, "worker") == []
+        cluster.provider.set_tags(head.id, {TAG_GOING_DOWN: ""})
+        auto.stop.clear()
+        cluster.provider.terminate_nodes([head.id])  # head shutting down: still nothing
+        assert auto.tick().is_noop and _live(ec2, "worker") == []
+        holds = [e["message"] for e in auto.events.read() if e["kind"] == "hold"]
+        assert len(holds) == 3, holds
+    finally:
+        auto.close()
+        cluster.provider.terminate_nodes([n.id for n in cluster.nodes(alive_only=False)])
