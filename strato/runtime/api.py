@@ -18,6 +18,8 @@ import cloudpickle
 
 from strato.exceptions import RuntimeNotInitializedError, StratoError
 from strato.runtime import context
+from strato.runtime import messages as m
+from strato.runtime.control import start_node
 from strato.runtime.core import CoreWorker, ObjectRef, current, set_current
 from strato.runtime.serialization import serialize
 from strato.runtime.session import DEFAULT_TEMP_DIR, node_files
@@ -33,6 +35,45 @@ ACTOR_OPTIONS = {"num_cpus", "num_gpus", "memory", "resources", "accelerator_typ
 
 
 # ---------------------------------------------------------------------- init
+#: ``ray.init`` keywords that strato accepts so Ray code runs unchanged, and ignores
+#: (what they configure has no counterpart here: dashboard, logging setup, Ray internals)
+RAY_ONLY_INIT_KWARGS = frozenset({
+    "local_mode", "include_dashboard", "dashboard_host", "dashboard_port", "job_config",
+    "configure_logging", "logging_level", "logging_format", "logging_config",
+    "runtime_env", "storage", "labels", "enable_resource_isolation",
+    "system_reserved_cpu", "system_reserved_memory", "_system_config", "_node_ip_address",
+    "_node_name", "_plasma_directory", "_redis_password", "_metrics_export_port",
+    "_enable_object_reconstruction", "_memory", "_tracing_startup_hook",
+    "_skip_env_hook"})
+_INIT_PARAMS = ("address", "num_cpus", "num_gpus", "resources", "namespace",
+                "ignore_reinit_error", "token", "object_store_memory", "temp_dir",
+                "log_to_driver")
+_noted_ray_only: set[str] = set()
+
+
+def _check_init_kwargs(extra: dict[str, Any], temp_dir: str | None) -> str | None:
+    """Refuse unknown ``init`` keywords (with a suggestion), note Ray-only ones once;
+    returns ``temp_dir`` (Ray spells it ``_temp_dir``)."""
+    if "_temp_dir" in extra:
+        temp_dir = temp_dir or extra.pop("_temp_dir")
+    if "cluster" in extra:
+        raise TypeError("strato.init(cluster=...): the serverless client is not built yet; "
+                        "run `strato up CLUSTER.yaml` and `strato submit CLUSTER.yaml "
+                        "script.py` (init(address=\"auto\") inside the script)")
+    unknown = sorted(k for k in extra if k not in RAY_ONLY_INIT_KWARGS)
+    if unknown:
+        name = unknown[0]
+        close = difflib.get_close_matches(name, _INIT_PARAMS + tuple(RAY_ONLY_INIT_KWARGS),
+                                          n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise TypeError(f"strato.init() got an unexpected keyword argument {name!r}{hint}")
+    new = sorted(set(extra) - _noted_ray_only)
+    if new:
+        _noted_ray_only.update(new)
+        _warn(f"init(): ignoring Ray-only argument(s) {', '.join(new)} (no effect in strato)")
+    return temp_dir
+
+
 def _log_line(lines: list[str]) -> None:
     for line in lines:
         print(line, file=sys.stderr if False else sys.stdout, flush=False)
@@ -47,12 +88,15 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
          num_gpus: float | None = None, resources: dict | None = None,
          namespace: str | None = None, ignore_reinit_error: bool = False,
          token: str | None = None, object_store_memory: int | None = None,
-         temp_dir: str | None = None, log_to_driver: bool = True, **ignored) -> dict:
+         temp_dir: str | None = None, log_to_driver: bool = True, **ray_only: Any) -> dict:
     """Connect this process to a cluster, starting a local one when no address is given.
 
     ``address``: None (start a local head+node), "auto" (the node running on this
     machine), "host:port" (a head; a zero-resource local node joins it for this driver).
+    Keywords only Ray has (``RAY_ONLY_INIT_KWARGS``) are accepted and ignored, with one
+    note; any other unknown keyword is a ``TypeError``.
     """
+    temp_dir = _check_init_kwargs(ray_only, temp_dir)
     if current() is not None:
         if ignore_reinit_error:
             return _info()
@@ -108,51 +152,16 @@ def _info() -> dict:
 def _start_node(temp_dir: str, *, head: bool, address: str | None = None,
                 token: str | None = None, num_cpus=None, num_gpus=None, resources=None,
                 object_store_memory=None) -> dict:
-    """Start a runtime node process tied to this driver (it exits when we do)."""
-    os.makedirs(temp_dir, exist_ok=True)
-    fd, ready = tempfile.mkstemp(prefix="ready-", dir=temp_dir)
-    os.close(fd)
-    os.unlink(ready)
-    cmd = [sys.executable, "-m", "strato.runtime.node", "--temp-dir", temp_dir,
-           "--ready-file", ready, "--parent-pid", str(os.getpid())]
-    if head:
-        cmd += ["--head", "--port", "0", "--node-ip", "127.0.0.1"]
-    else:
-        cmd += ["--address", address]
-    if num_cpus is not None:
-        cmd += ["--num-cpus", str(num_cpus)]
-    if num_gpus is not None:
-        cmd += ["--num-gpus", str(num_gpus)]
-    if resources:
-        cmd += ["--resources", json.dumps(resources)]
-    if object_store_memory:
-        cmd += ["--object-store-memory", str(int(object_store_memory))]
-    env = dict(os.environ)
-    if token:
-        env["STRATO_TOKEN"] = token
-    log_path = os.path.join(temp_dir, "logs", f"node-{os.getpid()}.log")
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    log = open(log_path, "ab")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=env, start_new_session=True)
-    log.close()
-    _state["node_proc"] = proc
-    deadline = time.monotonic() + 60
-    while not os.path.exists(ready):
-        if proc.poll() is not None:
-            with open(log_path, errors="replace") as f:
-                tail = f.read()[-2000:]
-            raise ConnectionError(f"the strato node process exited with code {proc.returncode}:\n"
-                                  f"{tail}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise ConnectionError("the strato node process did not start within 60s; "
-                                  f"see {log_path}")
-        time.sleep(0.01)
-    with open(ready) as f:
-        info = json.load(f)
-    os.unlink(ready)
-    return info
+    """Start a runtime node process tied to this driver (it exits when we do); returns
+    its node file. Raises ``StartError`` (a ``ConnectionError``) if it cannot start."""
+    node = start_node(head=head, temp_dir=temp_dir, address=address,
+                      port=0 if head else None, node_ip="127.0.0.1" if head else None,
+                      token=token, num_cpus=num_cpus, num_gpus=num_gpus,
+                      resources=json.dumps(resources) if resources else None,
+                      object_store_memory=int(object_store_memory) if object_store_memory
+                      else None, parent_pid=os.getpid())
+    _state["node_proc"] = node.proc
+    return node.info
 
 
 def shutdown() -> None:
@@ -354,7 +363,7 @@ class RemoteFunction:
             core.pinned[task_id] = keep
             for oid in return_ids:
                 core.task_of[oid] = task_id
-        core.send(("submit", [spec]))
+        core.send((m.SUBMIT, [spec]))
         node = core.node_id
         if self._num_returns == 1:
             return ObjectRef(return_ids[0], node)
@@ -446,7 +455,7 @@ class ActorClass:
         # the head keeps the creation spec to restart the actor; its args must be inline
         if deps:
             spec.dep_values = None
-        core.send(("actor_create", spec, meta))
+        core.send((m.ACTOR_CREATE, spec, meta))
         return ActorHandle(actor_id, meta, actor_options, core.node_id)
 
 
@@ -507,7 +516,7 @@ class ActorHandle:
             core.pinned[task_id] = keep
             for oid in return_ids:
                 core.task_of[oid] = task_id
-        core.send(("actor_call", [spec]))
+        core.send((m.ACTOR_CALLS, [spec]))
         node = core.node_id
         if num_returns == 1:
             return ObjectRef(return_ids[0], node)
@@ -566,13 +575,13 @@ def wait(refs: list, *, num_returns: int = 1, timeout: float | None = None,
 def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
     core = _core()
     # a task's first return id is its task id
-    core.send(("cancel", ref.id, force))
+    core.send((m.CANCEL, ref.id, force))
 
 
 def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
     if not isinstance(actor, ActorHandle):
         raise TypeError(f"kill() takes an actor handle, got {type(actor).__name__}")
-    _core().send(("kill_actor", actor._actor_id, no_restart))
+    _core().send((m.KILL_ACTOR, actor._actor_id, no_restart))
 
 
 def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
@@ -603,19 +612,6 @@ def get_gpu_ids() -> list:
     return context.current_gpu_ids()
 
 
-def kv_put(key: str, value: bytes) -> None:
-    _core().rpc("kv_put", key, value)
-
-
-def kv_get(key: str):
-    return _core().rpc("kv_get", key)
-
-
 def head_rpc(method_name: str, *args):
     """Call a head service method (demand, drain_node, ...): used by the launcher."""
     return _core().rpc(method_name, *args)
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise StratoError(message)
