@@ -1,5 +1,6 @@
-"""Small file habits shared across strato: where local state lives, atomic writes, and a
-JSON record file guarded by a lock (provider claims, local nodes)."""
+"""Small file habits shared across strato, each written once: where local state lives,
+atomic writes, secret files (0600 from the first byte), an advisory file lock, and a JSON
+record file guarded by that lock (provider claims, local nodes)."""
 
 from __future__ import annotations
 
@@ -31,19 +32,37 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600,
     os.replace(tmp, path)
 
 
+def write_secret(path: str | os.PathLike[str], data: str | bytes) -> None:
+    """Write a secret (key, token, spec with credentials): mode 0600 from creation, never
+    readable by others for an instant; the directory is made 0700 if missing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    atomic_write(path, data.encode() if isinstance(data, str) else data, mode=0o600,
+                 fsync=False)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """An exclusive advisory lock held on ``path`` (created if missing), across threads
+    and processes of this machine."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @contextlib.contextmanager
 def locked_json(path: Path, lock_path: Path, write: bool = False) -> Iterator[dict[str, Any]]:
     """A ``{"nodes": {...}}`` record file under an exclusive lock; written back when ``write``."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            state: dict[str, Any] = {"nodes": {}}
-            if path.exists():
-                state = json.loads(path.read_text() or '{"nodes": {}}')
-            yield state
-            if write:
-                atomic_write(path, json.dumps(state, indent=2, sort_keys=True).encode(),
-                             fsync=False)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with file_lock(lock_path):
+        state: dict[str, Any] = {"nodes": {}}
+        if path.exists():
+            state = json.loads(path.read_text() or '{"nodes": {}}')
+        yield state
+        if write:
+            atomic_write(path, json.dumps(state, indent=2, sort_keys=True).encode(),
+                         fsync=False)

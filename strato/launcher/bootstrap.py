@@ -15,7 +15,6 @@ directory (NFS) install once and safely.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import importlib.metadata
 import importlib.resources
@@ -28,13 +27,13 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from strato.exceptions import LauncherError
 from strato.launcher.runner import CommandRunner, shell_path
-from strato.launcher.ssh import resolve_address, strato_home
+from strato.launcher.ssh import resolve_address
+from strato.localfiles import file_lock, strato_home
 from strato.providers.base import (
     TAG_CLUSTER,
     TAG_KIND,
@@ -104,17 +103,6 @@ def venv_dir(tag: str | None = None) -> str:
     return f"~/.strato/venv-{tag or version_tag()}"
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _can_build_in_place() -> bool:
     """Whether this Python can build strato's wheel without pip's isolated build env:
     setuptools >= 68 (pyproject's floor) and a bdist_wheel (the ``wheel`` package, or
@@ -138,7 +126,7 @@ def ensure_wheel(tag: str | None = None) -> Path:
     """A wheel of the running strato, built once per version tag and reused."""
     tag = tag or version_tag()
     out = strato_home() / "wheels" / tag
-    with _wheel_lock, _file_lock(out.with_suffix(".lock")):
+    with _wheel_lock, file_lock(out.with_suffix(".lock")):
         wheels = sorted(out.glob("strato-*.whl"))
         if wheels:
             return wheels[0]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
 import getpass
 import json
 import logging
@@ -32,7 +31,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -40,7 +39,7 @@ from typing import IO
 import paramiko
 
 from strato.exceptions import CommandError, LauncherError, SSHUnavailableError
-from strato.localfiles import strato_home
+from strato.localfiles import file_lock, strato_home
 
 log = logging.getLogger(__name__)
 # paramiko logs every refused connect at ERROR with a traceback; wait_for_ssh expects
@@ -185,18 +184,6 @@ def known_hosts_path() -> Path:
     return strato_home() / "known_hosts"
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path``.lock, across threads and processes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(path) + ".lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 class _RecordHostKey(paramiko.MissingHostKeyPolicy):
     """Accept every host key and record it (replacing an old one for the same address).
 
@@ -208,7 +195,7 @@ class _RecordHostKey(paramiko.MissingHostKeyPolicy):
                          key: paramiko.PKey) -> None:
         path = known_hosts_path()
         try:
-            with _locked(path):
+            with file_lock(f"{path}.lock"):
                 keys = paramiko.HostKeys()
                 if path.exists():
                     keys.load(str(path))

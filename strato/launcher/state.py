@@ -20,9 +20,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from strato.launcher.ssh import strato_home
+from strato.localfiles import strato_home, write_secret
 
-__all__ = ["ClusterRecord", "StateDB", "write_secret"]
+__all__ = ["ClusterRecord", "StateDB"]
 
 DB_NAME = "state.db"
 MAX_EVENTS = 200  # per cluster; older ones are dropped
@@ -62,16 +62,6 @@ class ClusterRecord:
     token_path: str | None
     created: float
     updated: float
-
-
-def write_secret(path: Path, data: str) -> None:
-    """Write ``data`` to ``path`` with mode 0600 from the first byte (no readable window)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 class StateDB:

@@ -15,13 +15,12 @@ Amazon-owned image (the last two exist so moto, which has only old images, works
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from strato.exceptions import CapacityError, ConfigError, ProviderError
-from strato.localfiles import strato_home
+from strato.localfiles import strato_home, write_secret
 from strato.providers.base import (
     TAG_CLUSTER,
     TAG_KIND,
@@ -223,7 +222,7 @@ class AWSProvider(NodeProvider):
         created = self._call("create_key_pair", KeyName=name,
                              TagSpecifications=[{"ResourceType": "key-pair", "Tags": _aws_tags(
                                  {TAG_CLUSTER: self.cluster_name})}])
-        _write_secret(pem, created["KeyMaterial"])
+        write_secret(pem, created["KeyMaterial"])
         return name, str(pem)
 
     def _describe_key_pair(self, name: str) -> dict[str, Any] | None:
@@ -502,15 +501,6 @@ def _to_node(inst: Mapping[str, Any], fallback_tags: Mapping[str, str] | None = 
         instance_type=inst.get("InstanceType"),
         launch_time=launch.timestamp() if hasattr(launch, "timestamp") else None,
     )
-
-
-def _write_secret(path: Path, text: str) -> None:
-    """Write a private key readable only by the user (0600, directory 0700)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
 
 
 PROVIDER = AWSProvider

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from strato.exceptions import ConfigError
+from strato.localfiles import write_secret
 
 
 def public_key_from_private(private_key_path: str | os.PathLike[str]) -> str:
@@ -43,10 +44,6 @@ def ensure_key_pair(path: Path) -> str:
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                            serialization.PublicFormat.OpenSSH).decode()
     public = f"{public} strato"
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(private)
-    os.chmod(path, 0o600)
+    write_secret(path, private)
     path.with_name(path.name + ".pub").write_text(public + "\n")
     return public

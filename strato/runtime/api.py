@@ -10,13 +10,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
-import time
 from typing import Any
 
 import cloudpickle
 
-from strato.exceptions import RuntimeNotInitializedError, StratoError
+from strato.exceptions import RuntimeNotInitializedError
 from strato.runtime import context
 from strato.runtime import messages as m
 from strato.runtime.control import start_node

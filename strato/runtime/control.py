@@ -1,4 +1,6 @@
-"""Starting and stopping this machine's runtime node processes (what `strato start/stop` call)."""
+"""Starting and stopping this machine's runtime node processes: the one place that
+spawns ``python -m strato.runtime.node`` (for `strato start`, and for ``strato.init()``
+when it starts a node tied to its driver), and what `strato stop` calls."""
 
 from __future__ import annotations
 
@@ -14,17 +16,22 @@ from dataclasses import dataclass
 
 import psutil
 
+from strato.exceptions import StratoError
 from strato.runtime.session import node_files, read_token
 
 
-class StartError(Exception):
-    """The node process could not start or join; the message says why."""
+class StartError(StratoError, ConnectionError):
+    """The node process could not start or join; the message says why.
+
+    Also a ``ConnectionError``: ``strato.init()`` raised that when it could not bring up
+    or join a cluster, and callers may still catch it so."""
 
 
 @dataclass
 class StartedNode:
-    info: dict
+    info: dict                     # the node file's content (see ``strato.runtime.node``)
     log_path: str
+    proc: subprocess.Popen | None = None
 
     @property
     def address(self) -> str:
@@ -40,8 +47,12 @@ def start_node(*, head: bool, temp_dir: str, address: str | None = None, port: i
                num_gpus: float | None = None, resources: str | None = None,
                labels: str | None = None, node_ip: str | None = None,
                object_store_memory: int | None = None, spot_notice: str | None = None,
-               env: dict | None = None, timeout: float = 60.0) -> StartedNode:
-    """Launch a detached node process and return once it is up (or raise StartError)."""
+               env: dict | None = None, parent_pid: int | None = None,
+               timeout: float = 60.0) -> StartedNode:
+    """Launch a node process and return once it is up (or raise StartError).
+
+    With ``parent_pid`` the node stops when that process exits (a driver's own node).
+    """
     temp_dir = os.path.abspath(temp_dir)
     os.makedirs(os.path.join(temp_dir, "logs"), exist_ok=True)
     if resources:
@@ -70,7 +81,7 @@ def start_node(*, head: bool, temp_dir: str, address: str | None = None, port: i
     for flag, value in (("--num-cpus", num_cpus), ("--num-gpus", num_gpus),
                         ("--resources", resources), ("--labels", labels),
                         ("--node-ip", node_ip), ("--object-store-memory", object_store_memory),
-                        ("--spot-notice", spot_notice)):
+                        ("--spot-notice", spot_notice), ("--parent-pid", parent_pid)):
         if value is not None:
             cmd += [flag, str(value)]
     env = {**os.environ, **(env or {})}
@@ -91,7 +102,7 @@ def start_node(*, head: bool, temp_dir: str, address: str | None = None, port: i
     with open(ready) as f:
         info = json.load(f)
     os.unlink(ready)
-    return StartedNode(info, log_path)
+    return StartedNode(info, log_path, proc)
 
 
 def _failure_message(log_path: str, code: int) -> str:

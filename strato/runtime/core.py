@@ -11,14 +11,17 @@ import time
 from collections.abc import Callable
 
 from strato.exceptions import GetTimeoutError, StratoError, TaskError
+from strato.runtime import messages as m
 from strato.runtime import serialization
 from strato.runtime.ids import IdFactory
+from strato.runtime.messages import AT_NODE, ERROR, INLINE, LOCAL, OBJ, RESULT, RPC_REPLY
 from strato.runtime.protocol.framing import FrameClient
 from strato.runtime.serialization import deserialize, serialize
 from strato.runtime.spec import INLINE_MAX
 from strato.runtime.store import FilePool, read_object, write_object
 
 _current: CoreWorker | None = None
+_TO_EXECUTOR = frozenset((m.EXEC, m.ACTOR_INIT, m.CANCEL_EXEC, m.CHECKPOINT))  # worker only
 
 
 def current() -> CoreWorker | None:
@@ -129,7 +132,7 @@ class CoreWorker:
         self.conn = FrameClient(sock, self._on_batch, self._on_close)
         self._welcome = threading.Event()
         self.conn.start()
-        self.conn.send(("hello", role, self.client_id, None, worker_id))
+        self.conn.send((m.HELLO, role, self.client_id, None, worker_id))
         if not self._welcome.wait(30):
             raise StratoError(f"the node agent at {socket_path} did not answer")
 
@@ -138,30 +141,30 @@ class CoreWorker:
         notify = False
         for msg in batch:
             kind = msg[0]
-            if kind == "result":
+            if kind == RESULT:
                 values = self.values
                 for ret in msg[1]:
                     if ret.oid not in self.owned:
                         continue
                     if ret.error:
-                        values[ret.oid] = ("error", ret.inline)
+                        values[ret.oid] = (ERROR, ret.inline)
                     elif ret.inline is not None:
-                        values[ret.oid] = ("inline", ret.inline)
+                        values[ret.oid] = (INLINE, ret.inline)
                     else:
-                        values[ret.oid] = ("node", ret.node, ret.size)
+                        values[ret.oid] = (AT_NODE, ret.node, ret.size)
                     tid = self.task_of.pop(ret.oid, None)
                     if tid is not None:
                         self.pinned.pop(tid, None)
                 notify = True
-            elif kind == "obj":
+            elif kind == OBJ:
                 _, oid, how, payload = msg
                 self.wanted.discard(oid)
-                if how == "local":
-                    self.values[oid] = ("node", self.node_id, 0)
+                if how == LOCAL:
+                    self.values[oid] = (AT_NODE, self.node_id, 0)
                 else:
                     self.values[oid] = (how, payload)
                 notify = True
-            elif kind == "exec" or kind == "actor_init" or kind == "cancel" or kind == "checkpoint":
+            elif kind in _TO_EXECUTOR:
                 handler = self.on_exec
                 if handler is None:
                     with self._exec_lock:
@@ -170,16 +173,17 @@ class CoreWorker:
                             self._early.append(msg)
                             continue
                 handler(msg)
-            elif kind == "rpc_reply":
-                self.rpc_replies[msg[1]] = (msg[2], msg[3])
+            elif kind == RPC_REPLY:
+                _, rid, ok, value = msg
+                self.rpc_replies[rid] = (ok, value)
                 notify = True
-            elif kind == "log":
+            elif kind == m.LOG:
                 if self.log_handler:
                     self.log_handler(msg[1])
-            elif kind == "warn":
+            elif kind == m.WARN:
                 if self.warn_handler:
                     self.warn_handler(msg[1])
-            elif kind == "welcome":
+            elif kind == m.WELCOME:
                 _, self.node_id, shm_dir, spill_dir, self.agent_address = msg
                 self.store_paths = (shm_dir, spill_dir)
                 self.pool = FilePool(shm_dir)
@@ -207,14 +211,14 @@ class CoreWorker:
     def send(self, msg) -> None:
         if self._to_free:
             frees, self._to_free = self._to_free, []
-            self.conn.send_many([("free", frees), msg])
+            self.conn.send_many([(m.FREE, frees), msg])
         else:
             self.conn.send(msg)
 
     def export_function(self, fn_id: bytes, blob: bytes) -> None:
         if fn_id not in self.exported:
             self.exported.add(fn_id)
-            self.send(("fn", fn_id, blob))
+            self.send((m.FN, fn_id, blob))
 
     def new_return_ids(self, n: int, task_id: bytes) -> list[bytes]:
         """The first return id is the task id itself, so ``cancel(ref)`` finds the task."""
@@ -234,7 +238,7 @@ class CoreWorker:
             size = self.recyclable.pop(oid, None)
             if size is not None:
                 self.pool.add(oid, size)
-            elif oid not in self.escaped and value is not None and value[0] == "node" \
+            elif oid not in self.escaped and value is not None and value[0] == AT_NODE \
                     and value[1] == self.node_id:
                 # nobody else holds a ref: give the memory back now rather than when the
                 # agent gets to the free (it may lag behind a tight loop); mappings that
@@ -247,7 +251,7 @@ class CoreWorker:
                 self._to_free.append(oid)
                 if len(self._to_free) >= 1000:
                     frees, self._to_free = self._to_free, []
-                    self.conn.send(("free", frees))
+                    self.conn.send((m.FREE, frees))
 
     def mark_escaped(self, refs) -> None:
         """These refs were serialized into a value another process may read: never free
@@ -259,7 +263,7 @@ class CoreWorker:
     def flush_frees(self) -> None:
         if self._to_free:
             frees, self._to_free = self._to_free, []
-            self.conn.send(("free", frees))
+            self.conn.send((m.FREE, frees))
 
     # ------------------------------------------------------------------ objects
     def put(self, value) -> ObjectRef:
@@ -274,18 +278,18 @@ class CoreWorker:
         self.owned.add(oid)
         if sv.total_size <= INLINE_MAX:
             data = sv.to_bytes()
-            self.values[oid] = ("inline", data)
-            self.send(("put", oid, data, len(data)))
+            self.values[oid] = (INLINE, data)
+            self.send((m.PUT, oid, data, len(data)))
         else:
             size = write_object(self.store_paths[0], oid, sv, self.pool.take(sv.total_size))
-            self.values[oid] = ("node", self.node_id, size)
+            self.values[oid] = (AT_NODE, self.node_id, size)
             self.recyclable[oid] = size
-            self.send(("put", oid, None, size))
+            self.send((m.PUT, oid, None, size))
         return ObjectRef(oid, self.node_id)
 
     def _is_ready(self, oid: bytes) -> bool:
         v = self.values.get(oid)
-        return v is not None and (v[0] != "node" or v[1] == self.node_id)
+        return v is not None and (v[0] != AT_NODE or v[1] == self.node_id)
 
     def _request_missing(self, refs, need_local: bool) -> None:
         want = []
@@ -295,12 +299,12 @@ class CoreWorker:
             if v is None:
                 if oid in self.owned or oid in self.wanted:
                     continue
-            elif v[0] != "node" or v[1] == self.node_id or not need_local or oid in self.wanted:
+            elif v[0] != AT_NODE or v[1] == self.node_id or not need_local or oid in self.wanted:
                 continue
             self.wanted.add(oid)
             want.append((oid, ref.owner_node))
         if want:
-            self.send(("want", want))
+            self.send((m.WANT, want))
 
     def get(self, refs: list, timeout: float | None) -> list:
         values = self.values
@@ -346,16 +350,16 @@ class CoreWorker:
 
     def _decode(self, oid: bytes, v: tuple):
         kind = v[0]
-        if kind == "inline":
+        if kind == INLINE:
             return deserialize(v[1])
-        if kind == "node":
+        if kind == AT_NODE:
             self.recyclable.pop(oid, None)  # a zero-copy view may now outlive the ref
             try:
                 return read_object(self.store_paths, oid)
             except FileNotFoundError:
                 from strato.exceptions import ObjectLostError
                 raise ObjectLostError(f"object {oid.hex()} is gone from the local store") from None
-        if kind == "error":
+        if kind == ERROR:
             err = deserialize(v[1])
             if isinstance(err, TaskError):
                 raise err.as_instanceof_cause()
@@ -375,7 +379,7 @@ class CoreWorker:
         with self.cond:
             self._rpc_seq += 1
             rid = self._rpc_seq
-        self.send(("rpc", rid, method, args))
+        self.send((m.RPC, rid, method, args))
         deadline = time.monotonic() + timeout
         with self.cond:
             while rid not in self.rpc_replies:

@@ -1,5 +1,8 @@
 """The head service: node table and heartbeats, actor directory (named, detached,
-restarts), jobs, a small KV, drains, and the cluster demand the autoscaler reads."""
+restarts), jobs, checkpoints, drains, and the cluster demand the autoscaler reads.
+
+Messages from agents are routed by ``ROUTES`` (kind -> handler); RPCs (``RPC``) call
+the ``rpc_<method>`` of this class."""
 
 from __future__ import annotations
 
@@ -10,7 +13,9 @@ from dataclasses import dataclass, field
 
 from strato.exceptions import ActorDiedError
 from strato.localfiles import atomic_write
+from strato.runtime import messages as m
 from strato.runtime import scheduler
+from strato.runtime.messages import ActorState
 from strato.runtime.serialization import serialize
 from strato.runtime.spec import TaskSpec
 
@@ -41,7 +46,7 @@ class ActorRecord:
     spec: TaskSpec
     meta: dict
     blob: bytes | None
-    state: str = "pending"      # pending | alive | restarting | dead
+    state: ActorState = ActorState.PENDING
     node: bytes | None = None
     restarts_left: int = 0
     error: bytes | None = None
@@ -58,7 +63,6 @@ class HeadService:
         self.nodes: dict[bytes, NodeRecord] = {}
         self.actors: dict[bytes, ActorRecord] = {}
         self.named: dict[tuple[str, str], bytes] = {}
-        self.kv: dict[str, bytes] = {}
         self.jobs: dict[bytes, dict] = {}
         self.heartbeat_timeout = heartbeat_timeout
         self.view_interval = view_interval
@@ -97,7 +101,7 @@ class HeadService:
     def view_message(self) -> tuple:
         """Live nodes' resources, dead node ids, and addresses for peer links."""
         addresses = {r.node_id: r.address for r in self.nodes.values() if r.alive}
-        return ("view", self.views(), list(self.dead), addresses)
+        return (m.VIEW, self.views(), list(self.dead), addresses)
 
     def broadcast_view(self) -> None:
         msg = self.view_message()
@@ -107,7 +111,11 @@ class HeadService:
 
     # ------------------------------------------------------------------ messages
     def handle(self, link, msg) -> None:
-        getattr(self, "_m_" + msg[0])(link, msg)
+        handler = ROUTES.get(msg[0])
+        if handler is None:
+            log.warning("ignored a %r message: the head does not take it", msg[0])
+            return
+        handler(self, link, msg)
 
     def link_closed(self, node_id: bytes | None) -> None:
         if node_id is not None and node_id in self.nodes and self.nodes[node_id].alive:
@@ -120,7 +128,7 @@ class HeadService:
         log.info("node %s joined at %s with %s", node_id.hex()[:8], address, total)
         link.send(self.view_message())
         for actor_id, rec in self.actors.items():
-            link.send(("actor_update", actor_id, rec.state, rec.node, rec.error))
+            link.send((m.ACTOR_UPDATE, actor_id, rec.state, rec.node, rec.error))
         self._place_pending_actors()
         self.broadcast_view()
 
@@ -150,14 +158,15 @@ class HeadService:
         del self.events[:-200]
 
     def _m_job_started(self, link, msg) -> None:
-        self.jobs[msg[1]] = {"node": msg[2], "start": time.time(), "end": None}
+        _, job_id, node_id = msg
+        self.jobs[job_id] = {"node": node_id, "start": time.time(), "end": None}
 
     def _m_job_finished(self, link, msg) -> None:
-        job_id = msg[1]
+        _, job_id = msg
         if job_id in self.jobs:
             self.jobs[job_id]["end"] = time.time()
         for actor_id, rec in list(self.actors.items()):
-            if rec.spec.job_id == job_id and not rec.detached and rec.state != "dead":
+            if rec.spec.job_id == job_id and not rec.detached and rec.state != ActorState.DEAD:
                 self.kill_actor(actor_id, no_restart=True, reason="its driver exited")
 
     def _m_actor_register(self, link, msg) -> None:
@@ -168,9 +177,9 @@ class HeadService:
                           detached=opts.get("lifetime") == "detached")
         if rec.name:
             key = (rec.namespace, rec.name)
-            if key in self.named and self.actors[self.named[key]].state != "dead":
+            if key in self.named and self.actors[self.named[key]].state != ActorState.DEAD:
                 # the api checked before; a race keeps the first
-                rec.state = "dead"
+                rec.state = ActorState.DEAD
                 rec.error = serialize(ValueError(
                     f"an actor named {rec.name!r} already exists in namespace "
                     f"{rec.namespace!r}")).to_bytes()
@@ -189,7 +198,7 @@ class HeadService:
         views = self.views()
         for actor_id in self.pending_actors:
             rec = self.actors.get(actor_id)
-            if rec is None or rec.state == "dead":
+            if rec is None or rec.state == ActorState.DEAD:
                 continue
             where, node = scheduler.place(rec.spec.resources, None, views)
             if where != scheduler.REMOTE:
@@ -198,7 +207,7 @@ class HeadService:
             target = self.nodes[node]
             scheduler.acquire(target.available, rec.spec.resources)
             rec.node = node
-            target.link.send(("create_actor", rec.spec, rec.blob))
+            target.link.send((m.CREATE_ACTOR, rec.spec, rec.blob))
         self.pending_actors = still
 
     def _m_actor_state(self, link, msg) -> None:
@@ -206,16 +215,16 @@ class HeadService:
         rec = self.actors.get(actor_id)
         if rec is None:
             return
-        if state == "alive":
-            rec.state = "alive"
+        if state == ActorState.ALIVE:
+            rec.state = ActorState.ALIVE
             rec.node = node
-        elif state == "failed":
-            rec.state = "dead"
+        elif state == ActorState.FAILED:
+            rec.state = ActorState.DEAD
             rec.error = err
             rec.restarts_left = 0
             self._release_name(rec)
-        elif state == "dead":
-            if rec.state == "dead":
+        elif state == ActorState.DEAD:
+            if rec.state == ActorState.DEAD:
                 return
             self._actor_died(actor_id, rec, err)
             return
@@ -225,14 +234,14 @@ class HeadService:
         if rec.restarts_left != 0:
             if rec.restarts_left > 0:
                 rec.restarts_left -= 1
-            rec.state = "restarting"
+            rec.state = ActorState.RESTARTING
             rec.node = None
             rec.spec.attempt += 1
             self.pending_actors.append(actor_id)
             self._broadcast_actor(actor_id)
             self._place_pending_actors()
             return
-        rec.state = "dead"
+        rec.state = ActorState.DEAD
         rec.error = err
         self._release_name(rec)
         self._broadcast_actor(actor_id)
@@ -245,15 +254,17 @@ class HeadService:
         rec = self.actors[actor_id]
         for node in self.nodes.values():
             if node.alive:
-                node.link.send(("actor_update", actor_id, rec.state, rec.node, rec.error))
+                node.link.send((m.ACTOR_UPDATE, actor_id, rec.state, rec.node, rec.error))
 
     def _m_actor_watch(self, link, msg) -> None:
-        rec = self.actors.get(msg[1])
+        _, actor_id, _node = msg
+        rec = self.actors.get(actor_id)
         if rec is not None:
-            link.send(("actor_update", msg[1], rec.state, rec.node, rec.error))
+            link.send((m.ACTOR_UPDATE, actor_id, rec.state, rec.node, rec.error))
 
     def _m_kill_actor(self, link, msg) -> None:
-        self.kill_actor(msg[1], no_restart=msg[2], reason="killed with strato.kill")
+        _, actor_id, no_restart = msg
+        self.kill_actor(actor_id, no_restart=no_restart, reason="killed with strato.kill")
 
     def kill_actor(self, actor_id: bytes, no_restart: bool, reason: str) -> None:
         rec = self.actors.get(actor_id)
@@ -261,8 +272,8 @@ class HeadService:
             return
         if no_restart:
             rec.restarts_left = 0
-        if rec.state in ("pending", "restarting") and rec.node is None:
-            rec.state = "dead"
+        if rec.state in (ActorState.PENDING, ActorState.RESTARTING) and rec.node is None:
+            rec.state = ActorState.DEAD
             rec.error = serialize(ActorDiedError(f"actor {rec.spec.name} {reason}")).to_bytes()
             self._release_name(rec)
             self._broadcast_actor(actor_id)
@@ -271,7 +282,7 @@ class HeadService:
             rec.error = serialize(ActorDiedError(f"actor {rec.spec.name} {reason}")).to_bytes()
         node = self.nodes.get(rec.node)
         if node is not None and node.alive:
-            node.link.send(("kill_actor", actor_id))
+            node.link.send((m.STOP_ACTOR, actor_id))
 
     def mark_dead(self, node_id: bytes, reason: str) -> None:
         rec = self.nodes.get(node_id)
@@ -283,13 +294,11 @@ class HeadService:
         self.dead.add(node_id)
         for other in self.nodes.values():
             if other.alive:
-                other.link.send(("node_dead", node_id))
+                other.link.send((m.NODE_DEAD, node_id))
         for actor_id, arec in self.actors.items():
-            if arec.node == node_id and arec.state in ("alive", "pending", "restarting"):
+            if arec.node == node_id and arec.state != ActorState.DEAD:
                 err = serialize(ActorDiedError(
                     f"actor {arec.spec.name} died with node {node_id.hex()[:8]} ({reason})")).to_bytes()
-                if arec.state == "alive":
-                    arec.state = "alive-lost"
                 self._actor_died(actor_id, arec, err)
         self.broadcast_view()
 
@@ -298,9 +307,9 @@ class HeadService:
         _, rid, method, args = msg
         try:
             value = getattr(self, "rpc_" + method)(*args)
-            link.send(("rpc_reply", rid, True, value))
+            link.send((m.RPC_REPLY, rid, True, value))
         except Exception as exc:
-            link.send(("rpc_reply", rid, False, exc))
+            link.send((m.RPC_REPLY, rid, False, exc))
 
     def rpc_nodes(self) -> list[dict]:
         now = time.time()
@@ -367,10 +376,10 @@ class HeadService:
         rec.draining = True
         rec.drain_reason = reason
         self.record_event("drain", rec.node_id, reason)
-        rec.link.send(("drain",))
+        rec.link.send((m.DRAIN,))
         for actor_id, arec in self.actors.items():
-            if arec.node == rec.node_id and arec.state == "alive":
-                rec.link.send(("actor_checkpoint", actor_id))
+            if arec.node == rec.node_id and arec.state == ActorState.ALIVE:
+                rec.link.send((m.ACTOR_CHECKPOINT, actor_id))
         self.broadcast_view()
         return True
 
@@ -427,17 +436,17 @@ class HeadService:
         except FileNotFoundError:
             return False
 
-    def rpc_kv_put(self, key: str, value: bytes, overwrite: bool = True) -> bool:
-        if not overwrite and key in self.kv:
-            return False
-        self.kv[key] = value
-        return True
 
-    def rpc_kv_get(self, key: str):
-        return self.kv.get(key)
-
-    def rpc_kv_del(self, key: str) -> bool:
-        return self.kv.pop(key, None) is not None
-
-    def rpc_kv_keys(self, prefix: str) -> list[str]:
-        return [k for k in self.kv if k.startswith(prefix)]
+# kind -> handler, for what agents send the head
+ROUTES = {
+    m.REGISTER: HeadService._m_register,
+    m.HEARTBEAT: HeadService._m_heartbeat,
+    m.PREEMPTION_NOTICE: HeadService._m_preemption_notice,
+    m.JOB_STARTED: HeadService._m_job_started,
+    m.JOB_FINISHED: HeadService._m_job_finished,
+    m.ACTOR_REGISTER: HeadService._m_actor_register,
+    m.ACTOR_STATE: HeadService._m_actor_state,
+    m.ACTOR_WATCH: HeadService._m_actor_watch,
+    m.KILL_ACTOR: HeadService._m_kill_actor,
+    m.RPC: HeadService._m_rpc,
+}

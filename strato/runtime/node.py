@@ -26,6 +26,7 @@ import time
 import psutil
 
 from strato.exceptions import AuthenticationError
+from strato.runtime import messages as m
 from strato.runtime import resources as resource_detection
 from strato.runtime.agent import NodeAgent
 from strato.runtime.head import HeadService
@@ -98,14 +99,14 @@ async def run_node(args) -> int:
         await agent.start(prestart_workers=min(2, int(resources.get("CPU", 0))))
         connect_in_process(head, agent)
         head_address = agent.address
-        agent.head.send(("register", node_id, agent.address, resources, labels))
+        agent.head.send((m.REGISTER, node_id, agent.address, resources, labels))
     else:
         await agent.start(prestart_workers=min(2, int(resources.get("CPU", 0))))
         head_address = args.address
         head_client = HeadClient(head_address, token, agent)
         agent.head = head_client
         try:
-            await head_client.connect(("register", node_id, agent.address, resources, labels))
+            await head_client.connect((m.REGISTER, node_id, agent.address, resources, labels))
         except (AuthenticationError, ConnectionError) as exc:
             print(f"strato: {exc}", file=sys.stderr)
             await agent.stop()
@@ -140,7 +141,7 @@ async def run_node(args) -> int:
         from strato.runtime import preemption
         loop.create_task(preemption.watch(
             args.spot_notice,
-            lambda text: agent.head.send(("preemption_notice", node_id, text)),
+            lambda text: agent.head.send((m.PREEMPTION_NOTICE, node_id, text)),
             interval=float(os.environ.get("STRATO_NOTICE_INTERVAL", "1"))))
     waiters = [loop.create_task(stop.wait())]
     if head_client is not None:

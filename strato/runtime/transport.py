@@ -15,6 +15,7 @@ import pickle
 import grpc
 
 from strato.exceptions import AuthenticationError
+from strato.runtime import messages as m
 from strato.runtime.protocol.runtime_pb2 import Frame
 
 log = logging.getLogger("strato.transport")
@@ -139,7 +140,7 @@ class RuntimeServer:
         try:
             async for frame in request_iterator:
                 for msg in pickle.loads(frame.payload):
-                    if msg[0] == "register":
+                    if msg[0] == m.REGISTER:
                         node_id = msg[1]
                     self.head.handle(batcher, msg)
         finally:
@@ -151,7 +152,7 @@ class RuntimeServer:
         peer_node = None
         async for frame in request_iterator:
             for msg in pickle.loads(frame.payload):
-                if msg[0] == "hello":
+                if msg[0] == m.PEER_HELLO:
                     peer_node = msg[1]
                     continue
                 self.agent.peers.dispatch(peer_node, msg)
@@ -288,7 +289,7 @@ class PeerLinks:
         try:
             channel, call = await open_stream(address, "Peer", self.token)
             batcher = _Batcher(call.write)
-            batcher.send(("hello", self.agent.node_id))
+            batcher.send((m.PEER_HELLO, self.agent.node_id))
             for msg in queue:
                 batcher.send(msg)
             self.links[node] = (channel, call, batcher)
@@ -310,20 +311,21 @@ class PeerLinks:
         rid = next(self._rid)
         fut = asyncio.get_running_loop().create_future()
         self._requests[rid] = fut
-        self.send(node, ("req", rid, self.agent.node_id, msg))
+        self.send(node, (m.REQUEST, rid, self.agent.node_id, msg))
         return fut
 
     def dispatch(self, node: bytes | None, msg) -> None:
         kind = msg[0]
-        if kind == "req":
+        if kind == m.REQUEST:
             _, rid, sender, inner = msg
-            self.agent.on_peer_message(sender, inner,
-                                       reply=lambda value: self.send(sender, ("rep", rid, value)))
+            self.agent.on_peer_request(sender, inner,
+                                       lambda value: self.send(sender, (m.REPLY, rid, value)))
             return
-        if kind == "rep":
-            fut = self._requests.pop(msg[1], None)
+        if kind == m.REPLY:
+            _, rid, value = msg
+            fut = self._requests.pop(rid, None)
             if fut is not None and not fut.done():
-                fut.set_result(msg[2])
+                fut.set_result(value)
             return
         self.agent.on_peer_message(node, msg)
 

@@ -19,6 +19,7 @@ import cloudpickle
 
 from strato.exceptions import TaskCancelledError, TaskError
 from strato.runtime import context
+from strato.runtime import messages as m
 from strato.runtime.core import CoreWorker, ObjectRef, set_current
 from strato.runtime.serialization import deserialize, serialize
 from strato.runtime.spec import ACTOR_CALL, INLINE_MAX, ArgRef, ReturnValue, TaskSpec
@@ -46,7 +47,7 @@ class Executor:
     # ------------------------------------------------------------------ from the agent
     def on_message(self, msg) -> None:
         kind = msg[0]
-        if kind == "exec":
+        if kind == m.EXEC:
             _, specs, fns, gpu_ids = msg
             for fid, blob in fns.items():
                 if blob is not None and fid not in self.functions:
@@ -55,32 +56,33 @@ class Executor:
                 if self.blocked:
                     # sent before the agent saw we block: hand it back, it may be
                     # the very task we wait for
-                    self.core.send(("bounce", [spec.task_id for spec in specs]))
+                    self.core.send((m.BOUNCE, [spec.task_id for spec in specs]))
                     return
                 for spec in specs:
                     self.inbox.append((spec, gpu_ids))
                 self.cond.notify()
-        elif kind == "actor_init":
+        elif kind == m.ACTOR_INIT:
             _, spec, blob, gpu_ids = msg
             if blob is not None:
                 self.functions[spec.function_id] = blob
             with self.cond:
                 self.inbox.append((spec, gpu_ids))
                 self.cond.notify()
-        elif kind == "cancel":
-            self.cancelled.add(msg[1])
+        elif kind == m.CANCEL_EXEC:
+            _, task_id = msg
+            self.cancelled.add(task_id)
             with self.cond:
-                queued = [item for item in self.inbox if item[0].task_id == msg[1]]
+                queued = [item for item in self.inbox if item[0].task_id == task_id]
                 for item in queued:
                     self.inbox.remove(item)
             for spec, _ in queued:  # not started yet: answer at once
                 err = TaskCancelledError(f"task {spec.name} cancelled")
-                self.core.send(("done", spec.task_id, self.pack_error(spec, err), False))
+                self.core.send((m.DONE, spec.task_id, self.pack_error(spec, err), False))
                 return
-            if self.running is not None and self.running.task_id == msg[1] and self.actor is None:
+            if self.running is not None and self.running.task_id == task_id and self.actor is None:
                 # a real signal: unlike interrupt_main() it also breaks a blocking sleep
                 os.kill(os.getpid(), signal.SIGINT)
-        elif kind == "checkpoint":
+        elif kind == m.CHECKPOINT:
             hook = getattr(self.actor, "__strato_checkpoint__", None) or \
                 getattr(self.actor, "checkpoint_on_drain", None)
             if hook is not None:
@@ -95,9 +97,9 @@ class Executor:
             if blocked:
                 returned = [spec.task_id for spec, _ in self.inbox]
                 self.inbox.clear()
-                self.core.send(("blocked", returned))
+                self.core.send((m.BLOCKED, returned))
             else:
-                self.core.send(("unblocked",))
+                self.core.send((m.UNBLOCKED,))
 
     # ------------------------------------------------------------------ main loop
     def run_forever(self) -> None:
@@ -114,7 +116,7 @@ class Executor:
             elif spec.actor_id is not None:
                 self.init_actor(spec)
             else:
-                self.core.send(("done", spec.task_id, self.execute(spec, self.load(spec)),
+                self.core.send((m.DONE, spec.task_id, self.execute(spec, self.load(spec)),
                                 self._retryable))
 
     def load(self, spec: TaskSpec):
@@ -137,9 +139,9 @@ class Executor:
             if info is None:
                 need_get.append(i)
                 values.append(None)
-            elif info[0] == "inline":
+            elif info[0] == m.INLINE:
                 values.append(deserialize(info[1]))
-            elif info[0] == "node":
+            elif info[0] == m.AT_NODE:
                 values.append(read_object(self.core.store_paths, oid))
             else:
                 err = deserialize(info[1])
@@ -222,7 +224,7 @@ class Executor:
         except BaseException as exc:
             tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
             err = TaskError(f"{spec.name}.__init__", tb, exc if _picklable(exc) else None)
-            self.core.send(("actor_ready", spec.actor_id, serialize(err).to_bytes()))
+            self.core.send((m.ACTOR_READY, spec.actor_id, serialize(err).to_bytes()))
             return
         finally:
             context.leave(token)
@@ -232,7 +234,7 @@ class Executor:
             threading.Thread(target=self._run_async_loop, args=(limit,), daemon=True).start()
         elif (opts.get("max_concurrency") or 1) > 1:
             self.pool = ThreadPoolExecutor(max_workers=opts["max_concurrency"])
-        self.core.send(("actor_ready", spec.actor_id, None))
+        self.core.send((m.ACTOR_READY, spec.actor_id, None))
 
     def _run_async_loop(self, limit: int) -> None:
         asyncio.set_event_loop(self.async_loop)
@@ -252,7 +254,7 @@ class Executor:
     def _sync_call(self, spec: TaskSpec) -> None:
         method = getattr(self.actor, spec.method)
         returns = self.execute(spec, method)
-        self.core.send(("done", spec.task_id, returns, self._retryable))
+        self.core.send((m.DONE, spec.task_id, returns, self._retryable))
 
     async def _async_call(self, spec: TaskSpec) -> None:
         async with self.async_sem:
@@ -269,7 +271,7 @@ class Executor:
                 returns = self.pack_error(spec, exc)
             finally:
                 context.leave(token)
-        self.core.send(("done", spec.task_id, returns, False))
+        self.core.send((m.DONE, spec.task_id, returns, False))
 
 
 def _picklable(exc) -> bool:

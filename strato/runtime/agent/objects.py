@@ -1,0 +1,260 @@
+"""The agent's objects: ownership records for its clients' objects, and transfer.
+
+Owns: ``objects`` (entries for objects this node's clients own: state, inline value or
+location, lineage), ``remote_wants`` (callbacks waiting for another owner's answer) and
+``pulls`` (chunked copies from other nodes into the local ``store`` in flight).
+Answers WANT from clients and OBJ_WANT from peers once a value or location is known,
+serves PULL_CHUNK requests, frees copies, and rebuilds lost objects from lineage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+
+from strato.exceptions import ObjectLostError, OwnerDiedError
+from strato.runtime import messages as m
+from strato.runtime.serialization import serialize
+from strato.runtime.spec import TASK, ReturnValue, TaskSpec
+
+CHUNK = 4 * 1024 * 1024
+PULL_WINDOW = 4
+
+
+def error_bytes(exc: BaseException) -> bytes:
+    return serialize(exc).to_bytes()
+
+
+class ObjState(enum.Enum):
+    PENDING = "pending"   # its task has not finished
+    READY = "ready"
+    ERROR = "error"       # the value is an error
+    LOST = "lost"         # its only copy was on a node that died
+
+
+class ObjEntry:
+    """An object owned by one of this node's clients."""
+
+    __slots__ = ("state", "inline", "node", "size", "lineage", "waiters", "owner_client")
+
+    def __init__(self, owner_client: bytes, lineage: TaskSpec | None = None):
+        self.state = ObjState.PENDING
+        self.inline: bytes | None = None
+        self.node: bytes | None = None
+        self.size = 0
+        self.lineage = lineage
+        self.waiters: list = []
+        self.owner_client = owner_client
+
+    def info(self) -> tuple:
+        """Where the value is, as ``messages`` object info."""
+        if self.state is ObjState.ERROR:
+            return (m.ERROR, self.inline)
+        if self.inline is not None:
+            return (m.INLINE, self.inline)
+        return (m.AT_NODE, self.node, self.size)
+
+
+class ObjectManager:
+    """Mixin of ``NodeAgent``: see the module docstring."""
+
+    def _init_objects(self) -> None:
+        self.objects: dict[bytes, ObjEntry] = {}
+        self.remote_wants: dict[bytes, list] = {}   # oid -> callbacks waiting for remote info
+        self.pulls: dict[bytes, asyncio.Future] = {}
+
+    # ------------------------------------------------------------------ from clients
+    def on_put(self, client, msg) -> None:
+        _, oid, inline, size = msg
+        entry = ObjEntry(client.client_id)
+        entry.state = ObjState.READY
+        entry.size = size
+        if inline is not None:
+            entry.inline = inline
+        else:
+            entry.node = self.node_id
+            self.store.sealed(oid, size)
+        self.objects[oid] = entry
+
+    def on_free(self, client, msg) -> None:
+        for oid in msg[1]:
+            self._free_owned(oid)
+
+    def on_want(self, client, msg) -> None:
+        for oid, owner_node in msg[1]:
+            self._want(oid, owner_node, lambda info, c=client, o=oid: self._deliver(c, o, info))
+
+    def _deliver(self, client, oid: bytes, info: tuple) -> None:
+        """Give a client an object: inline bytes, error, or once it is in the local store."""
+        where = info[0]
+        if where == m.AT_NODE and info[1] != self.node_id:
+            self._pull(oid, info[1], info[2], lambda ok, err=None: client.conn.send(
+                (m.OBJ, oid, m.LOCAL, None) if ok else (m.OBJ, oid, m.ERROR, err)))
+            return
+        if where == m.AT_NODE:
+            client.conn.send((m.OBJ, oid, m.LOCAL, None))
+        else:
+            client.conn.send((m.OBJ, oid, where, info[1]))
+
+    # ------------------------------------------------------------------ from peers
+    def on_obj_want(self, node: bytes, msg) -> None:
+        _, oid, requester = msg
+        self._want(oid, self.node_id,
+                   lambda info: self.peers.send(requester, (m.OBJ_INFO, oid, info)))
+
+    def on_obj_info(self, node: bytes, msg) -> None:
+        _, oid, info = msg
+        for cb in self.remote_wants.pop(oid, []):
+            cb(info)
+
+    def on_pull_chunk(self, reply, msg) -> None:
+        _, oid, offset, length = msg
+        mm = self.store.open(oid)
+        if mm is None:
+            reply((False, "object not in store"))
+        else:
+            reply((True, bytes(mm[offset:offset + length])))
+            mm.close()
+
+    def on_free_copies(self, node: bytes, msg) -> None:
+        for oid in msg[1]:
+            self.store.delete(oid)
+
+    # ------------------------------------------------------------------ ownership
+    def _want(self, oid: bytes, owner_node: bytes, callback) -> None:
+        """Call ``callback(info)`` once the object's value or location is known."""
+        entry = self.objects.get(oid)
+        if entry is not None:
+            if entry.state is ObjState.READY or entry.state is ObjState.ERROR:
+                callback(entry.info())
+            elif entry.state is ObjState.LOST:
+                self._reconstruct_or_fail(oid, entry, callback)
+            else:
+                entry.waiters.append(callback)
+            return
+        if oid in self.store:
+            callback((m.AT_NODE, self.node_id, self.store.size_of(oid)))
+            return
+        if owner_node == self.node_id:
+            callback((m.ERROR, error_bytes(ObjectLostError(
+                f"object {oid.hex()} is unknown (freed or never created)"))))
+            return
+        if owner_node not in self.view and owner_node in self.dead_nodes():
+            callback((m.ERROR, error_bytes(OwnerDiedError(
+                f"object {oid.hex()} lost: its owner's node {owner_node.hex()[:8]} died"))))
+            return
+        waiters = self.remote_wants.setdefault(oid, [])
+        waiters.append(callback)
+        if len(waiters) == 1:
+            self.peers.send(owner_node, (m.OBJ_WANT, oid, self.node_id))
+
+    def _set_ready(self, oid: bytes, ret: ReturnValue) -> None:
+        entry = self.objects.get(oid)
+        if entry is None:
+            # freed already: drop stored copy
+            if ret.node is not None:
+                self._delete_copy(oid, ret.node)
+            return
+        entry.size = ret.size
+        entry.inline = ret.inline
+        entry.node = ret.node
+        entry.state = ObjState.ERROR if ret.error else ObjState.READY
+        waiters, entry.waiters = entry.waiters, []
+        info = entry.info()
+        for cb in waiters:
+            cb(info)
+
+    def _free_owned(self, oid: bytes) -> None:
+        entry = self.objects.pop(oid, None)
+        if entry is None:
+            return
+        if entry.node is not None:
+            self._delete_copy(oid, entry.node)
+
+    def _delete_copy(self, oid: bytes, node: bytes) -> None:
+        if node == self.node_id:
+            self.store.delete(oid)
+        elif self.peers:
+            self.peers.send(node, (m.FREE_COPIES, [oid]))
+
+    def _free_client_objects(self, client_id: bytes) -> None:
+        for oid, entry in list(self.objects.items()):
+            if entry.owner_client == client_id:
+                self._free_owned(oid)
+
+    def _objects_lost_with(self, node: bytes) -> None:
+        for entry in self.objects.values():
+            if entry.node == node and entry.state is ObjState.READY:
+                entry.state = ObjState.LOST
+                entry.node = None
+
+    def _reconstruct_or_fail(self, oid: bytes, entry: ObjEntry, callback) -> None:
+        spec = entry.lineage
+        if spec is None or spec.kind != TASK:
+            callback((m.ERROR, error_bytes(ObjectLostError(
+                f"object {oid.hex()} was lost with its node and cannot be rebuilt "
+                "(made by put or an actor)"))))
+            return
+        entry.waiters.append(callback)
+        if spec.task_id in self.owned_tasks:
+            return  # already re-running
+        entry.state = ObjState.PENDING
+        for other in spec.return_ids:
+            e = self.objects.get(other)
+            if e is not None:
+                e.state = ObjState.PENDING
+        spec.dep_values = None
+        self.owned_tasks[spec.task_id] = (spec, None)
+        self._resolve_then_place(spec)
+
+    # ------------------------------------------------------------------ transfer
+    def _pull(self, oid: bytes, node: bytes, size: int, done) -> None:
+        """Fetch a remote object into the local store in chunks, a bounded window at once."""
+        if oid in self.store:
+            done(True)
+            return
+        fut = self.pulls.get(oid)
+        if fut is None:
+            fut = self.loop.create_future()
+            self.pulls[oid] = fut
+            self.loop.create_task(self._run_pull(oid, node, size, fut))
+
+        def _finished(f):
+            exc = f.exception()
+            done(exc is None, None if exc is None else error_bytes(exc))
+        fut.add_done_callback(_finished)
+
+    async def _run_pull(self, oid: bytes, node: bytes, size: int, fut) -> None:
+        fd, tmp = self.store.new_file(oid, size)
+        try:
+            offsets = list(range(0, size, CHUNK)) or [0]
+            pending: dict[int, asyncio.Future] = {}
+            nxt = 0
+            while nxt < len(offsets) or pending:
+                while nxt < len(offsets) and len(pending) < PULL_WINDOW:
+                    off = offsets[nxt]
+                    nxt += 1
+                    pending[off] = self.peers.request(node, (m.PULL_CHUNK, oid, off, CHUNK))
+                done, _ = await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
+                for off in [o for o, f in pending.items() if f in done]:
+                    ok, data = pending.pop(off).result()
+                    if not ok:
+                        raise ObjectLostError(f"object {oid.hex()} could not be fetched from node "
+                                              f"{node.hex()[:8]}: {data}")
+                    os.pwrite(fd, data, off)
+            os.close(fd)
+            fd = -1
+            self.store.finish_file(oid, tmp, size)
+            fut.set_result(True)
+        except Exception as exc:
+            if fd >= 0:
+                os.close(fd)
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            fut.set_exception(exc)
+            fut.exception()
+        finally:
+            self.pulls.pop(oid, None)

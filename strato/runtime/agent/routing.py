@@ -1,0 +1,276 @@
+"""The agent's task routing: where each task runs, and the owner's side of its life.
+
+Owns: ``fns`` (exported functions by id) and ``peer_fns`` (which a peer already has),
+``owned_tasks`` (tasks this node's clients submitted: spec and the node running it),
+``waiting`` (tasks no node has room for now, or ever: the demand the autoscaler sees),
+``warned_infeasible``, ``cancelled``, and the cluster ``view`` from the head.
+Resolves dependencies, places a task here (into ``ready``), on a peer (RUN_TASK) or
+in ``waiting``; on completion retries or hands results to the owner; cancels; drains.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+from strato.exceptions import TaskCancelledError, WorkerCrashedError
+from strato.runtime import messages as m
+from strato.runtime import scheduler
+from strato.runtime.agent.objects import ObjEntry, error_bytes
+from strato.runtime.spec import ACTOR_CALL, TASK, ReturnValue, TaskSpec
+
+log = logging.getLogger("strato.agent")
+
+
+class TaskRouter:
+    """Mixin of ``NodeAgent``: see the module docstring."""
+
+    def _init_routing(self) -> None:
+        self.fns: dict[bytes, bytes] = {}
+        self.peer_fns: dict[bytes, set] = {}      # node -> fn ids already sent
+        self.owned_tasks: dict[bytes, tuple[TaskSpec, bytes | None]] = {}  # id -> (spec, node)
+        self.waiting: list[TaskSpec] = []         # no node has room now (or ever)
+        self.warned_infeasible: set = set()
+        self.cancelled: set[bytes] = set()
+        self.view: dict[bytes, scheduler.NodeView] = {}
+        self._dead_nodes: set[bytes] = set()
+
+    def dead_nodes(self) -> set:
+        return self._dead_nodes
+
+    def demand(self) -> list:
+        """[(shape, count, infeasible)] of tasks that wait for room (for the heartbeat)."""
+        counts: dict[tuple, int] = {}
+        for spec in self.waiting:
+            counts[spec.shape_key()] = counts.get(spec.shape_key(), 0) + 1
+        for key, q in self.ready.items():
+            if q and not scheduler.fits(dict(key), self.available):
+                counts[key] = counts.get(key, 0) + len(q)
+        infeasible = {s.shape_key() for s in self.waiting if s.task_id in self.warned_infeasible}
+        return [(dict(k), n, k in infeasible) for k, n in counts.items()]
+
+    # ------------------------------------------------------------------ from clients
+    def on_fn(self, client, msg) -> None:
+        _, function_id, blob = msg
+        self.fns[function_id] = blob
+
+    def on_submit(self, client, msg) -> None:
+        for spec in msg[1]:
+            for oid in spec.return_ids:
+                self.objects[oid] = ObjEntry(client.client_id, spec)
+            self.owned_tasks[spec.task_id] = (spec, None)
+            self._resolve_then_place(spec)
+
+    def on_cancel(self, _src, msg) -> None:
+        _, task_id, force = msg
+        self._cancel(task_id, force)
+
+    # ------------------------------------------------------------------ from peers
+    def on_run_task(self, node: bytes, msg) -> None:
+        _, spec, blob = msg
+        if blob is not None:
+            self.fns[spec.function_id] = blob
+        if self.draining or not scheduler.fits(spec.resources, self.available):
+            # the owner's view was stale: let it place the task again rather than
+            # queue it here behind work that may never finish
+            self.peers.send(spec.owner_node, (m.TASK_REJECTED, spec, self.node_id))
+            return
+        self.ready.setdefault(spec.shape_key(), deque()).append(spec)
+        self._schedule_dispatch()
+
+    def on_task_rejected(self, node: bytes, msg) -> None:
+        _, spec, rejected_by = msg
+        view = self.view.get(rejected_by)
+        if view is not None:
+            # until the next view, count that node as full for this shape
+            for name, amount in spec.resources.items():
+                view.available[name] = min(view.available.get(name, 0.0),
+                                           max(0.0, amount - 1e-6))
+        self.owned_tasks[spec.task_id] = (spec, None)
+        self._place(spec)
+
+    def on_task_done(self, node: bytes, msg) -> None:
+        _, spec, returns, retryable, ran_on = msg
+        self._task_finished(spec, returns, retryable, ran_on)
+
+    # ------------------------------------------------------------------ placement
+    def _resolve_then_place(self, spec: TaskSpec) -> None:
+        if not spec.deps:
+            self._place(spec)
+            return
+        spec.dep_values = {}
+        state = {"missing": len(spec.deps)}
+
+        def got(oid, info, spec=spec):
+            if info[0] == m.ERROR:
+                # a failed dependency fails the task with the dependency's error
+                if spec.task_id in self.owned_tasks and not state.get("failed"):
+                    state["failed"] = True
+                    returns = [ReturnValue(rid, info[1], None, len(info[1]), True)
+                               for rid in spec.return_ids]
+                    self._task_finished(spec, returns, False, self.node_id)
+                return
+            spec.dep_values[oid] = info
+            state["missing"] -= 1
+            if state["missing"] == 0:
+                self._place(spec)
+
+        for oid, owner_node in spec.deps:
+            self._want(oid, owner_node, lambda info, o=oid: got(o, info))
+
+    def _place(self, spec: TaskSpec) -> None:
+        if spec.task_id in self.cancelled:
+            self._complete_with_error(spec, TaskCancelledError(f"task {spec.name} cancelled"))
+            return
+        where, node = scheduler.place(spec.resources, self.local_view(), list(self.view.values()))
+        if where == scheduler.REMOTE:
+            self._forward(spec, node)
+        elif where == scheduler.LOCAL or (where == scheduler.WAIT and self._only_here(spec)):
+            self.ready.setdefault(spec.shape_key(), deque()).append(spec)
+            self._schedule_dispatch()
+        else:
+            if where == scheduler.INFEASIBLE and spec.task_id not in self.warned_infeasible:
+                self.warned_infeasible.add(spec.task_id)
+                self._warn_owner(spec, f"task {spec.name} needs {spec.resources}, which no node "
+                                 "taking work offers (draining nodes excluded); it stays "
+                                 "pending until such a node joins (the autoscaler sees it as "
+                                 "demand)")
+            self.waiting.append(spec)
+
+    def _only_here(self, spec: TaskSpec) -> bool:
+        """Queue locally only when no other node could ever run it; otherwise keep it
+        in ``waiting``, re-placed whenever a node frees up."""
+        if self.draining or not scheduler.fits(spec.resources, self.total):
+            return False
+        return not any(v.alive and not v.draining and scheduler.fits(spec.resources, v.total)
+                       for v in self.view.values())
+
+    def _warn_owner(self, spec: TaskSpec, text: str) -> None:
+        client = self.clients.get(spec.owner_client)
+        target = client
+        if client is None or client.role != "driver":
+            for c in self.clients.values():
+                if c.role == "driver" and c.job_id == spec.job_id:
+                    target = c
+        if target is not None:
+            target.conn.send((m.WARN, text))
+
+    def _forward(self, spec: TaskSpec, node: bytes) -> None:
+        view = self.view.get(node)
+        if view is not None:
+            scheduler.acquire(view.available, spec.resources)  # optimistic until next view
+        sent = self.peer_fns.setdefault(node, set())
+        blob = None
+        if spec.function_id not in sent:
+            blob = self.fns.get(spec.function_id)
+            sent.add(spec.function_id)
+        if spec.owner_node == self.node_id:
+            self.owned_tasks[spec.task_id] = (spec, node)
+        self.peers.send(node, (m.RUN_TASK, spec, blob))
+
+    def _retry_waiting(self) -> None:
+        if not self.waiting:
+            return
+        waiting, self.waiting = self.waiting, []
+        stuck: set[tuple] = set()   # shapes that found no node: the rest of them wait too
+        for spec in waiting:
+            key = spec.shape_key()
+            if key in stuck:
+                self.waiting.append(spec)
+                continue
+            before = len(self.waiting)
+            self._place(spec)
+            if len(self.waiting) > before:
+                stuck.add(key)
+
+    def _drain(self) -> None:
+        """Take no new work: queued tasks not yet started go elsewhere (or wait)."""
+        if self.draining:
+            return
+        self.draining = True
+        log.warning("draining: no new work will run on this node")
+        queued = [spec for q in self.ready.values() for spec in q]
+        self.ready.clear()
+        for spec in queued:
+            if spec.owner_node == self.node_id:
+                self._place(spec)
+            else:
+                self.peers.send(spec.owner_node, (m.TASK_REJECTED, spec, self.node_id))
+
+    def _tasks_lost_with(self, node: bytes) -> None:
+        """Owned tasks and actor calls in flight on a dead node: retry or fail them."""
+        for task_id, (spec, where) in list(self.owned_tasks.items()):
+            if where != node:
+                continue
+            if spec.kind == ACTOR_CALL:
+                self._actor_call_lost_with(node, spec)
+            elif spec.kind == TASK and self._may_retry(spec):
+                spec.attempt += 1
+                spec.dep_values = None
+                self.owned_tasks[task_id] = (spec, None)
+                self._resolve_then_place(spec)
+            elif spec.kind == TASK:
+                self._complete_with_error(spec, WorkerCrashedError(
+                    f"node {node.hex()[:8]} running {spec.name} died"))
+
+    # ------------------------------------------------------------------ completion
+    def _task_finished(self, spec: TaskSpec, returns: list, retryable: bool,
+                       ran_on: bytes) -> None:
+        if spec.owner_node != self.node_id:
+            self.peers.send(spec.owner_node, (m.TASK_DONE, spec, returns, retryable, ran_on))
+            return
+        if spec.task_id not in self.owned_tasks:
+            return
+        if retryable and self._may_retry(spec):
+            self._retry(spec)
+            return
+        self.owned_tasks.pop(spec.task_id, None)
+        for ret in returns:
+            self._set_ready(ret.oid, ret)
+        client = self.clients.get(spec.owner_client)
+        if client is not None:
+            client.conn.send((m.RESULT, returns))
+
+    def _may_retry(self, spec: TaskSpec) -> bool:
+        if spec.kind == ACTOR_CALL:
+            limit = (spec.actor_options or {}).get("max_task_retries", 0)
+        else:
+            limit = spec.max_retries
+        return limit == -1 or spec.attempt < limit
+
+    def _retry(self, spec: TaskSpec) -> None:
+        spec.attempt += 1
+        spec.dep_values = None
+        if spec.kind == ACTOR_CALL:
+            self._route_actor_call(spec)
+        else:
+            self._resolve_then_place(spec)
+
+    def _complete_with_error(self, spec: TaskSpec, exc: BaseException, crashed: bool = False) -> None:
+        data = error_bytes(exc)
+        returns = [ReturnValue(oid, data, None, len(data), True) for oid in spec.return_ids]
+        self._task_finished(spec, returns, crashed, self.node_id)
+
+    def _cancel(self, task_id: bytes, force: bool) -> None:
+        self.cancelled.add(task_id)
+        for q in self.ready.values():
+            for spec in list(q):
+                if spec.task_id == task_id:
+                    q.remove(spec)
+                    self._complete_with_error(spec, TaskCancelledError(f"task {spec.name} cancelled"))
+                    return
+        for spec in list(self.waiting):
+            if spec.task_id == task_id:
+                self.waiting.remove(spec)
+                self._complete_with_error(spec, TaskCancelledError(f"task {spec.name} cancelled"))
+                return
+        for w in self.workers.values():
+            if task_id in w.inflight:
+                if force and w.proc is not None:
+                    w.proc.kill()
+                elif w.conn is not None:
+                    w.conn.send((m.CANCEL_EXEC, task_id))
+                return
+        owned = self.owned_tasks.get(task_id)
+        if owned is not None and owned[1] is not None and owned[1] != self.node_id:
+            self.peers.send(owned[1], (m.CANCEL, task_id, force))

@@ -1,0 +1,348 @@
+"""The agent's worker pool: worker processes and the tasks leased to them.
+
+Owns: ``workers``, ``idle_workers``, ``starting_workers``, ``free_gpus`` and the
+``ready`` queues (tasks placed on this node, by resource shape, waiting for a worker).
+Starts worker processes and forwards their output, leases idle workers to queued
+tasks (pipelining up to ``PIPELINE_DEPTH`` per worker once the node is saturated),
+handles what workers report (DONE, BLOCKED, UNBLOCKED, BOUNCE) and what a worker's
+death means for the tasks it ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass, field
+
+from strato.exceptions import TaskCancelledError, WorkerCrashedError
+from strato.runtime import messages as m
+from strato.runtime import scheduler
+from strato.runtime.protocol.framing import FrameProtocol
+from strato.runtime.spec import TaskSpec
+
+log = logging.getLogger("strato.agent")
+
+PIPELINE_DEPTH = 10
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"   # process spawned, not connected yet
+    IDLE = "idle"           # in the pool
+    LEASED = "leased"       # runs tasks of one resource shape
+    ACTOR = "actor"         # dedicated to one actor
+    DEAD = "dead"
+
+
+@dataclass
+class Worker:
+    worker_id: bytes
+    proc: asyncio.subprocess.Process | None = None
+    conn: FrameProtocol | None = None
+    state: WorkerState = WorkerState.STARTING
+    lease_shape: dict = field(default_factory=dict)
+    lease_key: tuple = ()
+    inflight: dict = field(default_factory=dict)   # task_id -> spec
+    blocked: bool = False
+    actor_id: bytes | None = None
+    actor_spec: TaskSpec | None = None
+    gpu_ids: list = field(default_factory=list)
+    sent_fns: set = field(default_factory=set)
+    job_id: bytes | None = None
+    pid: int = 0
+    pending_actor: TaskSpec | None = None   # actor to become once the process connects
+
+
+class WorkerPool:
+    """Mixin of ``NodeAgent``: see the module docstring."""
+
+    def _init_workers(self, resources: dict) -> None:
+        self.free_gpus = list(range(int(resources.get("GPU", 0))))
+        self.workers: dict[bytes, Worker] = {}
+        self.idle_workers: list[Worker] = []
+        self.starting_workers = 0
+        self.ready: dict[tuple, deque] = {}       # shape key -> specs placed here
+        self._dispatch_scheduled = False
+
+    def ready_count(self) -> int:
+        return sum(len(q) for q in self.ready.values())
+
+    def num_actors(self) -> int:
+        return sum(1 for w in self.workers.values() if w.state is WorkerState.ACTOR)
+
+    def busy(self) -> bool:
+        return any(w.state in (WorkerState.LEASED, WorkerState.ACTOR)
+                   for w in self.workers.values()) or bool(self.ready_count())
+
+    # ------------------------------------------------------------------ processes
+    def _start_worker(self) -> Worker:
+        wid = os.urandom(16)
+        w = Worker(worker_id=wid)
+        self.workers[wid] = w
+        self.starting_workers += 1
+        self.loop.create_task(self._spawn(w))
+        return w
+
+    async def _spawn(self, w: Worker) -> None:
+        env = dict(os.environ)
+        env.update(self.worker_env)
+        env["STRATO_AGENT_SOCKET"] = self.socket_path
+        env["STRATO_WORKER_ID"] = w.worker_id.hex()
+        env["STRATO_NODE_ID"] = self.node_id.hex()
+        env["PYTHONUNBUFFERED"] = "1"
+        try:
+            w.proc = await asyncio.create_subprocess_exec(
+                self.python, "-m", "strato.runtime.worker",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                stdin=asyncio.subprocess.DEVNULL, env=env, start_new_session=True)
+        except OSError as exc:
+            log.error("cannot start worker: %s", exc)
+            self.starting_workers -= 1
+            self.workers.pop(w.worker_id, None)
+            return
+        w.pid = w.proc.pid
+        self.loop.create_task(self._pump_output(w))
+        await w.proc.wait()
+        self._on_worker_exit(w)
+
+    async def _pump_output(self, w: Worker) -> None:
+        stream = w.proc.stdout
+        prefix = f"(pid={w.pid}, node={self.node_id.hex()[:8]})"
+        while True:
+            lines = []
+            line = await stream.readline()
+            if not line:
+                return
+            lines.append(line)
+            while len(lines) < 500:
+                try:
+                    nxt = await asyncio.wait_for(stream.readline(), 0.001)
+                except asyncio.TimeoutError:
+                    break
+                if not nxt:
+                    break
+                lines.append(nxt)
+            text = [f"{prefix} {x.decode(errors='replace').rstrip()}" for x in lines]
+            if w.job_id:
+                self._route_log(w.job_id, text)
+            else:
+                for line in text:
+                    log.info("%s", line)
+
+    def _route_log(self, job_id: bytes, lines: list[str]) -> None:
+        node = job_id[:16]
+        if node == self.node_id:
+            for c in self.clients.values():
+                if c.role == "driver" and c.job_id == job_id:
+                    c.conn.send((m.LOG, lines))
+        elif self.peers:
+            self.peers.send(node, (m.JOB_LOG, job_id, lines))
+
+    def on_job_log(self, node: bytes, msg) -> None:
+        _, job_id, lines = msg
+        self._route_log(job_id, lines)
+
+    def attach_worker(self, worker_id: bytes, conn: FrameProtocol) -> Worker:
+        """A worker process said hello: it joins the pool (or becomes its pending actor)."""
+        w = self.workers.get(worker_id)
+        if w is None:
+            w = Worker(worker_id=worker_id)
+            self.workers[worker_id] = w
+        else:
+            self.starting_workers -= 1
+        w.conn = conn
+        if w.state is WorkerState.STARTING:
+            if w.pending_actor is not None:
+                self._init_actor(w, w.pending_actor)
+            else:
+                w.state = WorkerState.IDLE
+                self.idle_workers.append(w)
+        return w
+
+    def _on_worker_exit(self, w: Worker) -> None:
+        if w.state is WorkerState.STARTING:
+            self.starting_workers -= 1
+        prev = w.state
+        w.state = WorkerState.DEAD
+        self.workers.pop(w.worker_id, None)
+        if w in self.idle_workers:
+            self.idle_workers.remove(w)
+        if self.closing:
+            return
+        if prev is WorkerState.LEASED and w.lease_shape:
+            self._release_lease(w)
+        self._free_gpus(w)
+        code = w.proc.returncode if w.proc else None
+        if prev is WorkerState.ACTOR and w.actor_id is not None:
+            self._actor_worker_died(w, code)
+        else:
+            for spec in w.inflight.values():
+                if spec.task_id in self.cancelled:
+                    self._complete_with_error(spec, TaskCancelledError(f"task {spec.name} cancelled"))
+                else:
+                    self._complete_with_error(spec, WorkerCrashedError(
+                        f"worker process {w.pid} running {spec.name} died (exit code {code})"),
+                        crashed=True)
+            w.inflight.clear()
+        self._schedule_dispatch()
+
+    def _take_gpus(self, w: Worker, amount: float) -> None:
+        gpus = int(-(-amount // 1))
+        if gpus:
+            w.gpu_ids, self.free_gpus = self.free_gpus[:gpus], self.free_gpus[gpus:]
+
+    def _free_gpus(self, w: Worker) -> None:
+        if w.gpu_ids:
+            self.free_gpus.extend(w.gpu_ids)
+            self.free_gpus.sort()
+            w.gpu_ids = []
+
+    # ------------------------------------------------------------------ worker reports
+    def on_done(self, client, msg) -> None:
+        _, task_id, returns, retryable = msg
+        w = client.worker
+        spec = w.inflight.pop(task_id, None)
+        if spec is None:
+            return
+        if w.state is WorkerState.LEASED and not w.inflight:
+            self._end_lease(w)
+        self._task_finished(spec, returns, retryable, self.node_id)
+
+    def on_blocked(self, client, msg) -> None:
+        """The worker waits in get(): its CPU is free for others; unstarted tasks return."""
+        _, handed_back = msg
+        w = client.worker
+        if w is None or w.state is not WorkerState.LEASED or w.blocked:
+            return
+        w.blocked = True
+        returned = []
+        for tid in handed_back:
+            spec = w.inflight.pop(tid, None)
+            if spec is not None:
+                returned.append(spec)
+        for spec in reversed(returned):
+            self.ready.setdefault(spec.shape_key(), deque()).appendleft(spec)
+        cpu = w.lease_shape.get("CPU", 0)
+        if cpu:
+            self.available["CPU"] = self.available.get("CPU", 0) + cpu
+
+    def on_bounce(self, client, msg) -> None:
+        """A blocked worker handed back work that reached it after it blocked."""
+        _, task_ids = msg
+        w = client.worker
+        for tid in reversed(task_ids):
+            spec = w.inflight.pop(tid, None)
+            if spec is not None:
+                self.ready.setdefault(spec.shape_key(), deque()).appendleft(spec)
+        if w.state is WorkerState.LEASED and not w.inflight and not w.blocked:
+            self._end_lease(w)
+
+    def on_unblocked(self, client, msg) -> None:
+        w = client.worker
+        if w is None or not w.blocked:
+            return
+        w.blocked = False
+        cpu = w.lease_shape.get("CPU", 0)
+        if cpu and w.state is WorkerState.LEASED:
+            self.available["CPU"] = self.available.get("CPU", 0) - cpu
+
+    # ------------------------------------------------------------------ leasing
+    def _schedule_dispatch(self) -> None:
+        if not self._dispatch_scheduled and self.loop is not None:
+            self._dispatch_scheduled = True
+            self.loop.call_soon(self._dispatch_now)
+
+    def _dispatch_now(self) -> None:
+        """Hand queued tasks to workers: one EXEC per worker with all it gets now."""
+        self._dispatch_scheduled = False
+        sends: dict[bytes, list] = {}
+        for key, queue in self.ready.items():
+            if not queue:
+                continue
+            shape = queue[0].resources
+            while queue:
+                w = self._worker_for(key, shape)
+                if w is None:
+                    break
+                spec = queue.popleft()
+                w.inflight[spec.task_id] = spec
+                w.job_id = spec.job_id
+                sends.setdefault(w.worker_id, []).append(spec)
+        for wid, specs in sends.items():
+            w = self.workers.get(wid)
+            if w is None or w.conn is None:
+                continue
+            fns = {}
+            for spec in specs:
+                if spec.function_id not in w.sent_fns:
+                    fns[spec.function_id] = self.fns.get(spec.function_id)
+                    w.sent_fns.add(spec.function_id)
+            self._prefetch_then_send(w, specs, fns)
+        if self.ready_count():  # queued work: busy (pooled idle processes are not work)
+            self.idle_since = None
+
+    def _worker_for(self, key: tuple, shape: dict) -> Worker | None:
+        if scheduler.fits(shape, self.available):
+            if self.idle_workers:
+                w = self.idle_workers.pop()
+                w.state = WorkerState.LEASED
+                w.lease_shape = shape
+                w.lease_key = key
+                scheduler.acquire(self.available, shape)
+                self._take_gpus(w, shape.get("GPU", 0))
+                return w
+            # resources are free but no worker is: start one rather than queue behind
+            # a busy worker (pipelining is only for a saturated node)
+            if self.starting_workers < max(1, int(self.total.get("CPU", 1))) \
+                    and self.starting_workers < 4:
+                self._start_worker()
+            if self.starting_workers:
+                return None
+        best = None
+        for w in self.workers.values():
+            if w.state is WorkerState.LEASED and w.lease_key == key and not w.blocked \
+                    and len(w.inflight) < PIPELINE_DEPTH:
+                if best is None or len(w.inflight) < len(best.inflight):
+                    best = w
+        return best
+
+    def _release_lease(self, w: Worker) -> None:
+        if not w.blocked:
+            scheduler.release(self.available, w.lease_shape)
+        else:  # a blocked worker's CPU was given back when it blocked
+            scheduler.release(self.available, {k: v for k, v in w.lease_shape.items() if k != "CPU"})
+
+    def _end_lease(self, w: Worker) -> None:
+        self._release_lease(w)
+        w.blocked = False
+        self._free_gpus(w)
+        w.state = WorkerState.IDLE
+        w.lease_shape = {}
+        w.lease_key = ()
+        self.idle_workers.append(w)
+        self._schedule_dispatch()
+        if self.waiting:
+            self._retry_waiting()
+
+    def _prefetch_then_send(self, w: Worker, specs: list, fns: dict) -> None:
+        """Pull remote arguments into the local store before the worker sees the task."""
+        remote = []
+        for spec in specs:
+            if spec.dep_values:
+                for oid, info in spec.dep_values.items():
+                    if info[0] == m.AT_NODE and info[1] != self.node_id and oid not in self.store:
+                        remote.append((oid, info))
+        gpu = w.gpu_ids
+        if not remote:
+            w.conn.send((m.EXEC, specs, fns, gpu))
+            return
+        state = {"n": len(remote)}
+
+        def one_done(ok, err=None):
+            state["n"] -= 1
+            if state["n"] == 0 and w.conn is not None:
+                w.conn.send((m.EXEC, specs, fns, gpu))
+        for oid, info in remote:
+            self._pull(oid, info[1], info[2], one_done)

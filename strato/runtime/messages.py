@@ -1,0 +1,100 @@
+"""Every message kind that travels between strato's runtime processes, and its fields.
+
+A message is a plain tuple ``(KIND, field, ...)``: tuples of builtins pickle fastest
+and batches of them are what every link carries (``protocol.framing`` between a node's
+own processes, ``transport`` between machines). Receivers unpack the fields by name
+(``_, oid, inline, size = msg``); the comment beside each kind is its layout.
+
+The node agent routes what it receives with one table (``agent.node.ROUTES``) that
+names, for each kind below, its handler and the links it may arrive on.
+"""
+
+from __future__ import annotations
+
+import enum
+
+# ---------------------------------------------------------------- client -> agent
+# (drivers and workers, over the framed unix socket)
+HELLO = "hello"                # (HELLO, role, client_id, job_id | None, worker_id)
+FN = "fn"                      # (FN, function_id, pickled function or class)
+SUBMIT = "submit"              # (SUBMIT, [TaskSpec])
+PUT = "put"                    # (PUT, oid, inline bytes | None, size)
+FREE = "free"                  # (FREE, [oid])
+WANT = "want"                  # (WANT, [(oid, owner_node)])
+ACTOR_CREATE = "actor_create"  # (ACTOR_CREATE, TaskSpec, meta)
+ACTOR_CALLS = "actor_call"     # (ACTOR_CALLS, [TaskSpec])
+CANCEL = "cancel"              # (CANCEL, task_id, force)   also peer -> agent
+KILL_ACTOR = "kill_actor"      # (KILL_ACTOR, actor_id, no_restart)   also agent -> head
+RPC = "rpc"                    # (RPC, request id, method, args)   also agent -> head
+# worker -> agent only
+DONE = "done"                  # (DONE, task_id, [ReturnValue], retryable)
+BLOCKED = "blocked"            # (BLOCKED, [task_id handed back])
+UNBLOCKED = "unblocked"        # (UNBLOCKED,)
+BOUNCE = "bounce"              # (BOUNCE, [task_id that arrived after BLOCKED])
+ACTOR_READY = "actor_ready"    # (ACTOR_READY, actor_id, error bytes | None)
+
+# ---------------------------------------------------------------- agent -> client
+WELCOME = "welcome"            # (WELCOME, node_id, shm_dir, spill_dir, agent address)
+RESULT = "result"              # (RESULT, [ReturnValue])
+OBJ = "obj"                    # (OBJ, oid, LOCAL | INLINE | ERROR, payload)
+RPC_REPLY = "rpc_reply"        # (RPC_REPLY, request id, ok, value)   also head -> agent
+LOG = "log"                    # (LOG, [line])   to a driver
+WARN = "warn"                  # (WARN, text)    to a driver
+# agent -> worker only
+EXEC = "exec"                  # (EXEC, [TaskSpec], {function_id: blob}, gpu_ids)
+ACTOR_INIT = "actor_init"      # (ACTOR_INIT, TaskSpec, blob | None, gpu_ids)
+CANCEL_EXEC = "cancel_exec"    # (CANCEL_EXEC, task_id)
+CHECKPOINT = "checkpoint"      # (CHECKPOINT,)   the actor's drain hook
+
+# ---------------------------------------------------------------- agent -> head
+REGISTER = "register"          # (REGISTER, node_id, address, total, labels)
+HEARTBEAT = "heartbeat"        # (HEARTBEAT, node_id, available, idle_since,
+                               #  [(shape, count, infeasible)], store_used, num_actors)
+PREEMPTION_NOTICE = "preemption_notice"  # (PREEMPTION_NOTICE, node_id, text)
+JOB_STARTED = "job_started"    # (JOB_STARTED, job_id, node_id)
+JOB_FINISHED = "job_finished"  # (JOB_FINISHED, job_id)
+ACTOR_REGISTER = "actor_register"  # (ACTOR_REGISTER, TaskSpec, meta, blob | None)
+ACTOR_STATE = "actor_state"    # (ACTOR_STATE, actor_id, ActorState, node_id, error bytes | None)
+ACTOR_WATCH = "actor_watch"    # (ACTOR_WATCH, actor_id, node_id)
+
+# ---------------------------------------------------------------- head -> agent
+VIEW = "view"                  # (VIEW, [NodeView], [dead node_id], {node_id: address})
+ACTOR_UPDATE = "actor_update"  # (ACTOR_UPDATE, actor_id, ActorState, node_id | None, error)
+CREATE_ACTOR = "create_actor"  # (CREATE_ACTOR, TaskSpec, blob | None)
+STOP_ACTOR = "stop_actor"      # (STOP_ACTOR, actor_id)   kill the actor's process here
+NODE_DEAD = "node_dead"        # (NODE_DEAD, node_id)
+DRAIN = "drain"                # (DRAIN,)
+ACTOR_CHECKPOINT = "actor_checkpoint"  # (ACTOR_CHECKPOINT, actor_id)
+
+# ---------------------------------------------------------------- agent -> agent
+PEER_HELLO = "hello"           # (PEER_HELLO, node_id)   first message of a peer stream
+REQUEST = "req"                # (REQUEST, request id, sender node_id, inner message)
+REPLY = "rep"                  # (REPLY, request id, value)
+RUN_TASK = "run_task"          # (RUN_TASK, TaskSpec, blob | None)
+TASK_REJECTED = "task_rejected"  # (TASK_REJECTED, TaskSpec, rejecting node_id)
+TASK_DONE = "task_done"        # (TASK_DONE, TaskSpec, [ReturnValue], retryable, ran_on node_id)
+OBJ_WANT = "obj_want"          # (OBJ_WANT, oid, requesting node_id)
+OBJ_INFO = "obj_info"          # (OBJ_INFO, oid, object info)
+PULL_CHUNK = "pull_chunk"      # (PULL_CHUNK, oid, offset, length)   a REQUEST: reply (ok, bytes | reason)
+FREE_COPIES = "free_copies"    # (FREE_COPIES, [oid])
+PEER_ACTOR_CALL = "peer_actor_call"  # (PEER_ACTOR_CALL, TaskSpec)   to the actor's node
+JOB_LOG = "job_log"            # (JOB_LOG, job_id, [line])   to the driver's node
+
+# ---------------------------------------------------------------- object info
+# Where an object's value is, as owners and agents pass it around (TaskSpec.dep_values,
+# OBJ_INFO, a core worker's value table): (INLINE, bytes) | (ERROR, bytes) |
+# (AT_NODE, node_id, size). OBJ tells a client LOCAL: it is in this node's store now.
+INLINE = "inline"
+ERROR = "error"
+AT_NODE = "node"
+LOCAL = "local"
+
+
+class ActorState(enum.StrEnum):
+    """An actor's state as the head records it and tells the agents (ACTOR_UPDATE)."""
+
+    PENDING = "pending"        # registered, not placed yet
+    ALIVE = "alive"
+    RESTARTING = "restarting"  # died with restarts left: being placed again
+    DEAD = "dead"
+    FAILED = "failed"          # only in ACTOR_STATE: ``__init__`` raised (no restart)
