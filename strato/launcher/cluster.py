@@ -54,8 +54,21 @@ class Cluster:
         self.overrides = dict(overrides or {})
         self.provider = provider or provider_class(self.kind)(self.provider_config(),
                                                               self.name)
-        self.facts: dict[str, Any] = {}
+        self._facts: dict[str, Any] = {}
+        # The monitor gets them in its spec: nodes it creates carry the key `up` chose.
+        self.facts = self.overrides.get("facts") or {}
         self.token: str | None = None
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        """What the provider's ``prepare`` returned (key path, SSH user and key, ...)."""
+        return self._facts
+
+    @facts.setter
+    def facts(self, value: Mapping[str, Any]) -> None:
+        """Remember ``prepare``'s facts and hand them to the provider (``adopt_facts``)."""
+        self._facts = dict(value or {})
+        self.provider.adopt_facts(self._facts)
 
     # ------------------------------------------------------------ provider
     def provider_config(self) -> dict[str, Any]:

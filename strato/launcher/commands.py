@@ -27,6 +27,12 @@ from rich.console import Console
 
 from strato.exceptions import CapacityError, LauncherError
 from strato.launcher import bootstrap
+from strato.launcher.autoscaler.plan import (
+    NodeTypeInfo,
+    TypeBackoff,
+    next_zone,
+    record_capacity_failure,
+)
 from strato.launcher.cluster import TAG_NODE_ID_LABEL, Cluster
 from strato.launcher.config import load_config
 from strato.launcher.runner import CommandRunner, shell_path
@@ -142,7 +148,7 @@ def up(config_path: str | os.PathLike, yes: bool = False,
         raise LauncherError("--no-restart and --restart-only contradict each other")
     config_path = os.path.abspath(config_path)
     cluster = _open(config_path)
-    config, state, name = cluster.config, cluster.state, cluster.name
+    state, name = cluster.state, cluster.name
     cluster.prepare()
     state.upsert(name, provider=cluster.kind, config_path=config_path,
                  config_hash=_config_hash(cluster))
@@ -190,14 +196,10 @@ def up(config_path: str | os.PathLike, yes: bool = False,
         missing = want - len(keep)
         if missing > 0:
             _say(f"creating {missing} worker(s) of type {node_type}")
-            try:
-                created = cluster.provider.create_nodes(
-                    config.node_type_spec(node_type), missing,
-                    _new_tags(cluster, WORKER, node_type))
-            except CapacityError as e:
-                errors.append(f"{node_type}: {e}")
-                state.add_event(name, f"no capacity for {node_type}: {e}")
-                created = []
+            created, error = _create_workers(cluster, node_type, missing,
+                                             {n.id for n in workers})
+            if error:
+                errors.append(f"{node_type}: {error}")
             for n in created:
                 state.add_event(name, f"created {node_type} worker", node=n.id)
             result.created += [n.id for n in created]
@@ -212,6 +214,60 @@ def up(config_path: str | os.PathLike, yes: bool = False,
                             + "\n".join(errors))
     _say(f"cluster [bold]{name}[/] is up; head at {result.head_address}")
     return result
+
+
+def _create_workers(cluster: Cluster, node_type: str, count: int,
+                    existing: set[str]) -> tuple[list[Node], str | None]:
+    """Create ``count`` workers where the autoscaler would: the type's zones in order on a
+    capacity error, then on-demand if ``fallback_to_on_demand`` (``plan.next_zone``).
+
+    Returns the nodes created (also those a failed partial create left behind, found by
+    their tags) and, if some could not be created anywhere, why.
+    """
+    nt = cluster.config.available_node_types[node_type]
+    spec = cluster.config.node_type_spec(node_type)
+    info = NodeTypeInfo(name=node_type, resources={}, spot=nt.spot,
+                        fallback_to_on_demand=nt.fallback_to_on_demand, zones=tuple(spec.zones))
+    backoffs: list[TypeBackoff] = []
+    created: list[Node] = []
+    last: CapacityError | None = None
+    now = time.time()
+    mode = next_zone(info, backoffs, now)
+    while mode is not None and count > 0:
+        zone, spot = mode
+        where = f"{'spot' if spot else 'on-demand'} in {zone or 'the default zone'}"
+        try:
+            made = cluster.provider.create_nodes(spec, count, _new_tags(cluster, WORKER, node_type),
+                                                 zone=zone, spot=spot)
+        except CapacityError as e:
+            last = e
+            backoffs = record_capacity_failure(backoffs, node_type, zone, spot, now)
+            # a partial create leaves some nodes behind: keep them, create only the rest
+            known = existing | {n.id for n in created}
+            left = [n for n in cluster.nodes(kind=WORKER, node_type=node_type)
+                    if n.id not in known]
+            created += left
+            count -= len(left)
+            mode = next_zone(info, backoffs, now)
+            if mode is None:
+                break
+            then = f"{'spot' if mode[1] else 'on-demand'} in {mode[0] or 'the default zone'}"
+            message = (f"no capacity for {node_type} {where} ({e.code or 'capacity'}); "
+                       f"trying {then}")
+            _say(f"[yellow]{message}[/]")
+            cluster.state.add_event(cluster.name, message)
+            continue
+        if last is not None:
+            message = f"created {len(made)} {node_type} worker(s) {where} (fallback)"
+            _say(message)
+            cluster.state.add_event(cluster.name, message)
+        created += made
+        count -= len(made)
+    if count <= 0:
+        return created, None
+    message = f"no capacity for {count} {node_type} worker(s) in any zone it may use: {last}"
+    cluster.state.add_event(cluster.name, message)
+    return created, message
 
 
 def _up_head(cluster: Cluster, result: UpResult, yes: bool, no_restart: bool,

@@ -50,6 +50,10 @@ logging.getLogger("paramiko").addHandler(logging.NullHandler())
 ADDRESS_MAP_ENV = "STRATO_SSH_ADDRESS_MAP"
 ADDRESS_MAP_STRICT_ENV = "STRATO_SSH_ADDRESS_MAP_STRICT"
 DEFAULT_CONNECT_TIMEOUT = 20.0
+# A machine whose sshd keeps refusing our key will not start accepting it: give up after
+# this long (a cloud guest agent installs metadata keys within seconds of boot).
+KEY_REFUSED_TIMEOUT = 60.0
+KEY_REFUSED_TIMEOUT_ENV = "STRATO_SSH_KEY_REFUSED_TIMEOUT"
 TAIL_LINES = 50
 KEEPALIVE_SECONDS = 15      # SSH-level keepalive: keeps unacknowledged data in flight ...
 DEAD_PEER_SECONDS = 60      # ... so TCP_USER_TIMEOUT drops a vanished node's connection
@@ -297,17 +301,29 @@ def close_all() -> None:
     _clients.clear()
 
 
+def key_refused_timeout() -> float:
+    """How long ``wait_for_ssh`` keeps trying while sshd refuses the key (env
+    ``STRATO_SSH_KEY_REFUSED_TIMEOUT``, default ``KEY_REFUSED_TIMEOUT``)."""
+    try:
+        return float(os.environ.get(KEY_REFUSED_TIMEOUT_ENV, KEY_REFUSED_TIMEOUT))
+    except ValueError:
+        return KEY_REFUSED_TIMEOUT
+
+
 def wait_for_ssh(target: SSHTarget, timeout: float = 300.0) -> None:
     """Block until ``target`` accepts an SSH login, retrying with exponential backoff.
 
     A booting machine refuses, resets or times out for a while; every such error is
     retried until ``timeout``, then :class:`SSHUnavailableError` names the node, the
-    address and the last error. The successful connection is kept for later calls, and
+    address and the last error. A key that sshd keeps refusing fails sooner, after
+    ``key_refused_timeout()`` seconds, saying so. The successful connection is kept for later calls, and
     an already cached live connection counts as available (``disconnect`` first to probe
     afresh).
     """
     host, port = _endpoint(target)  # strict-map refusal is raised here, before any connect
     deadline = time.monotonic() + timeout
+    refused_limit = key_refused_timeout()
+    refused_since: float | None = None
     delay, attempts = 0.25, 0
     while True:
         attempts += 1
@@ -315,8 +331,22 @@ def wait_for_ssh(target: SSHTarget, timeout: float = 300.0) -> None:
         try:
             _client(target, timeout=min(DEFAULT_CONNECT_TIMEOUT, max(0.5, remaining)))
             return
+        except paramiko.AuthenticationException as e:
+            # sshd answers but refuses the key: normal for the seconds before a cloud's
+            # guest agent installs it, a dead end after that (the machine lacks our key)
+            last = e
+            now = time.monotonic()
+            refused_since = now if refused_since is None else refused_since
+            if now - refused_since >= refused_limit:
+                raise SSHUnavailableError(
+                    f"node {target.label}: SSH at {_describe(target, host, port)} refuses the "
+                    f"key {target.key_path or '(agent)'} for user {target.user} "
+                    f"({now - refused_since:.0f}s, {attempts} attempts): the machine does not "
+                    "have this public key (on GCE: in the instance's or the project's "
+                    "ssh-keys metadata)") from e
         except (OSError, EOFError, paramiko.SSHException) as e:
             last = e
+            refused_since = None
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise SSHUnavailableError(

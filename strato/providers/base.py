@@ -125,6 +125,7 @@ class NodeProvider(abc.ABC):
         monitor on the head) without creating anything, so nodes created here get the
         same key and network settings as those ``up`` created. Default: nothing to adopt.
         """
+        return None
 
     @abc.abstractmethod
     def create_nodes(self, spec: NodeTypeSpec, count: int, tags: Mapping[str, str], *,

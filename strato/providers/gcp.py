@@ -336,6 +336,12 @@ class GCPProvider(NodeProvider):
                         message="; ".join(e.message or e.code for e in errors))
 
     # -------------------------------------------------------------- prepare
+    def adopt_facts(self, facts: Mapping[str, Any]) -> None:
+        """Take the SSH key ``prepare`` chose (maybe in another process: the monitor)."""
+        user, public = facts.get("ssh_user"), facts.get("ssh_public_key")
+        if user and public:
+            self._ssh_entry = f"{user}:{str(public).strip()}"
+
     def prepare(self, config: Mapping[str, Any]) -> Mapping[str, Any]:
         """Ensure the SSH and intra-cluster firewall rules exist and pick the SSH key."""
         auth = dict(config.get("auth") or {})
@@ -492,6 +498,13 @@ class GCPProvider(NodeProvider):
         """
         if count <= 0:
             return []
+        if not self._ssh_entry:
+            # GCE lets in only keys from the instance's or the project's ssh-keys metadata:
+            # a VM created without ours could never be set up (it would hang in SSH).
+            raise ProviderError(
+                f"GCE: no SSH key for new {spec.name} instances of cluster "
+                f"{self.cluster_name!r}: run prepare() (strato up) or hand its facts over "
+                "(adopt_facts), or set provider.ssh_user and provider.ssh_public_key")
         errors = _api_errors()
         zone = self._zone_for(spec, zone)
         spot = spec.spot if spot is None else spot
@@ -566,7 +579,9 @@ class GCPProvider(NodeProvider):
         return Node(
             id=name, state=state, tags={**labels, TAG_NAME: name},
             private_ip=private_ip, public_ip=public_ip, spot=spot,
-            preempted=stopped and (spot or name in preempted_ops),
+            # GCE lists the preempted operation at once, while the VM is still STOPPING
+            # through its shutdown grace: it is preempted from then on, not "stopping"
+            preempted=name in preempted_ops or (stopped and spot),
             zone=zone, instance_type=_short(inst.machine_type) or None,
             launch_time=_parse_time(inst.creation_timestamp),
         )

@@ -1,28 +1,41 @@
 """A small in-memory fake of the Compute Engine REST API, enough for ``GCPProvider``.
 
 No usable GCE emulator exists, so this serves the handful of calls strato makes
-(instances, zone/global operations, firewalls) over plain HTTP on loopback. It answers
-the way the real API does where strato depends on it: operations start ``PENDING`` and
-are ``DONE`` when polled, capacity failures surface as *operation* errors, 404 bodies
-carry ``errors[].reason = "notFound"``, int64 fields are decimal strings.
+(instances, zone/global operations, firewalls) over plain HTTP on loopback. It behaves as
+GCE does where strato depends on it, over (short, configurable) time:
 
-Instances get made-up addresses (10.128.0.x, 34.x.x.x). Nothing may ever connect to them.
+- operations go ``PENDING`` -> ``RUNNING`` -> ``DONE`` over ``op_seconds``; ``wait``
+  blocks until ``DONE`` (or ``wait_max_s``); an instance is ``PROVISIONING``, then
+  ``STAGING``, and ``RUNNING`` when its insert operation is ``DONE``;
+- a stockout is an insert *operation* that ends ``DONE`` with
+  ``ZONE_RESOURCE_POOL_EXHAUSTED`` (``fail_next_insert`` once, ``no_capacity`` for good);
+- a deleted instance is ``STOPPING`` for ``delete_seconds`` before it is gone;
+- a preempted spot instance gets its ``compute.instances.preempted`` operation at once,
+  then stays ``STOPPING`` for ``preempt_grace_s`` before ``TERMINATED`` (STOP) or gone
+  (DELETE);
+- 404 bodies carry ``errors[].reason = "notFound"``; int64 fields are decimal strings.
+
+Instances get made-up addresses (10.128.0.x, 34.x.x.x). Nothing may ever connect to them:
+``machines`` (see ``GCEHostPool`` in ``tests/harness/gce_hosts.py``) is told when an
+instance is created, boots (with its and the project's ``ssh-keys``), is preempted and
+halts, and plays the machine on a namespaced sshd host, as GCE's guest agent would.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import heapq
 import itertools
 import json
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
@@ -39,6 +52,22 @@ _CAPACITY_MESSAGES = {
         "request. '(resource type:compute)'."),
     "QUOTA_EXCEEDED": "Quota 'GPUS_ALL_REGIONS' exceeded. Limit: 0.0 globally.",
 }
+
+
+class Machines(Protocol):
+    """What plays the fake's instances (a pool of test hosts); every call is optional."""
+
+    def created(self, name: str) -> None:
+        """An instance was inserted (map its addresses before anyone connects)."""
+
+    def booted(self, name: str, ssh_keys: str) -> None:
+        """It is RUNNING: accept exactly these ``user:key`` lines (instance + project)."""
+
+    def preempted(self, name: str) -> None:
+        """GCE took it back: its metadata ``instance/preempted`` now says TRUE."""
+
+    def halted(self, name: str) -> None:
+        """It is TERMINATED or deleted: everything on it is gone."""
 
 
 class FakeRequest(NamedTuple):
@@ -140,25 +169,40 @@ def matches(resource: Mapping[str, Any], terms: list[tuple[str, str, str]]) -> b
 
 # ---------------------------------------------------------------- state
 class GCEFake:
-    """In-memory Compute Engine: instances, operations and firewalls of any project."""
+    """In-memory Compute Engine: instances, operations and firewalls of any project.
+
+    Timing knobs (seconds, short so tests stay fast; set them per test): ``op_seconds``
+    (PENDING -> RUNNING -> DONE of every operation), ``delete_seconds`` (STOPPING before a
+    deleted instance is gone), ``preempt_grace_s`` (STOPPING before a preempted one is
+    TERMINATED/gone), ``wait_max_s`` (the longest ``operations.wait`` blocks).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
         self._ids = itertools.count(1000000000000000001)
         self._ips = itertools.count(2)
+        self._seq = itertools.count()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._timer: threading.Thread | None = None
+        self._stopping = False
         self.endpoint = ""
         self.reset()
 
     # -- lifecycle
-    def start(self) -> GCEFake:
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+    def start(self, host: str = "127.0.0.1") -> GCEFake:
+        """Serve on ``host`` (loopback, or a test bridge that namespaced hosts reach)."""
+        self._server = ThreadingHTTPServer((host, 0), _make_handler(self))
         self._server.daemon_threads = True
-        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self.endpoint = f"http://{host}:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         name="gce-fake", daemon=True)
         self._thread.start()
+        self._stopping = False
+        self._timer = threading.Thread(target=self._run_timer, name="gce-fake-timer",
+                                       daemon=True)
+        self._timer.start()
         return self
 
     def stop(self) -> None:
@@ -166,22 +210,67 @@ class GCEFake:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._timer is not None:
+            self._timer.join(timeout=10)
+            self._timer = None
 
     def reset(self) -> None:
-        """Forget everything (each test starts from an empty project)."""
+        """Forget everything (each test starts from an empty project, default timings)."""
         with self._lock:
             self._instances: dict[str, dict[str, Any]] = {}
             self._firewalls: dict[str, dict[str, Any]] = {}
             self._operations: dict[str, dict[str, Any]] = {}
             self._insert_failures: dict[str, list[list[Any]]] = {}
+            self._no_capacity: set[tuple[str, bool]] = set()
+            self._project_ssh_keys: dict[str, str] = {}
+            self._timeline: list[tuple[float, int, Callable[[], None]]] = []
             self.requests: list[FakeRequest] = []
+            self.machines: Machines | None = None
+            self.op_seconds = 0.2
+            self.delete_seconds = 0.3
+            self.preempt_grace_s = 2.0
+            self.wait_max_s = 1.0
+            self._cond.notify_all()
+
+    # -- the clock: transitions happen over time, as on GCE
+    def _later(self, delay: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (under the lock) ``delay`` seconds from now."""
+        heapq.heappush(self._timeline, (time.monotonic() + delay, next(self._seq), fn))
+        self._cond.notify_all()
+
+    def _run_timer(self) -> None:
+        with self._cond:
+            while not self._stopping:
+                now = time.monotonic()
+                if self._timeline and self._timeline[0][0] <= now:
+                    _, _, fn = heapq.heappop(self._timeline)
+                    fn()
+                    self._cond.notify_all()
+                    continue
+                wait = self._timeline[0][0] - now if self._timeline else None
+                self._cond.wait(timeout=wait)
+
+    def _tell(self, event: str, *args: Any) -> None:
+        """Tell ``machines`` (outside the lock: it may start or stop processes)."""
+        machines = self.machines
+        hook = getattr(machines, event, None) if machines is not None else None
+        if hook is None:
+            return
+        self._lock.release()  # held exactly once here: by the timer or a handler
+        try:
+            hook(*args)
+        finally:
+            self._lock.acquire()
 
     # -- views for tests
     @property
     def instances(self) -> dict[str, dict[str, Any]]:
         """Snapshot of stored instances by name (the JSON the API would return)."""
         with self._lock:
-            return copy.deepcopy(self._instances)
+            return {k: self._public(v) for k, v in copy.deepcopy(self._instances).items()}
 
     @property
     def firewalls(self) -> dict[str, dict[str, Any]]:
@@ -191,10 +280,25 @@ class GCEFake:
     @property
     def operations(self) -> list[dict[str, Any]]:
         with self._lock:
-            return copy.deepcopy(list(self._operations.values()))
+            return [self._public(o) for o in copy.deepcopy(list(self._operations.values()))]
 
     def requests_matching(self, method: str, path_part: str) -> list[FakeRequest]:
         return [r for r in self.requests if r.method == method and path_part in r.path]
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+        """Block until ``predicate()`` (called under the lock) holds; False at ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(timeout=min(left, 0.5))
+        return True
+
+    def settle(self, timeout: float = 10.0) -> None:
+        """Wait until no transition is scheduled (every operation DONE, every VM settled)."""
+        assert self.wait_for(lambda: not self._timeline, timeout), "the fake did not settle"
 
     # -- test hooks
     def fail_next_insert(self, zone: str, reason: str = "ZONE_RESOURCE_POOL_EXHAUSTED", *,
@@ -210,8 +314,21 @@ class GCEFake:
             self._insert_failures.setdefault(zone, []).append(
                 [after, reason, message, http_status])
 
-    def preempt(self, name: str) -> None:
-        """Take a spot instance back: STOP -> TERMINATED, DELETE -> gone; log the operation."""
+    def no_capacity(self, zone: str, *, spot: bool = True, on: bool = True) -> None:
+        """Every spot (or on-demand) insert in ``zone`` stocks out until called with on=False."""
+        with self._lock:
+            (self._no_capacity.add if on else self._no_capacity.discard)((zone, spot))
+
+    def set_project_ssh_keys(self, project: str, value: str) -> None:
+        """The project's ``commonInstanceMetadata`` ``ssh-keys`` (every VM accepts them)."""
+        with self._lock:
+            self._project_ssh_keys[project] = value
+
+    def preempt(self, name: str, grace_s: float | None = None) -> None:
+        """Take a spot instance back, as GCE does: the ``compute.instances.preempted``
+        operation is listed at once, the VM is ``STOPPING`` (its metadata says preempted)
+        for ``grace_s`` (default ``preempt_grace_s``), then ``TERMINATED`` (STOP) or gone
+        (DELETE). ``grace_s=0`` finishes before returning."""
         with self._lock:
             inst = self._instances.get(name)
             if inst is None:
@@ -224,11 +341,33 @@ class GCEFake:
             op = self._new_operation(project, zone, PREEMPTED_OPERATION, inst, done=True)
             op["statusMessage"] = "Instance was preempted."
             op["user"] = "system"
-            if scheduling.get("instanceTerminationAction", "STOP") == "DELETE":
-                del self._instances[name]
+            inst["status"] = "STOPPING"
+            inst["_preempted"] = True
+            instance_id = inst["id"]
+            self._cond.notify_all()
+            self._tell("preempted", name)
+            grace = self.preempt_grace_s if grace_s is None else grace_s
+
+            def finish() -> None:
+                current = self._instances.get(name)
+                if current is None or current["id"] != instance_id:
+                    return  # deleted meanwhile
+                if scheduling.get("instanceTerminationAction", "STOP") == "DELETE":
+                    del self._instances[name]
+                else:
+                    current["status"] = "TERMINATED"
+                    current["lastStopTimestamp"] = _now()
+                self._tell("halted", name)
+
+            if grace <= 0:
+                finish()
             else:
-                inst["status"] = "TERMINATED"
-                inst["lastStopTimestamp"] = _now()
+                self._later(grace, finish)
+
+    def is_preempted(self, name: str) -> bool:
+        """What the instance's metadata server says at ``instance/preempted``."""
+        with self._lock:
+            return bool((self._instances.get(name) or {}).get("_preempted"))
 
     def set_status(self, name: str, status: str) -> None:
         """Force an instance's status (e.g. ``STAGING``) to test state mapping."""
@@ -238,8 +377,10 @@ class GCEFake:
     # -- operations
     def _new_operation(self, project: str, zone: str | None, op_type: str,
                        target: Mapping[str, Any] | None, *, done: bool = False,
-                       error: dict[str, Any] | None = None, target_link: str = ""
-                       ) -> dict[str, Any]:
+                       error: dict[str, Any] | None = None, target_link: str = "",
+                       then: Callable[[], None] | None = None) -> dict[str, Any]:
+        """An operation; unless ``done`` it runs PENDING -> RUNNING -> DONE over
+        ``op_seconds`` and calls ``then`` (under the lock) as it turns DONE."""
         op_id = str(next(self._ids))
         name = f"operation-{int(time.time() * 1000)}-{op_id[-8:]}"
         scope = f"projects/{project}/zones/{zone}" if zone else f"projects/{project}/global"
@@ -252,7 +393,6 @@ class GCEFake:
             "status": "DONE" if done else "PENDING",
             "progress": 100 if done else 0,
             "insertTime": _now(),
-            "startTime": _now(),
             "selfLink": f"{SELF_LINK_BASE}{scope}/operations/{name}",
         }
         if target:
@@ -260,23 +400,31 @@ class GCEFake:
         if zone:
             op["zone"] = f"{SELF_LINK_BASE}projects/{project}/zones/{zone}"
         if done:
-            op["endTime"] = _now()
-        if error:
-            op["_pending_error"] = error
+            op["startTime"] = op["endTime"] = _now()
         self._operations[name] = op
+        if not done:
+            def running() -> None:
+                op.update(status="RUNNING", progress=50, startTime=_now())
+
+            def finish() -> None:
+                op.update(status="DONE", progress=100, endTime=_now())
+                if error:
+                    op["error"] = {"errors": [error["error"]]}
+                    op["httpErrorStatusCode"] = error["http_status"]
+                    op["httpErrorMessage"] = error["http_message"]
+                if then is not None:
+                    then()
+
+            self._later(self.op_seconds / 4, running)
+            self._later(self.op_seconds, finish)
         return op
 
-    def _advance(self, op: dict[str, Any]) -> dict[str, Any]:
-        """Operations finish when polled once (so clients that never poll see PENDING)."""
-        if op["status"] != "DONE":
-            op["status"] = "DONE"
-            op["progress"] = 100
-            op["endTime"] = _now()
-            if "_pending_error" in op:
-                err = op.pop("_pending_error")
-                op["error"] = {"errors": [err["error"]]}
-                op["httpErrorStatusCode"] = err["http_status"]
-                op["httpErrorMessage"] = err["http_message"]
+    def _wait_operation(self, project: str, name: str) -> dict[str, Any]:
+        """``operations.wait``: block until DONE or ``wait_max_s``, return it either way."""
+        op = self._get_operation(project, name)
+        deadline = time.monotonic() + self.wait_max_s
+        while op["status"] != "DONE" and time.monotonic() < deadline:
+            self._cond.wait(timeout=max(0.0, deadline - time.monotonic()))
         return op
 
     @staticmethod
@@ -312,20 +460,17 @@ class GCEFake:
             case ("GET", ["zones", zone, "instances", name]):
                 return self._public(self._get_instance(project, zone, name))
             case ("DELETE", ["zones", zone, "instances", name]):
-                inst = self._get_instance(project, zone, name)
-                del self._instances[name]
-                return self._public(self._new_operation(project, zone, "delete", inst))
+                return self._delete_instance(project, zone, name)
             case ("POST", ["zones", zone, "instances", name, "setLabels"]):
                 return self._set_labels(project, zone, name, body or {})
             case ("GET", ["zones", zone, "operations"]):
                 items = [o for o in self._operations.values() if self._in_zone(o, project, zone)]
                 return self._list("compute#operationList", items, query)
-            case ("GET" | "POST", ["zones", zone, "operations", name, *tail]) if (
-                    tail in ([], ["wait"]) and (method == "GET") == (tail == [])):
-                return self._public(self._advance(self._get_operation(project, name)))
-            case ("GET" | "POST", ["global", "operations", name, *tail]) if (
-                    tail in ([], ["wait"]) and (method == "GET") == (tail == [])):
-                return self._public(self._advance(self._get_operation(project, name)))
+            case ("GET", ["zones", _, "operations", name]) | ("GET", ["global", "operations", name]):
+                return self._public(self._get_operation(project, name))
+            case ("POST", ["zones", _, "operations", name, "wait"]) | (
+                    "POST", ["global", "operations", name, "wait"]):
+                return self._public(self._wait_operation(project, name))
             case ("GET", ["global", "firewalls", name]):
                 fw = self._firewalls.get(f"{project}/{name}")
                 if fw is None:
@@ -373,6 +518,32 @@ class GCEFake:
                                 "was not found", "notFound")
         return op
 
+    def _delete_instance(self, project: str, zone: str, name: str) -> dict[str, Any]:
+        """The VM is STOPPING for ``delete_seconds``; the operation is DONE once it is gone."""
+        inst = self._get_instance(project, zone, name)
+        inst["status"] = "STOPPING"
+        instance_id = inst["id"]
+
+        def gone() -> None:
+            current = self._instances.get(name)
+            if current is not None and current["id"] == instance_id:
+                del self._instances[name]
+                self._tell("halted", name)
+
+        saved = self.op_seconds
+        self.op_seconds = max(self.delete_seconds, 0.01)
+        try:
+            op = self._new_operation(project, zone, "delete", inst, then=gone)
+        finally:
+            self.op_seconds = saved
+        return self._public(op)
+
+    def _ssh_keys(self, project: str, inst: Mapping[str, Any]) -> str:
+        """The ``ssh-keys`` a guest agent installs: the instance's, then the project's."""
+        items = (inst.get("metadata") or {}).get("items") or []
+        own = [str(i.get("value", "")) for i in items if i.get("key") == "ssh-keys"]
+        return "\n".join([*own, self._project_ssh_keys.get(project, "")]).strip()
+
     def _insert_instance(self, project: str, zone: str, body: dict[str, Any]) -> dict[str, Any]:
         name = body.get("name", "")
         if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", name):
@@ -388,11 +559,19 @@ class GCEFake:
             raise ApiError(409, f"The resource 'projects/{project}/zones/{zone}/instances/"
                                 f"{name}' already exists", "alreadyExists")
         self_link = f"{SELF_LINK_BASE}projects/{project}/zones/{zone}/instances/{name}"
+        scheduling = body.get("scheduling") or {}
+        spot = scheduling.get("provisioningModel") == "SPOT" or bool(scheduling.get("preemptible"))
+        failure: tuple[str, str | None, int | None] | None = None
         failures = self._insert_failures.get(zone)
         if failures and failures[0][0] > 0:
             failures[0][0] -= 1
         elif failures:
             _, reason, message, http_status = failures.pop(0)
+            failure = (reason, message, http_status)
+        elif (zone, spot) in self._no_capacity:
+            failure = ("ZONE_RESOURCE_POOL_EXHAUSTED", None, None)
+        if failure is not None:
+            reason, message, http_status = failure
             message = message or _CAPACITY_MESSAGES.get(reason, reason).format(zone=zone)
             if http_status is not None:
                 raise ApiError(http_status, message, reason)
@@ -408,7 +587,7 @@ class GCEFake:
         inst.update({
             "kind": "compute#instance",
             "id": str(next(self._ids)),
-            "status": "RUNNING",
+            "status": "PROVISIONING",
             "zone": f"{SELF_LINK_BASE}projects/{project}/zones/{zone}",
             "selfLink": self_link,
             "creationTimestamp": _now(),
@@ -425,7 +604,23 @@ class GCEFake:
                 ac["natIP"] = f"34.{100 + (n >> 16) % 100}.{(n >> 8) & 255}.{n & 255}"
         inst["networkInterfaces"] = nics
         self._instances[name] = inst
-        return self._public(self._new_operation(project, zone, "insert", inst))
+        instance_id = inst["id"]
+        self._tell("created", name)
+
+        def staging() -> None:
+            if inst is self._instances.get(name) and inst["status"] == "PROVISIONING":
+                inst["status"] = "STAGING"
+
+        def running() -> None:
+            if inst is self._instances.get(name) and inst["status"] == "STAGING":
+                inst["status"] = "RUNNING"
+                inst["lastStartTimestamp"] = _now()
+                self._tell("booted", name, self._ssh_keys(project, inst))
+
+        self._later(self.op_seconds / 2, staging)
+        op = self._new_operation(project, zone, "insert", inst, then=running)
+        assert op["targetId"] == instance_id
+        return self._public(op)
 
     def _set_labels(self, project: str, zone: str, name: str,
                     body: dict[str, Any]) -> dict[str, Any]:

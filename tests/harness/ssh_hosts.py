@@ -13,6 +13,9 @@ Host-private ``/tmp`` means files a test wants hosts to see go under ``shared_tm
 host's PID namespace, so :meth:`Host.restart` (or teardown) kills all of it by killing
 the namespace's init. Nothing is ever killed by name.
 
+Each host has its own ``authorized_keys`` (the network's key unless a test, such as the
+GCE host pool, sets others: :meth:`Host.set_authorized_keys`).
+
 Fixtures: ``ssh_host_network`` (session), ``ssh_hosts`` (session, 3 hosts),
 ``shared_tmp_path`` and ``ssh_address_map`` (per test).
 """
@@ -149,6 +152,19 @@ class Host:
         return SSHTarget(host=self.ip, port=self.port, user=self.user,
                          key_path=self.key_path, name=name or self.hostname)
 
+    @property
+    def authorized_keys(self) -> Path:
+        """This host's own authorized_keys file (sshd reads it on every login)."""
+        return self._net().host_dir(self) / "authorized_keys"
+
+    def set_authorized_keys(self, text: str) -> None:
+        """Accept exactly these public keys from now on (a GCE guest agent's job)."""
+        _write(self.authorized_keys, text.strip() + "\n" if text.strip() else "", 0o644)
+
+    def reset_authorized_keys(self) -> None:
+        """Accept the test network's key again (the default every host starts with)."""
+        self.set_authorized_keys(self._net().public_key)
+
     def link_down(self) -> None:
         """Partition the host: its interface goes down, connects to it time out."""
         _sh("ip", "-n", self.netns, "link", "set", "eth0", "down")
@@ -203,9 +219,10 @@ class SSHHostNetwork:
         assert self.workdir is not None
         self.key_path = str(self.workdir / "id_ed25519")
         private, public = _keypair("strato-test")
+        self.public_key = public.decode()
         _write(Path(self.key_path), private)
         _write(self.workdir / "id_ed25519.pub", public, 0o644)
-        _write(self.workdir / "authorized_keys", public, 0o644)
+        self.extra_hosts: dict[str, str] = {}  # name -> address, see set_host_entry
         self.hosts_file = self.workdir / "etc_hosts"
         # No nameserver: lookups of unknown names fail at once instead of timing out.
         self.resolv_conf = self.workdir / "etc_resolv.conf"
@@ -243,8 +260,21 @@ class SSHHostNetwork:
         lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost",
                  f"{self.bridge_ip} strato-gateway"]
         lines += [f"{h.ip} {h.hostname}" for h in self.hosts]
+        lines += [f"{ip} {name}" for name, ip in sorted(self.extra_hosts.items())]
         with open(self.hosts_file, "w") as f:
             f.write("\n".join(lines) + "\n")
+
+    def set_host_entry(self, name: str, ip: str | None) -> None:
+        """Make ``name`` resolve to ``ip`` on every host (None: remove it again)."""
+        if ip is None:
+            self.extra_hosts.pop(name, None)
+        else:
+            self.extra_hosts[name] = ip
+        self._write_hosts_file()
+
+    def host_dir(self, host: Host) -> Path:
+        assert self.workdir is not None
+        return self.workdir / host.name
 
     def add_host(self) -> Host:
         """Create and start one more host (10.200.K.2, .3, ...); ready when it returns."""
@@ -272,7 +302,8 @@ class SSHHostNetwork:
                          "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
         (hdir / "sshd_config").write_text(_SSHD_CONFIG.format(
             ip=host.ip, port=host.port, host_key=hdir / "ssh_host_ed25519_key", dir=hdir,
-            authorized_keys=self.workdir / "authorized_keys", path=path))
+            authorized_keys=hdir / "authorized_keys", path=path))
+        _write(hdir / "authorized_keys", self.public_key, 0o644)
         (hdir / "init.py").write_text(_INIT)
         self._write_hosts_file()
         self._start(host)
@@ -455,6 +486,11 @@ class AddressMap:
         """Route connections for ``address`` (an IP or instance id) to ``host``."""
         self.entries[address] = f"{host.ip}:{host.port}" if isinstance(host, Host) else host
         self._save()
+
+    def remove(self, address: str) -> None:
+        """Forget ``address``: connections to it are refused again (strict map)."""
+        if self.entries.pop(address, None) is not None:
+            self._save()
 
     def _save(self) -> None:
         tmp = self.path.with_suffix(".tmp")

@@ -8,7 +8,7 @@ from typing import Any
 
 from strato.launcher.bootstrap import TAG_NODE_ID_LABEL
 from strato.launcher.cluster import Cluster
-from strato.providers.base import TAG_STATUS, Node, NodeStatus
+from strato.providers.base import TAG_STATUS, Node, NodeState, NodeStatus
 
 
 class StubHead:
@@ -21,7 +21,9 @@ class StubHead:
         self.drained: list[tuple[str, str]] = []
 
     def view(self) -> Mapping[str, Any]:
-        alive = {n.id for n in self.cluster.nodes()}
+        # a STOPPING machine still runs its processes (a spot VM's shutdown grace)
+        alive = {n.id for n in self.cluster.nodes(alive_only=False)
+                 if n.is_alive or n.state == NodeState.STOPPING}
         nodes = [{"node_id": f"rt-{i}", "labels": {TAG_NODE_ID_LABEL: i}, "alive": True,
                   "draining": False, "available": {"CPU": 0.0}, "num_actors": 0,
                   "object_store_used": 0, "idle_seconds": 0.0}

@@ -7,11 +7,14 @@ the node up to date. No SSH; the fake's made-up instance addresses are never con
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from strato.exceptions import ProviderError
 from strato.launcher.autoscaler.events import EventLog
 from strato.launcher.autoscaler.loop import Autoscaler
 from strato.launcher.cluster import Cluster
@@ -100,7 +103,7 @@ def _kinds(auto: Autoscaler) -> list[str]:
 def test_spot_worker_preempted_is_replaced(make_cluster, gce_fake, tmp_path, action):
     cluster = make_cluster({"machineType": "n2-standard-4",
                             "scheduling": {"instanceTerminationAction": action}})
-    auto, _ = _autoscaler(cluster, tmp_path)
+    auto, stub = _autoscaler(cluster, tmp_path)
     try:
         auto.tick()  # min_workers 1 -> one spot worker in the first zone
         auto.wait_for_bootstraps(timeout=20)
@@ -109,30 +112,89 @@ def test_spot_worker_preempted_is_replaced(make_cluster, gce_fake, tmp_path, act
         assert inst["scheduling"]["instanceTerminationAction"] == action
         assert auto.tick().is_noop
 
+        gce_fake.preempt_grace_s = 3.0
         gce_fake.preempt(first)
-        assert (first in gce_fake.instances) == (action == "STOP")
-        replaced_by = None
-        for _ in range(MAX_TICKS):  # bounded: replaced within a tick or two
-            decision = auto.tick()
-            auto.wait_for_bootstraps(timeout=20)
-            if decision.launch:
-                replaced_by = decision
-                break
-        assert replaced_by is not None, _kinds(auto)
+        assert gce_fake.instances[first]["status"] == "STOPPING"  # its shutdown grace
+        decision = auto.tick()  # the operation is listed at once: replace now
+        auto.wait_for_bootstraps(timeout=20)
+        assert decision.launch and f"replace preempted node {first}" in \
+            decision.launch[0].reason
         assert auto.ticks == 3  # launch, noop, replaced on the first tick after preemption
-        assert f"replace preempted node {first}" in replaced_by.launch[0].reason
+        # ... and its grace is not cut short: drained at the head, never deleted by strato
+        assert [d.node_id for d in decision.drain] == [first] and not decision.terminate
+        assert stub.drained and gce_fake.instances[first]["status"] == "STOPPING"
+        assert not gce_fake.requests_matching("DELETE", f"/instances/{first}")
         ((second, inst2),) = _workers(gce_fake).items()
         assert second != first and _is_spot(inst2)
-        assert first not in gce_fake.instances  # a stopped spot VM is deleted, not kept
+
+        for _ in range(MAX_TICKS):  # bounded: nothing more happens during the grace
+            assert not auto.tick().launch
+        assert gce_fake.wait_for(lambda: gce_fake.instances.get(first, {}).get(
+            "status", "gone") != "STOPPING", timeout=10)
+        auto.tick()  # after the grace: a STOPped spot VM is deleted, not kept
+        gce_fake.settle()
+        assert first not in gce_fake.instances
 
         events = auto.events.read()
         preempted = [e for e in events if e["kind"] == "preempted"]
         assert [e["node"] for e in preempted] == [first], [
             (e["kind"], e["message"]) for e in events]
+        assert "shutdown grace" in preempted[0]["message"]
         assert "replace preempted" in [e for e in events if e["kind"] == "launch"][-1]["message"]
         assert auto.tick().is_noop and _kinds(auto).count("preempted") == 1
+        assert len(_workers(gce_fake)) == 1
     finally:
         auto.close()
+
+
+def test_monitor_launched_workers_carry_the_ssh_key(make_cluster, gce_fake, tmp_path,
+                                                    monkeypatch):
+    """The monitor never runs prepare(): it must still put the cluster's key on every VM
+    (GCE lets in only keys from the instance's or the project's ssh-keys metadata)."""
+    from strato.launcher.commands import _start_monitor
+
+    up_side = make_cluster()
+    spec: dict[str, Any] = {}
+
+    class Capture:  # what _start_monitor would write: stop before running anything
+        def put(self, local, remote):
+            spec.update(json.loads(Path(local).read_text()))
+            raise _Stop
+
+    class _Stop(Exception):
+        pass
+
+    import strato.launcher.commands as commands
+
+    monkeypatch.setenv("STRATO_MONITOR", "local")
+    monkeypatch.setattr(commands, "_monitor_runner",
+                        lambda cluster, head, **kw: (Capture(), str(tmp_path / "m")))
+    with pytest.raises(_Stop):
+        _start_monitor(up_side, up_side.require_head(), "10.0.0.1:6380", {"spot": 1})
+    monkeypatch.setenv("STRATO_MONITOR", "off")
+    assert spec["facts"]["ssh_public_key"]
+
+    # The monitor process: a fresh Cluster from that spec, no prepare()
+    monitor_side = Cluster(load_config_from_dict(spec["config"]), overrides=spec,
+                           state=StateDB(tmp_path / "home"), echo=False)
+    monitor_side.token = "test-token"
+    auto, _ = _autoscaler(monitor_side, tmp_path)
+    try:
+        auto.tick()
+        auto.wait_for_bootstraps(timeout=20)
+        ((_, worker),) = _workers(gce_fake).items()
+        keys = {i["key"]: i["value"] for i in worker["metadata"]["items"]}["ssh-keys"]
+        assert keys == f"{spec['facts']['ssh_user']}:{spec['facts']['ssh_public_key']}"
+    finally:
+        auto.close()
+
+    # Without the facts a provider refuses to create VMs nobody could log into.
+    bare = Cluster(load_config_from_dict(spec["config"]), state=StateDB(tmp_path / "home"),
+                   echo=False)
+    with pytest.raises(ProviderError, match="no SSH key"):
+        bare.provider.create_nodes(bare.config.node_type_spec("spot"), 1,
+                                   _new_tags(bare, "worker", "spot"))
+    assert len(_workers(gce_fake)) == 1
 
 
 def test_capacity_error_moves_to_the_next_zone_in_the_same_tick(cluster, gce_fake, tmp_path):

@@ -46,7 +46,15 @@ def strato_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def provider(gce_provider_config: dict[str, Any], strato_home: Path) -> GCPProvider:
-    return GCPProvider(gce_provider_config, "demo")
+    """A provider that knows its SSH key (as after ``prepare``), so it may create VMs."""
+    provider = GCPProvider(gce_provider_config, "demo")
+    provider.prepare({"cluster_name": "demo", "auth": {"ssh_user": "alice"}})
+    return provider
+
+
+def _keyed(config: dict[str, Any]) -> dict[str, Any]:
+    """A provider config that names an SSH key (no ``prepare`` needed to create VMs)."""
+    return {**config, "ssh_user": "bob", "ssh_public_key": "ssh-ed25519 AAAAC3Nz bob"}
 
 
 @pytest.fixture
@@ -163,7 +171,7 @@ def test_spot_override_and_other_zone(provider: GCPProvider, gce_fake,
 def test_list_nodes_by_labels_and_cluster(cluster: dict[str, Any], gce_provider_config,
                                           strato_home: Path) -> None:
     provider = GCPProvider(gce_provider_config, "demo")
-    other = GCPProvider(gce_provider_config, "other")
+    other = GCPProvider(_keyed(gce_provider_config), "other")
     other.create_nodes(HEAD, 1, _tags("head", "head"))
 
     assert {n.id for n in provider.list_nodes()} == {
@@ -196,8 +204,17 @@ def test_preempted_spot_workers_are_reported(cluster: dict[str, Any], provider: 
         **GPU_WORKER.node_config, "scheduling": {"instanceTerminationAction": "STOP"}}
     stopped = provider.create_nodes(
         NodeTypeSpec("gpu_stop", stopped_spec, spot=True), 1, _tags("worker", "gpu_stop"))[0]
+    gce_fake.preempt_grace_s = 0.5
     gce_fake.preempt(deleted.id)
     gce_fake.preempt(stopped.id)
+
+    # GCE lists the preemption at once; the VMs are STOPPING through their shutdown grace
+    # and are already reported preempted (not just "stopping"), from the operation.
+    during = {n.id: n for n in provider.list_nodes(include_terminated=True)}
+    for node in (deleted, stopped):
+        assert during[node.id].state is NodeState.STOPPING and during[node.id].preempted
+    assert not during[cluster["workers"][1].id].preempted
+    gce_fake.settle()
 
     alive = {n.id for n in provider.list_nodes()}
     assert deleted.id not in alive and stopped.id not in alive
@@ -214,9 +231,9 @@ def test_preempted_spot_workers_are_reported(cluster: dict[str, Any], provider: 
 
     # A fresh process has no memory of the labels but still sees the preemption, and
     # never mistakes another cluster's (even one named "demo-2") for its own.
-    neighbour = GCPProvider(gce_provider_config, "demo-2")
+    neighbour = GCPProvider(_keyed(gce_provider_config), "demo-2")
     theirs = neighbour.create_nodes(GPU_WORKER, 1, _tags("worker", "gpu_worker"))[0]
-    gce_fake.preempt(theirs.id)
+    gce_fake.preempt(theirs.id, grace_s=0)
     fresh = {n.id: n for n in GCPProvider(gce_provider_config, "demo").list_nodes(
         include_terminated=True)}
     assert theirs.id not in fresh
