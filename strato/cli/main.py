@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 
 import click
@@ -31,8 +32,11 @@ def cli() -> None:
               show_default=True, help="Watch this cloud's spot preemption notice; drain on it.")
 @click.option("--temp-dir", default=DEFAULT_TEMP_DIR, show_default=True,
               help="Sockets, logs and spill files of this node.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the node file (JSON: node_id, head_address, agent_address, "
+                   "token_file, ...) as the one line on stdout; the human lines go to stderr.")
 def start(head, address, port, token, num_cpus, num_gpus, resources, labels, node_ip,
-          object_store_memory, spot_notice, temp_dir) -> None:
+          object_store_memory, spot_notice, temp_dir, as_json) -> None:
     """Start the runtime on this machine; returns once the node is up."""
     from strato.runtime.control import StartError, start_node
     try:
@@ -45,14 +49,17 @@ def start(head, address, port, token, num_cpus, num_gpus, resources, labels, nod
         sys.exit(1)
     info = node.info
     if head:
-        click.echo(f"strato head started at {node.address} (node {info['node_id'][:8]})")
-        click.echo("Join other machines with:")
-        click.echo(f"  strato start --address {node.address} --token <token>")
-        click.echo(f"  token: {node.token}")
-        click.echo(f"(also in {info['token_file']}, mode 0600)")
+        click.echo(f"strato head started at {node.address} (node {info['node_id'][:8]})",
+                   err=as_json)
+        click.echo("Join other machines with:", err=as_json)
+        click.echo(f"  strato start --address {node.address} --token <token>", err=as_json)
+        click.echo(f"  token: {node.token}", err=as_json)
+        click.echo(f"(also in {info['token_file']}, mode 0600)", err=as_json)
     else:
         click.echo(f"strato node {info['node_id'][:8]} joined {node.address} "
-                   f"with {info['resources']}")
+                   f"with {info['resources']}", err=as_json)
+    if as_json:
+        click.echo(json.dumps(info, sort_keys=True))
 
 
 @cli.command()

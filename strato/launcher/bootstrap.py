@@ -56,7 +56,6 @@ SSH_TIMEOUT = 300.0          # a cloud machine may take minutes to accept SSH
 START_TIMEOUT = 120.0        # `strato start` itself waits up to 60 s for the node
 INSTALL_LOCK_TIMEOUT = 900   # another node installing the same venv over NFS
 SPOT_NOTICE_CLOUDS = ("aws", "gcp")  # providers whose spot nodes watch a metadata notice
-_HEAD_STARTED = re.compile(r"strato head started at (\S+)")
 _wheel_lock = threading.Lock()
 
 
@@ -206,18 +205,19 @@ def start_runtime(cluster: Cluster, node: Node, runner: CommandRunner, *,
     """(Re)start the runtime on ``node``; returns the head's address for the head."""
     if not cluster.token:
         raise LauncherError(f"cluster {cluster.name!r}: no token to start the runtime with")
-    args = start_args(cluster, node, head_address)
+    args = [*start_args(cluster, node, head_address), "--json"]  # the node file, last line
     script = render("start_node.sh", python=cluster.runtime_python(node.node_type or ""),
                     temp_dir=cluster.temp_dir(node),
                     start_args=" ".join(shlex.quote(a) for a in args))
     _, tail = runner.run(script, env={"STRATO_TOKEN": cluster.token}, timeout=START_TIMEOUT)
     if node.kind != NodeKind.HEAD.value:
         return None
-    found = _HEAD_STARTED.findall(tail)
-    if not found:
-        raise LauncherError(f"node {runner.name}: `strato start --head` did not report the "
-                            f"head address; output:\n{tail}")
-    return found[-1]
+    for line in reversed(tail.splitlines()):
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                return json.loads(line)["head_address"]
+    raise LauncherError(f"node {runner.name}: `strato start --head --json` did not report "
+                        f"the head address; output:\n{tail}")
 
 
 # ---------------------------------------------------------------- one node
