@@ -1,4 +1,5 @@
 """strato's task/actor runtime: head service, node agents, workers and the core worker.
 
-Imports nothing from launcher, providers or cli (see DESIGN.md, dependency direction).
+Imports nothing from launcher, providers or cli: they depend on the runtime, never the
+other way round.
 """

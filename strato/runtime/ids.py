@@ -15,7 +15,3 @@ class IdFactory:
 
     def next(self) -> bytes:
         return self.prefix + next(self._counter).to_bytes(8, "little")
-
-
-def random_id() -> bytes:
-    return os.urandom(16)

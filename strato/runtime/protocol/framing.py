@@ -1,7 +1,7 @@
 """Length-prefixed frames of pickled message batches, for a node's own processes.
 
 Each frame carries a *list* of messages, so whatever is queued goes out in one write.
-Messages are tuples whose first item names the kind (see ``messages``).
+Messages are tuples whose first item names the kind (see ``strato.runtime.messages``).
 """
 
 from __future__ import annotations
