@@ -331,3 +331,35 @@ def test_runtime_resources(provider: GCPProvider) -> None:
     assert "accelerator_type:A100-80G" in a100
     assert machine_shape("e2-medium")[0] == 2 and machine_shape("n2-custom-6-20480")[:2] == (6, 20)
     assert accelerator_name("nvidia-l4") == "L4" and accelerator_name("nvidia-foo-9") == "FOO-9"
+
+
+def test_the_fake_runs_operations_and_deletes_over_time(provider: GCPProvider, gce_fake) -> None:
+    """As GCE: PENDING -> RUNNING -> DONE; a deleted VM is STOPPING before it is gone."""
+    import time
+
+    gce_fake.op_seconds, gce_fake.delete_seconds = 0.4, 0.4
+    (node,) = provider.create_nodes(HEAD, 1, _tags("head", "head"))
+    inserts = [o for o in gce_fake.operations if o["operationType"] == "insert"
+               and o["targetLink"].endswith(node.id)]
+    assert [o["status"] for o in inserts] == ["DONE"] and node.state is NodeState.RUNNING
+    seen: list[str] = []
+    gce_fake.fail_next_insert(ZONE)  # a stockout is an operation that ends in an error
+    op = provider.clients.instances.insert_unary(
+        project="strato-test", zone=ZONE, instance_resource=provider.clients.compute.Instance(
+            name="strato-demo-x-000000", machine_type=f"zones/{ZONE}/machineTypes/n1-standard-1"))
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (not seen or seen[-1] != "DONE"):
+        status = provider.clients.zone_operations.get(
+            project="strato-test", zone=ZONE, operation=op.name).status.name
+        if not seen or seen[-1] != status:
+            seen.append(status)
+        time.sleep(0.02)
+    assert seen == ["PENDING", "RUNNING", "DONE"], seen
+    done = provider.clients.zone_operations.get(project="strato-test", zone=ZONE,
+                                                operation=op.name)
+    assert done.error.errors[0].code == "ZONE_RESOURCE_POOL_EXHAUSTED"
+
+    provider.clients.instances.delete_unary(project="strato-test", zone=ZONE, instance=node.id)
+    assert gce_fake.instances[node.id]["status"] == "STOPPING"
+    gce_fake.settle()
+    assert node.id not in gce_fake.instances
