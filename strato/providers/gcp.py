@@ -280,6 +280,8 @@ class GCPProvider(NodeProvider):
     ``prepare``), ``operation_timeout_s``, ``preemption_lookback_s``.
     """
 
+    needs_prepare_to_reach_nodes = True
+
     def __init__(self, provider_config: Mapping[str, Any], cluster_name: str, *,
                  clients: GCPClients | None = None):
         super().__init__(provider_config, cluster_name)
