@@ -74,7 +74,7 @@ def _check_init_kwargs(extra: dict[str, Any], temp_dir: str | None) -> str | Non
 
 def _log_line(lines: list[str]) -> None:
     for line in lines:
-        print(line, file=sys.stderr if False else sys.stdout, flush=False)
+        print(line, flush=False)
     sys.stdout.flush()
 
 
