@@ -184,3 +184,92 @@ def test_autoscaler_holds_while_the_head_is_marked_going_down(cloud, ssh_hosts,
     finally:
         auto.close()
         cluster.provider.terminate_nodes([n.id for n in cluster.nodes(alive_only=False)])
+
+
+# ------------------------------------------------------------------ the same on the GCE fake
+GCP_NAME = "gleak"
+
+
+@pytest.fixture
+def gce_pool(gce_bridge_fake, ssh_host_network, ssh_hosts, ssh_address_map, monkeypatch,
+             tmp_path):
+    """The strict GCE fake on the hosts' bridge, its VMs played by the test hosts; the
+    monitor runs on the head (GCP's default) and reaches the same fake."""
+    from tests.harness.gce_hosts import GCEHostPool
+
+    monkeypatch.setenv("STRATO_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("STRATO_MONITOR", raising=False)
+    for host in ssh_hosts:
+        ssh_address_map.remove(host.ip)
+    pool = GCEHostPool(gce_bridge_fake, ssh_host_network, ssh_hosts, ssh_address_map)
+    try:
+        yield gce_bridge_fake
+    finally:
+        pool.close()
+
+
+def _gcp_config(path: Path, endpoint: str) -> Path:
+    path.write_text(yaml.safe_dump({
+        "cluster_name": GCP_NAME,
+        "provider": {"type": "gcp", "project_id": "strato-test",
+                     "availability_zone": "us-central1-a", "api_endpoint": endpoint},
+        "auth": {"ssh_user": "root"},
+        "runtime_python": sys.executable,
+        "autoscaler": {"tick_seconds": TICK},
+        "available_node_types": {
+            "head": {"node_config": {"machineType": "n2-standard-2"},
+                     "resources": {"CPU": 2}},
+            "spot_worker": {"node_config": {"machineType": "n2-standard-4"}, "spot": True,
+                            "resources": {"CPU": 2}, "min_workers": 2, "max_workers": 2},
+        },
+        "head_node_type": "head",
+    }))
+    return path
+
+
+def _gce_live(fake, kind: str | None = None) -> list[str]:
+    return [name for name, inst in fake.instances.items()
+            if inst["status"] not in ("STOPPING", "TERMINATED")
+            and (kind is None or inst["labels"].get("strato-node-kind") == kind)]
+
+
+def _inserts(fake) -> int:
+    return sum(1 for r in fake.requests_matching("POST", "/instances")
+               if r.path.endswith("/instances"))
+
+
+def _gce_watch(fake, kind: str | None = None) -> None:
+    """Every deletion finished, then no VM of ``kind`` comes back for WATCH_SECONDS."""
+    fake.settle(timeout=30)
+    watch_until = time.monotonic() + WATCH_SECONDS
+    while time.monotonic() < watch_until:
+        assert _gce_live(fake, kind) == [], f"relaunched while going down: {_gce_live(fake)}"
+        time.sleep(0.25)
+
+
+def test_gcp_down_and_down_workers_only_leave_nothing(gce_pool, ssh_hosts, shared_tmp_path):
+    fake = gce_pool
+    config = _gcp_config(shared_tmp_path / "gleak.yaml", fake.endpoint)
+    try:
+        commands.up(config, yes=True)
+        workers = _gce_live(fake, "worker")
+        assert len(workers) == 2
+
+        assert sorted(commands.down(config, yes=True, workers_only=True)) == sorted(workers)
+        _gce_watch(fake, "worker")
+        assert len(_gce_live(fake, "head")) == 1
+        inserts = _inserts(fake)
+
+        commands.up(config, yes=True)
+        assert len(_gce_live(fake, "worker")) == 2
+        commands.down(config, yes=True)
+        _gce_watch(fake)
+        assert fake.instances == {} and StateDB().get(GCP_NAME) is None
+        # two inserts for the workers `up` restored, none behind down's back
+        assert _inserts(fake) == inserts + 2
+        for host in ssh_hosts:  # every VM halted: nothing strato started still runs
+            assert host.init_pid == 0 or not strato_processes(host), host.name
+    finally:
+        if StateDB().get(GCP_NAME) is not None:
+            commands.down(config, yes=True)
+        fake.settle(timeout=30)
