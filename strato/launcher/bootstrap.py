@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING
 
 from strato.exceptions import LauncherError
 from strato.launcher.runner import CommandRunner, shell_path
-from strato.launcher.ssh import resolve_address
 from strato.localfiles import file_lock, strato_home
 from strato.providers.base import (
     TAG_CLUSTER,
@@ -44,6 +43,7 @@ from strato.providers.base import (
     NodeKind,
     NodeStatus,
 )
+from strato.ssh import resolve_address
 
 if TYPE_CHECKING:
     from strato.launcher.cluster import Cluster

@@ -19,7 +19,6 @@ from strato.exceptions import LauncherError
 from strato.launcher.bootstrap import TAG_NODE_ID_LABEL, render, venv_dir
 from strato.launcher.config import ClusterConfig
 from strato.launcher.runner import CommandRunner, LocalRunner, OutputSink, SSHRunner, shell_path
-from strato.launcher.ssh import SSHTarget
 from strato.launcher.state import StateDB
 from strato.providers import provider_class
 from strato.providers.base import (
@@ -32,6 +31,7 @@ from strato.providers.base import (
     NodeProvider,
 )
 from strato.runtime.session import DEFAULT_TEMP_DIR
+from strato.ssh import SSHTarget
 
 __all__ = ["DEFAULT_HEAD_PORT", "TAG_NODE_ID_LABEL", "Cluster"]
 

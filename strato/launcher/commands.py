@@ -36,7 +36,7 @@ from strato.launcher.autoscaler.plan import (
 from strato.launcher.cluster import TAG_NODE_ID_LABEL, Cluster
 from strato.launcher.config import load_config
 from strato.launcher.runner import CommandRunner, shell_path
-from strato.launcher.ssh import ADDRESS_MAP_ENV, ADDRESS_MAP_STRICT_ENV
+from strato.ssh import ADDRESS_MAP_ENV, ADDRESS_MAP_STRICT_ENV
 from strato.localfiles import write_secret
 from strato.providers.base import (
     TAG_GOING_DOWN,

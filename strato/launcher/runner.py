@@ -1,6 +1,6 @@
 """Command runners: one interface to run commands on a node, over SSH or on this machine.
 
-``SSHRunner`` (cloud and on-prem nodes, through :mod:`strato.launcher.ssh`) and
+``SSHRunner`` (cloud and on-prem nodes, through :mod:`strato.ssh`) and
 ``LocalRunner`` (nodes of the ``local`` provider, which are processes here) both stream
 output live, each line prefixed with the node's name, and append it to the node's log
 file. Secrets (the cluster token) are replaced by ``***`` before a line is shown or saved.
@@ -23,9 +23,9 @@ from typing import Protocol
 
 import paramiko
 
+from strato import ssh
 from strato.exceptions import CommandError, SSHUnavailableError
-from strato.launcher import ssh
-from strato.launcher.ssh import CommandTimeoutError, SSHTarget
+from strato.ssh import CommandTimeoutError, SSHTarget
 
 __all__ = ["CommandRunner", "LocalRunner", "OutputSink", "SSHRunner", "shell_path"]
 

@@ -155,7 +155,7 @@ class NodeProvider(abc.ABC):
         """Add or overwrite tags on one node."""
 
     def ssh_address(self, node: Node) -> str:
-        """Address the launcher connects to over SSH (tests remap it, see launcher.ssh)."""
+        """Address the launcher connects to over SSH (tests remap it, see strato.ssh)."""
         return node.public_ip or node.private_ip or ""
 
     def internal_address(self, node: Node) -> str:

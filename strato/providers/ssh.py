@@ -16,9 +16,8 @@ Provider config keys::
     stop_command: strato stop    # optional; run best-effort on terminate ("" = skip)
 
 Terminating a node releases its claim and runs ``stop_command`` over SSH (best effort,
-short timeout). The launcher chooses that command (e.g. ``<runtime_python> -m strato.cli
-stop``); this is the one place a provider reaches up into ``strato.launcher.ssh``,
-imported lazily so listing and claiming never need it.
+short timeout) through ``strato.ssh``, imported lazily so listing and claiming never need
+it. The launcher chooses that command (e.g. ``<runtime_python> -m strato.cli stop``).
 """
 
 from __future__ import annotations
@@ -120,7 +119,7 @@ class SSHProvider(RecordProvider):
         """Run ``stop_command`` on a released host; failures are logged, not raised."""
         if not self.stop_command:
             return
-        from strato.launcher import ssh  # lazy: only terminate needs SSH
+        from strato import ssh  # lazy: only terminate needs SSH
 
         user = self.provider_config.get("ssh_user")
         target = ssh.SSHTarget(host=ip, port=self.ssh_port, node_id=ip, name=ip,

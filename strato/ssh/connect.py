@@ -1,4 +1,5 @@
-"""The launcher's one way into a node: run commands, copy files and open shells over SSH.
+"""Reaching a node over SSH: where to connect (the address map), pinned host keys, and
+the process-wide connection pool.
 
 Everything goes through paramiko, one cached connection per (address, user, key) in a
 process, so bootstrapping a node costs one handshake however many commands it runs.
@@ -18,27 +19,17 @@ import getpass
 import json
 import logging
 import os
-import posixpath
 import re
-import select
-import shlex
-import shutil
 import socket
-import stat
-import subprocess
-import sys
 import threading
 import time
-import uuid
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 import paramiko
 
-from strato.exceptions import CommandError, LauncherError, SSHUnavailableError
+from strato.exceptions import LauncherError, SSHUnavailableError
 from strato.localfiles import file_lock, strato_home
 
 log = logging.getLogger(__name__)
@@ -54,11 +45,8 @@ DEFAULT_CONNECT_TIMEOUT = 20.0
 # this long (a cloud guest agent installs metadata keys within seconds of boot).
 KEY_REFUSED_TIMEOUT = 60.0
 KEY_REFUSED_TIMEOUT_ENV = "STRATO_SSH_KEY_REFUSED_TIMEOUT"
-TAIL_LINES = 50
 KEEPALIVE_SECONDS = 15      # SSH-level keepalive: keeps unacknowledged data in flight ...
 DEAD_PEER_SECONDS = 60      # ... so TCP_USER_TIMEOUT drops a vanished node's connection
-
-LineCallback = Callable[[str], None]
 
 
 # ---------------------------------------------------------------- errors
@@ -74,24 +62,6 @@ class AddressNotMappedError(LauncherError):
             f"refusing to contact SSH address {who}: no entry in the address map "
             f"{map_path or '(none set: ' + ADDRESS_MAP_ENV + ' is empty)'} and "
             f"{ADDRESS_MAP_STRICT_ENV}=1 forbids falling back to the real address")
-
-
-class CommandTimeoutError(CommandError):
-    """A remote command ran past its ``timeout`` (its channel was closed)."""
-
-    def __init__(self, node: str, command: str, timeout: float, output_tail: str = ""):
-        super().__init__(node, command, -1, output_tail)
-        self.timeout = timeout
-
-    def __str__(self) -> str:
-        msg = f"command timed out after {self.timeout:g}s on {self.node}: {self.command}"
-        if self.output_tail:
-            msg += "\n--- last output ---\n" + self.output_tail
-        return msg
-
-
-class FileTransferError(LauncherError):
-    """Copying files to or from a node over SFTP failed."""
 
 
 # ---------------------------------------------------------------- targets and addresses
@@ -172,7 +142,8 @@ def resolve_address(addr: str, node_id: str | None = None, *, port: int = 22) ->
     return addr, port
 
 
-def _endpoint(target: SSHTarget) -> tuple[str, int]:
+def endpoint(target: SSHTarget) -> tuple[str, int]:
+    """The (host, port) really connected to for ``target`` (address map applied)."""
     return resolve_address(target.host, target.node_id, port=target.port)
 
 
@@ -253,7 +224,7 @@ def _detect_dead_peer(sock: object) -> None:
 
 def _client(target: SSHTarget, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> paramiko.SSHClient:
     """The cached live client for ``target``, connecting once if needed (raises raw errors)."""
-    host, port = _endpoint(target)
+    host, port = endpoint(target)
     key = (host, port, target.user, target.key_path)
     with _clients_lock:
         lock = _key_locks.setdefault(key, threading.Lock())
@@ -270,14 +241,15 @@ def _client(target: SSHTarget, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> para
         return client
 
 
-def _connected(target: SSHTarget, timeout: float) -> paramiko.SSHClient:
-    """Like :func:`_client`, but a failure is one :class:`SSHUnavailableError` naming the node."""
+def connected(target: SSHTarget, timeout: float) -> paramiko.SSHClient:
+    """The pooled live client for ``target`` (connecting once if needed); a failure is one
+    :class:`SSHUnavailableError` naming the node."""
     try:
         return _client(target, timeout)
     except AddressNotMappedError:
         raise
     except (OSError, EOFError, paramiko.SSHException) as e:
-        host, port = _endpoint(target)
+        host, port = endpoint(target)
         raise SSHUnavailableError(
             f"node {target.label}: cannot connect over SSH to {_describe(target, host, port)}: "
             f"{type(e).__name__}: {e}") from e
@@ -286,7 +258,7 @@ def _connected(target: SSHTarget, timeout: float) -> paramiko.SSHClient:
 def disconnect(target: SSHTarget) -> None:
     """Close and forget the cached connection to ``target`` (e.g. after the node restarted)."""
     with contextlib.suppress(AddressNotMappedError):
-        host, port = _endpoint(target)
+        host, port = endpoint(target)
         with _clients_lock:
             client = _clients.pop((host, port, target.user, target.key_path), None)
         if client is not None:
@@ -320,7 +292,7 @@ def wait_for_ssh(target: SSHTarget, timeout: float = 300.0) -> None:
     an already cached live connection counts as available (``disconnect`` first to probe
     afresh).
     """
-    host, port = _endpoint(target)  # strict-map refusal is raised here, before any connect
+    host, port = endpoint(target)  # strict-map refusal is raised here, before any connect
     deadline = time.monotonic() + timeout
     refused_limit = key_refused_timeout()
     refused_since: float | None = None
@@ -356,343 +328,3 @@ def wait_for_ssh(target: SSHTarget, timeout: float = 300.0) -> None:
         time.sleep(min(delay, remaining))
         delay = min(delay * 2, 5.0)
 
-
-# ---------------------------------------------------------------- commands
-_console = None
-
-
-def print_line(name: str, line: str) -> None:
-    """Default output sink: ``[name] line`` on the terminal via rich (no markup parsing)."""
-    global _console
-    from rich.console import Console
-    from rich.text import Text
-
-    if _console is None:
-        _console = Console(highlight=False, soft_wrap=True)
-    _console.print(Text.assemble((f"[{name}] ", "cyan"), line))
-
-
-def silent(line: str) -> None:
-    """An output sink that drops lines (pass as ``stream_to`` for quiet commands)."""
-
-
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def _upload_env(client: paramiko.SSHClient, env: Mapping[str, str], label: str) -> str:
-    """Write ``export`` lines to a fresh 0600 file on the node; returns its path.
-
-    Values (the cluster token among them) thus never appear on a command line (``ps``)
-    nor in any log; the wrapper sources and deletes the file before the command runs.
-    """
-    for name in env:
-        if not _ENV_NAME.fullmatch(name):
-            raise ValueError(f"env: {name!r} is not a valid environment variable name")
-    body = "".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in env.items())
-    path = f"/tmp/.strato-env-{uuid.uuid4().hex}"
-    try:
-        with client.open_sftp() as sftp, sftp.open(path, "wx") as f:
-            f.chmod(0o600)
-            f.write(body.encode())
-    except (OSError, EOFError, paramiko.SSHException) as e:  # EOFError: a vanished host
-        raise FileTransferError(f"node {label}: could not send the command environment: {e}") from e
-    return path
-
-
-def _remote_command(command: str, env_file: str | None) -> str:
-    """``bash -c`` around the command, first loading (and deleting) the env file."""
-    script = command
-    if env_file:
-        f = shlex.quote(env_file)
-        script = (f". {f} && rm -f {f} || {{ rm -f {f}; "
-                  f"echo 'strato: could not load the command environment' >&2; exit 97; }}\n"
-                  + command)
-    return "bash -c " + shlex.quote(script)
-
-
-class _LineSplitter:
-    """Turns output chunks into lines for the callback, keeping a tail for errors."""
-
-    def __init__(self, sink: LineCallback):
-        self.sink = sink
-        self.buffer = b""
-        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
-
-    def feed(self, data: bytes) -> None:
-        self.buffer += data
-        *lines, self.buffer = self.buffer.split(b"\n")
-        if len(self.buffer) > 65536:  # no newline in sight: flush anyway
-            lines.append(self.buffer)
-            self.buffer = b""
-        for raw in lines:
-            self._emit(raw)
-
-    def close(self) -> None:
-        if self.buffer:
-            self._emit(self.buffer)
-            self.buffer = b""
-
-    def _emit(self, raw: bytes) -> None:
-        # "\r" redraws a progress bar: show what the terminal would end up showing.
-        line = raw.decode("utf-8", errors="replace").rstrip("\r").rsplit("\r", 1)[-1]
-        self.tail.append(line)
-        try:
-            self.sink(line)
-        except Exception:  # a broken sink must not lose the command's exit code
-            log.exception("output callback failed")
-
-
-def run(target: SSHTarget, command: str, *, env: Mapping[str, str] | None = None,
-        stream_to: LineCallback | None = None, log_file: str | os.PathLike | None = None,
-        timeout: float | None = None, check: bool = True, pty: bool = False,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> tuple[int, str]:
-    """Run ``command`` with bash on the node, streaming its output line by line.
-
-    Lines go to ``stream_to`` (default: printed as ``[name] line``; pass :func:`silent`
-    to drop them) and, in full, to ``log_file`` (appended). stdin is empty. ``env`` is
-    exported for the command without ever being shown or logged. Returns
-    ``(exit_code, output_tail)``, exit code -1 for death by a signal; raises :class:`CommandError` on a non-zero exit when
-    ``check``, :class:`CommandTimeoutError` past ``timeout`` (without a pty the remote
-    process may outlive its closed channel), :class:`SSHUnavailableError` if the node
-    cannot be reached.
-    """
-    label = target.label
-    sink = stream_to or (lambda line: print_line(label, line))
-    client = _connected(target, connect_timeout)
-    env_file = _upload_env(client, env, label) if env else None
-    log.debug("[%s] $ %s", label, command)
-
-    splitter = _LineSplitter(sink)
-    log_fh: IO[bytes] | None = None
-    if log_file is not None:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        log_fh = open(log_file, "ab")  # noqa: SIM115 - closed in finally
-        log_fh.write(f"$ {command}\n".encode())
-    deadline = None if timeout is None else time.monotonic() + timeout
-    try:
-        try:
-            transport = client.get_transport()
-            assert transport is not None
-            chan = transport.open_session(timeout=connect_timeout)
-        except (OSError, EOFError, paramiko.SSHException, AssertionError) as e:
-            disconnect(target)
-            raise SSHUnavailableError(f"node {label}: SSH session could not be opened: {e}") from e
-        with chan:
-            if pty:
-                chan.get_pty(term=os.environ.get("TERM", "xterm"), width=200)
-            else:
-                chan.set_combine_stderr(True)
-            chan.exec_command(_remote_command(command, env_file))
-            chan.shutdown_write()
-            while True:
-                wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
-                if wait <= 0:
-                    splitter.close()
-                    raise CommandTimeoutError(label, command, timeout or 0.0,
-                                              "\n".join(splitter.tail))
-                chan.settimeout(wait)
-                try:
-                    data = chan.recv(65536)
-                except TimeoutError:
-                    continue
-                if not data:
-                    break
-                if log_fh:
-                    log_fh.write(data)
-                    log_fh.flush()
-                splitter.feed(data)
-            splitter.close()
-            wait = 30.0 if deadline is None else max(0.1, deadline - time.monotonic())
-            exit_code = chan.recv_exit_status() if chan.status_event.wait(wait) else -1
-    finally:
-        if log_fh:
-            log_fh.close()
-    tail = "\n".join(splitter.tail)
-    if exit_code == -1 and not transport.is_active():  # the node vanished under the command
-        disconnect(target)
-        raise CommandError(label, command, -1, (tail + "\n" if tail else "")
-                           + "(connection lost before the command reported an exit status)")
-    if check and exit_code != 0:
-        if exit_code == -1:  # sshd reports death by a signal without an exit status
-            tail = (tail + "\n" if tail else "") + "(the command was killed by a signal)"
-        raise CommandError(label, command, exit_code, tail)
-    return exit_code, tail
-
-
-# ---------------------------------------------------------------- files
-def _remote_abspath(sftp: paramiko.SFTPClient, path: str) -> str:
-    """Expand a leading ``~`` to the login's home, as a shell would."""
-    if path == "~" or path.startswith("~/"):
-        home = sftp.normalize(".")
-        return posixpath.join(home, path[2:]) if path != "~" else home
-    return path
-
-
-def _remote_makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
-    if path in ("", "/", "."):
-        return
-    try:
-        if stat.S_ISDIR(sftp.stat(path).st_mode):
-            return
-        raise NotADirectoryError(f"{path} exists and is not a directory")
-    except FileNotFoundError:
-        pass
-    _remote_makedirs(sftp, posixpath.dirname(path.rstrip("/")))
-    try:
-        sftp.mkdir(path)
-    except OSError:  # created meanwhile by a concurrent copy?
-        if not stat.S_ISDIR(sftp.stat(path).st_mode):
-            raise
-
-
-def _remote_remove(sftp: paramiko.SFTPClient, path: str) -> None:
-    with contextlib.suppress(OSError):
-        sftp.remove(path)
-
-
-def _put_one(sftp: paramiko.SFTPClient, local: Path, remote: str) -> None:
-    if local.is_symlink():
-        _remote_remove(sftp, remote)
-        sftp.symlink(os.readlink(local), remote)
-        return
-    sftp.put(str(local), remote)
-    sftp.chmod(remote, stat.S_IMODE(local.stat().st_mode))
-
-
-def put(target: SSHTarget, local_path: str | os.PathLike, remote_path: str) -> None:
-    """Copy a local file or directory to ``remote_path`` on the node (like ``cp -rT``).
-
-    Parent directories are created; a directory's contents are merged into
-    ``remote_path`` (existing files overwritten, extra ones kept); modes and symlinks are
-    preserved; a leading ``~`` means the login's home.
-    """
-    local = Path(local_path).expanduser()
-    if not local.exists() and not local.is_symlink():
-        raise FileNotFoundError(f"put to {target.label}: no such local path {local}")
-    client = _connected(target, DEFAULT_CONNECT_TIMEOUT)
-    try:
-        with client.open_sftp() as sftp:
-            remote = _remote_abspath(sftp, remote_path).rstrip("/") or "/"
-            if not local.is_dir() or local.is_symlink():
-                _remote_makedirs(sftp, posixpath.dirname(remote))
-                _put_one(sftp, local, remote)
-                return
-            _remote_makedirs(sftp, remote)
-            for root, dirs, files in os.walk(local):
-                rel = Path(root).relative_to(local).as_posix()
-                rdir = remote if rel == "." else posixpath.join(remote, rel)
-                for d in list(dirs):
-                    src, dst = Path(root, d), posixpath.join(rdir, d)
-                    if src.is_symlink():  # not descended by os.walk: copy the link itself
-                        _put_one(sftp, src, dst)
-                    else:
-                        _remote_makedirs(sftp, dst)
-                        sftp.chmod(dst, stat.S_IMODE(src.stat().st_mode))
-                for name in files:
-                    _put_one(sftp, Path(root, name), posixpath.join(rdir, name))
-    except (OSError, paramiko.SSHException) as e:
-        raise FileTransferError(
-            f"node {target.label}: put {local} -> {remote_path} failed: {e}") from e
-
-
-def _get_tree(sftp: paramiko.SFTPClient, remote: str, local: Path) -> None:
-    attrs = sftp.lstat(remote)
-    mode = attrs.st_mode or 0
-    if stat.S_ISLNK(mode):
-        if local.is_symlink() or local.is_file():
-            local.unlink()
-        os.symlink(sftp.readlink(remote), local)
-    elif stat.S_ISDIR(mode):
-        local.mkdir(parents=True, exist_ok=True)
-        for entry in sftp.listdir_attr(remote):
-            _get_tree(sftp, posixpath.join(remote, entry.filename), local / entry.filename)
-        os.chmod(local, stat.S_IMODE(mode))
-    else:
-        sftp.get(remote, str(local))
-        os.chmod(local, stat.S_IMODE(mode))
-
-
-def get(target: SSHTarget, remote_path: str, local_path: str | os.PathLike) -> None:
-    """Copy a file or directory from the node to ``local_path`` (like ``cp -rT``).
-
-    Same rules as :func:`put`, in the other direction.
-    """
-    local = Path(local_path).expanduser()
-    client = _connected(target, DEFAULT_CONNECT_TIMEOUT)
-    try:
-        with client.open_sftp() as sftp:
-            remote = _remote_abspath(sftp, remote_path).rstrip("/") or "/"
-            local.parent.mkdir(parents=True, exist_ok=True)
-            _get_tree(sftp, remote, local)
-    except (OSError, paramiko.SSHException) as e:
-        raise FileTransferError(
-            f"node {target.label}: get {remote_path} -> {local} failed: {e}") from e
-
-
-# ---------------------------------------------------------------- interactive
-def ssh_command_line(target: SSHTarget, command: str | None = None, *,
-                     tty: bool = True) -> list[str]:
-    """argv for the system ``ssh`` binary reaching ``target`` (address map applied)."""
-    host, port = _endpoint(target)
-    argv = [shutil.which("ssh") or "ssh", "-t" if tty else "-T", "-p", str(port),
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=20"]
-    if target.key_path:
-        argv += ["-i", os.path.expanduser(target.key_path), "-o", "IdentitiesOnly=yes"]
-    argv.append(f"{target.user}@{host}")
-    if command:
-        argv.append(command)
-    return argv
-
-
-def interactive_shell(target: SSHTarget, command: str | None = None) -> int:
-    """Give the local terminal to a shell (or ``command``) on the node; returns its exit code.
-
-    Uses the system ``ssh`` when installed (best terminal handling), else a paramiko pty.
-    """
-    tty = sys.stdin.isatty()
-    if shutil.which("ssh"):
-        return subprocess.call(ssh_command_line(target, command, tty=tty))
-    client = _connected(target, DEFAULT_CONNECT_TIMEOUT)
-    size = shutil.get_terminal_size()
-    transport = client.get_transport()
-    assert transport is not None
-    chan = transport.open_session()
-    chan.get_pty(term=os.environ.get("TERM", "xterm"), width=size.columns, height=size.lines)
-    if command:
-        chan.exec_command(command)
-    else:
-        chan.invoke_shell()
-    return _pump_terminal(chan, tty)
-
-
-def _pump_terminal(chan: paramiko.Channel, tty: bool) -> int:
-    """Shuttle bytes between the local terminal (raw mode) and a pty channel."""
-    import termios
-    import tty as ttymod
-
-    fd = sys.stdin.fileno()
-    saved = termios.tcgetattr(fd) if tty else None
-    try:
-        if tty:
-            ttymod.setraw(fd)
-        stdin_open = True
-        while True:
-            readers = [chan, fd] if stdin_open else [chan]
-            ready, _, _ = select.select(readers, [], [], 1.0)
-            if chan in ready:
-                data = chan.recv(65536)
-                if not data:
-                    break
-                os.write(sys.stdout.fileno(), data)
-            if fd in ready:
-                data = os.read(fd, 4096)
-                if data:
-                    chan.sendall(data)
-                else:
-                    stdin_open = False
-                    chan.shutdown_write()
-    finally:
-        if saved is not None:
-            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-    return chan.recv_exit_status()

@@ -147,7 +147,7 @@ class Host:
 
     def target(self, name: str | None = None):
         """An ``SSHTarget`` for this host (the launcher's connection record)."""
-        from strato.launcher.ssh import SSHTarget
+        from strato.ssh import SSHTarget
 
         return SSHTarget(host=self.ip, port=self.port, user=self.user,
                          key_path=self.key_path, name=name or self.hostname)

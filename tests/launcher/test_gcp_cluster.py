@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from strato import ssh
 from strato.exceptions import SSHUnavailableError
-from strato.launcher import commands, ssh
-from strato.launcher.ssh import SSHTarget
+from strato.launcher import commands
 from strato.launcher.state import StateDB
 from strato.providers.base import TAG_KIND, TAG_NODE_TYPE, NodeTypeSpec
 from strato.providers.gcp import GCPProvider
+from strato.ssh import SSHTarget
 from tests.harness.ssh_hosts import _keypair
 from tests.launcher.cluster_helpers import stop_strato, strato_processes
 

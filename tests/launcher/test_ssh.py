@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from strato import ssh
 from strato.exceptions import CapacityError, CommandError, SSHUnavailableError
-from strato.launcher import ssh
 from strato.providers.base import TAG_CLUSTER, TAG_KIND, TAG_NODE_TYPE, NodeState, NodeTypeSpec
 from strato.providers.ssh import SSHProvider
+from strato.ssh import connect
 from tests.harness.ssh_hosts import SOURCE_ROOT
 
 
@@ -171,7 +172,7 @@ def test_strict_address_map_refuses_unmapped_addresses_without_connecting(
     cloud = ssh.SSHTarget(host="54.12.34.56", user="root", key_path=ssh_hosts[0].key_path,
                           name="head")
     with monkeypatch.context() as m:
-        m.setattr(ssh, "_open_client", no_connect)
+        m.setattr(connect, "_open_client", no_connect)
         m.setattr("socket.create_connection", no_connect)
         for call in (lambda: ssh.wait_for_ssh(cloud, timeout=5),
                      lambda: ssh.run(cloud, "true"),
@@ -257,7 +258,7 @@ def test_ssh_provider_claims_lists_and_releases_hosts(ssh_hosts, shared_tmp_path
 
 def test_ssh_provider_never_contacts_hosts_to_create_and_claims_atomically(
         ssh_address_map, monkeypatch):
-    monkeypatch.setattr(ssh, "_open_client", lambda *a, **k: pytest.fail("connected"))
+    monkeypatch.setattr(connect, "_open_client", lambda *a, **k: pytest.fail("connected"))
     workers = [f"192.0.2.{i}" for i in range(10, 14)]
     config = {"head_ip": "192.0.2.1", "worker_ips": workers, "stop_command": ""}
     claimed: list[str] = []
@@ -322,8 +323,8 @@ def test_hosts_run_this_python_and_restart_kills_what_ssh_started(ssh_hosts, ssh
 def test_a_node_vanishing_mid_command_raises_instead_of_hanging(ssh_hosts, monkeypatch):
     host = ssh_hosts[1]
     target = host.target(name="spot-1")
-    monkeypatch.setattr(ssh, "KEEPALIVE_SECONDS", 1)
-    monkeypatch.setattr(ssh, "DEAD_PEER_SECONDS", 3)
+    monkeypatch.setattr(connect, "KEEPALIVE_SECONDS", 1)
+    monkeypatch.setattr(connect, "DEAD_PEER_SECONDS", 3)
     ssh.disconnect(target)
     lines: list[str] = []
     outcome: list[BaseException] = []

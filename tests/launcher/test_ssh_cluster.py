@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from strato.launcher import commands, ssh
+from strato import ssh
+from strato.launcher import commands
 from strato.launcher.state import StateDB
 from tests.launcher.cluster_helpers import stop_strato, strato_processes
 

@@ -1,0 +1,65 @@
+"""The one SSH transport, used by providers and the launcher alike.
+
+- ``connect``: where to connect (the tests' address map), pinned host keys, the
+  connection pool, waiting for a booting machine's sshd;
+- ``commands``: run a command with bash, output streamed line by line, env never shown;
+- ``files``: copy files and directories both ways over SFTP (like ``cp -rT``);
+- ``terminal``: give the local terminal to a shell on the node.
+
+The names below are the public surface; import them from ``strato.ssh``.
+"""
+
+from strato.ssh.commands import (
+    TAIL_LINES,
+    CommandTimeoutError,
+    LineCallback,
+    print_line,
+    run,
+    silent,
+)
+from strato.ssh.connect import (
+    ADDRESS_MAP_ENV,
+    ADDRESS_MAP_STRICT_ENV,
+    DEFAULT_CONNECT_TIMEOUT,
+    KEY_REFUSED_TIMEOUT,
+    KEY_REFUSED_TIMEOUT_ENV,
+    AddressNotMappedError,
+    SSHTarget,
+    close_all,
+    disconnect,
+    key_refused_timeout,
+    known_hosts_path,
+    resolve_address,
+    set_address_map,
+    wait_for_ssh,
+)
+from strato.ssh.files import FileTransferError, get, put
+from strato.ssh.terminal import interactive_shell, ssh_command_line
+
+__all__ = [
+    "ADDRESS_MAP_ENV",
+    "ADDRESS_MAP_STRICT_ENV",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "KEY_REFUSED_TIMEOUT",
+    "KEY_REFUSED_TIMEOUT_ENV",
+    "TAIL_LINES",
+    "AddressNotMappedError",
+    "CommandTimeoutError",
+    "FileTransferError",
+    "LineCallback",
+    "SSHTarget",
+    "close_all",
+    "disconnect",
+    "get",
+    "interactive_shell",
+    "key_refused_timeout",
+    "known_hosts_path",
+    "print_line",
+    "put",
+    "resolve_address",
+    "run",
+    "set_address_map",
+    "silent",
+    "ssh_command_line",
+    "wait_for_ssh",
+]
