@@ -14,7 +14,9 @@ Amazon-owned image (the last two exist so moto, which has only old images, works
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,7 @@ _IMAGE_SEARCHES: tuple[tuple[tuple[str, ...], str | None], ...] = (
 )
 
 _MIB = 1024 * 1024
+SPOT_PRICE_TTL_S = 300.0  # spot prices asked of EC2 are reused this long
 _TERMINATE_BATCH = 1000  # TerminateInstances limit per call
 
 # Instance-type facts never change; shared by every provider object in the process.
@@ -148,6 +151,7 @@ class AWSProvider(NodeProvider):
         self._subnets: dict[str, str] = {}
         self._vpc_id: str | None = None
         self._images: dict[str, str] = {}
+        self._spot_cache: dict[tuple[str, ...], tuple[float, dict[tuple[str, str], float]]] = {}
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -361,6 +365,57 @@ class AWSProvider(NodeProvider):
             found["memory"] = float(int(mib * _MIB * MEMORY_FRACTION))
         found.update(spec.resources)
         return found
+
+    # ------------------------------------------------------------------ catalogue
+    catalog_cloud = "aws"
+
+    def instance_type_of(self, spec: NodeTypeSpec) -> str | None:
+        return spec.node_config.get("InstanceType") or None
+
+    def with_instance_type(self, spec: NodeTypeSpec, instance_type: str,
+                           accelerator: str | None = None,
+                           accelerator_count: int = 0) -> NodeTypeSpec:
+        """EC2 types carry their GPUs: only ``InstanceType`` changes."""
+        return dataclasses.replace(spec, node_config={**spec.node_config,
+                                                      "InstanceType": instance_type})
+
+    def zones_offering(self, instance_types: Sequence[str]) -> dict[str, list[str]] | None:
+        """DescribeInstanceTypeOfferings by zone; None if EC2 does not answer."""
+        out: dict[str, list[str]] = {t: [] for t in instance_types}
+        try:
+            pages = self.ec2.get_paginator("describe_instance_type_offerings").paginate(
+                LocationType="availability-zone",
+                Filters=[{"Name": "instance-type", "Values": list(instance_types)}])
+            for page in pages:
+                for o in page["InstanceTypeOfferings"]:
+                    out.setdefault(o["InstanceType"], []).append(o["Location"])
+        except _sdk_errors():
+            return None
+        return {t: sorted(zones) for t, zones in out.items()}
+
+    def spot_prices(self, instance_types: Sequence[str]) -> dict[tuple[str, str], float]:
+        """The latest DescribeSpotPriceHistory price of each (type, zone); {} on errors."""
+        now = time.time()
+        key = tuple(sorted(instance_types))
+        cached = self._spot_cache.get(key)
+        if cached and now - cached[0] < SPOT_PRICE_TTL_S:
+            return cached[1]
+        latest: dict[tuple[str, str], tuple[float, float]] = {}
+        try:
+            pages = self.ec2.get_paginator("describe_spot_price_history").paginate(
+                InstanceTypes=list(key), ProductDescriptions=["Linux/UNIX"], StartTime=now)
+            for page in pages:
+                for p in page["SpotPriceHistory"]:
+                    stamp = p.get("Timestamp")
+                    when = stamp.timestamp() if hasattr(stamp, "timestamp") else 0.0
+                    pair = (p["InstanceType"], p["AvailabilityZone"])
+                    if pair not in latest or when >= latest[pair][0]:
+                        latest[pair] = (when, float(p["SpotPrice"]))
+        except (*_sdk_errors(), ValueError, KeyError):
+            return {}
+        prices = {pair: price for pair, (_, price) in latest.items()}
+        self._spot_cache[key] = (now, prices)
+        return prices
 
     # ------------------------------------------------------------------ nodes
     def create_nodes(self, spec: NodeTypeSpec, count: int, tags: Mapping[str, str], *,

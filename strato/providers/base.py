@@ -162,6 +162,39 @@ class NodeProvider(abc.ABC):
         """Address other cluster nodes use to reach this one."""
         return node.private_ip or node.public_ip or ""
 
+    # ---------------------------------------------------------- instance types and prices
+    #: the cloud whose rows of the instance catalogue price this provider's nodes
+    #: (``aws``/``gcp``); None: nodes have no list price and types cannot be chosen by GPU
+    catalog_cloud: str | None = None
+
+    def catalog_region(self, zone: str | None = None) -> str | None:
+        """The catalogue region of nodes launched in ``zone`` (default: the provider's)."""
+        return self.provider_config.get("region")
+
+    def instance_type_of(self, spec: NodeTypeSpec) -> str | None:
+        """The instance (machine) type ``spec.node_config`` names, if any."""
+        return None
+
+    def accelerators_of(self, spec: NodeTypeSpec) -> tuple[str, int] | None:
+        """GPUs attached by ``node_config`` beside the type (GCP ``guestAccelerators``)."""
+        return None
+
+    def with_instance_type(self, spec: NodeTypeSpec, instance_type: str,
+                           accelerator: str | None = None,
+                           accelerator_count: int = 0) -> NodeTypeSpec:
+        """``spec`` launching ``instance_type`` (carrying ``accelerator_count`` x
+        ``accelerator``), for node types that name GPUs instead of a type."""
+        raise NotImplementedError(f"{type(self).__name__} cannot choose instance types")
+
+    def zones_offering(self, instance_types: Sequence[str]) -> dict[str, list[str]] | None:
+        """Instance type -> the zones of this region that offer it; None: unknown."""
+        return None
+
+    def spot_prices(self, instance_types: Sequence[str]) -> dict[tuple[str, str], float]:
+        """Current spot price per hour of (instance type, zone), where the cloud says;
+        empty where it does not (the catalogue's figure is used instead)."""
+        return {}
+
     def runtime_resources(self, spec: NodeTypeSpec) -> dict[str, float]:
         """Resources a node of this type offers (CPU, GPU, memory, accelerator_type:X).
 

@@ -18,6 +18,7 @@ fresh process too.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -749,6 +750,38 @@ class GCPProvider(NodeProvider):
                 raise ProviderError(f"GCE set labels on {node_id}: {failure.message}")
             self._last_tags[node_id] = labels
             return
+
+    # -------------------------------------------------------------- catalogue
+    catalog_cloud = "gcp"
+
+    def catalog_region(self, zone: str | None = None) -> str | None:
+        """GCP regions are zones without their last ``-x``."""
+        zone = zone or self.default_zone
+        return zone.rsplit("-", 1)[0] if zone else self.provider_config.get("region")
+
+    def instance_type_of(self, spec: NodeTypeSpec) -> str | None:
+        return _short(spec.node_config.get("machineType") or "") or None
+
+    def accelerators_of(self, spec: NodeTypeSpec) -> tuple[str, int] | None:
+        accs = spec.node_config.get("guestAccelerators") or []
+        if not accs:
+            return None
+        return (accelerator_name(accs[0].get("acceleratorType") or ""),
+                sum(int(a.get("acceleratorCount", 1)) for a in accs))
+
+    def with_instance_type(self, spec: NodeTypeSpec, instance_type: str,
+                           accelerator: str | None = None,
+                           accelerator_count: int = 0) -> NodeTypeSpec:
+        """``machineType``; GPUs a machine type does not carry (n1 + T4) are attached as
+        ``guestAccelerators``."""
+        config = {**spec.node_config, "machineType": instance_type}
+        config.pop("guestAccelerators", None)
+        if accelerator and accelerator_count and machine_shape(instance_type)[2] == 0:
+            gce = next((k for k, v in ACCELERATOR_NAMES.items() if v == accelerator),
+                       f"nvidia-{accelerator.lower()}")
+            config["guestAccelerators"] = [{"acceleratorType": gce,
+                                            "acceleratorCount": accelerator_count}]
+        return dataclasses.replace(spec, node_config=config)
 
     # -------------------------------------------------------------- resources
     def runtime_resources(self, spec: NodeTypeSpec) -> dict[str, float]:

@@ -183,3 +183,23 @@ def inject_capacity_error(ec2_client: Any, zones: Sequence[str] | None = None,
     unique_id = f"strato-capacity-error-{id(handler)}"
     ec2_client.meta.events.register(event, handler, unique_id=unique_id)
     return lambda: ec2_client.meta.events.unregister(event, unique_id=unique_id)
+
+
+def set_spot_prices(monkeypatch: pytest.MonkeyPatch,
+                    prices: dict[tuple[str, str], float]) -> None:
+    """Make moto's DescribeSpotPriceHistory answer these (instance type, zone) prices
+    (moto's own are all 0.00001); pairs not given keep moto's dummy."""
+    from moto.ec2.responses.spot_instances import SpotInstances
+
+    original = SpotInstances.describe_spot_price_history
+
+    def describe_spot_price_history(self: Any) -> Any:
+        result = original(self)
+        for item in result.result["SpotPriceHistory"]:
+            price = prices.get((item["InstanceType"], item["AvailabilityZone"]))
+            if price is not None:
+                item["SpotPrice"] = f"{price:.6f}"
+        return result
+
+    monkeypatch.setattr(SpotInstances, "describe_spot_price_history",
+                        describe_spot_price_history)
