@@ -17,7 +17,8 @@ Rules, in the order `plan` applies them:
 2. `min_workers`: launch up to the minimum per type, reason "min_workers".
 3. Demand: first-fit decreasing onto free resources of registered nodes (skipped for
    demand flagged `infeasible_on_current_nodes`), then pending nodes, then nodes launched
-   this tick; the rest goes to new nodes, cheapest fitting type first (`cost_rank`).
+   this tick; the rest goes to new nodes, cheapest fitting type first: by price per hour
+   when every fitting type has one (`price_per_hour`), else by `cost_rank`.
    CPU-only demand never goes to a GPU node (existing, pending or new) while a CPU-only
    type fits it, even if that type is at its limit: the demand then waits rather than
    buying GPUs or keeping GPU nodes busy. Each new node takes as many copies of a shape as
@@ -27,7 +28,10 @@ Rules, in the order `plan` applies them:
    `max(5, int(upscaling_speed * max(running, 1)))` nodes pending, counting those already
    pending and those launched this tick. A type whose launch would go to a backed-off
    (type, zone, spot) everywhere is skipped; a spot type backed off in every zone falls
-   back to on-demand if `fallback_to_on_demand` (`Launch.spot=False`).
+   back to on-demand if `fallback_to_on_demand` (`Launch.spot=False`). A type that names
+   GPUs instead of an instance type carries its launch `options` (instance type, zone,
+   spot, price; cheapest first, from the catalogue): it launches at the first option not
+   backed off, so a capacity error moves it to the next cheapest type and zone.
 5. Scale-down: a current worker idle longer than `idle_timeout_s` that got no demand this
    tick is terminated, longest-idle first, never below `min_workers` (the most recently
    busy are kept). Nodes running actors or holding primary object copies are never
@@ -42,6 +46,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from strato.catalog import LaunchOption
 from strato.launcher.autoscaler.lifecycle import GONE, PENDING, NodeState
 
 Resources = Mapping[str, float]
@@ -71,6 +76,10 @@ class NodeTypeInfo:
     fallback_to_on_demand: bool = False
     zones: tuple[str, ...] = ()
     cost_rank: float | None = None  # lower = cheaper; None -> CPU + 20 * GPU
+    # USD per hour of the way it launches first (spot or not); None: unknown
+    price_per_hour: float | None = None
+    # where and as what to launch, in order (types named by GPU); () -> zones x spot
+    options: tuple[LaunchOption, ...] = ()
 
     def __post_init__(self) -> None:
         if self.cost_rank is None:
@@ -122,6 +131,7 @@ class TypeBackoff:
     spot: bool
     until: float
     failures: int = 1
+    instance_type: str | None = None  # None: every instance type of the node type
 
 
 @dataclass(frozen=True)
@@ -148,6 +158,7 @@ class Launch:
     count: int
     reason: str
     spot: bool = False
+    instance_type: str | None = None  # the option chosen (types named by GPU)
 
 
 @dataclass(frozen=True)
@@ -204,41 +215,72 @@ def backoff_delay(failures: int) -> float:
 
 
 def record_capacity_failure(
-    backoffs: Iterable[TypeBackoff], node_type: str, zone: str | None, spot: bool, now: float
+    backoffs: Iterable[TypeBackoff], node_type: str, zone: str | None, spot: bool, now: float,
+    instance_type: str | None = None,
 ) -> list[TypeBackoff]:
-    """Return backoffs with (node_type, zone, spot) backed off one step longer than before."""
+    """Return backoffs with (node_type, zone, spot, instance_type) backed off one step
+    longer than before."""
+    key = (node_type, zone, spot, instance_type)
     kept: list[TypeBackoff] = []
     failures = 0
     for b in backoffs:
-        if (b.node_type, b.zone, b.spot) == (node_type, zone, spot):
+        if (b.node_type, b.zone, b.spot, b.instance_type) == key:
             failures = max(failures, b.failures)
         else:
             kept.append(b)
     failures += 1
-    kept.append(TypeBackoff(node_type, zone, spot, now + backoff_delay(failures), failures))
+    kept.append(TypeBackoff(node_type, zone, spot, now + backoff_delay(failures), failures,
+                            instance_type))
     return kept
 
 
 def clear_backoff(
-    backoffs: Iterable[TypeBackoff], node_type: str, zone: str | None, spot: bool
+    backoffs: Iterable[TypeBackoff], node_type: str, zone: str | None, spot: bool,
+    instance_type: str | None = None,
 ) -> list[TypeBackoff]:
-    """Return backoffs without (node_type, zone, spot): a launch there just succeeded."""
-    return [b for b in backoffs if (b.node_type, b.zone, b.spot) != (node_type, zone, spot)]
+    """Return backoffs without (node_type, zone, spot, instance_type): a launch there just
+    succeeded."""
+    key = (node_type, zone, spot, instance_type)
+    return [b for b in backoffs if (b.node_type, b.zone, b.spot, b.instance_type) != key]
 
 
 def active_backoff(
-    backoffs: Iterable[TypeBackoff], node_type: str, zone: str | None, spot: bool, now: float
+    backoffs: Iterable[TypeBackoff], node_type: str, zone: str | None, spot: bool, now: float,
+    instance_type: str | None = None,
 ) -> TypeBackoff | None:
-    """The backoff that blocks launching node_type in zone now (zone None entries block all)."""
+    """The backoff that blocks launching node_type in zone now (zone None entries block all
+    zones, instance_type None entries every instance type)."""
     for b in backoffs:
         if (
             b.node_type == node_type
             and b.spot == spot
             and b.until > now
             and (b.zone is None or b.zone == zone)
+            and (b.instance_type is None or b.instance_type == instance_type)
         ):
             return b
     return None
+
+
+def next_option(
+    info: NodeTypeInfo, backoffs: Iterable[TypeBackoff], now: float
+) -> LaunchOption | None:
+    """How to launch `info` now, or None if every option is backed off.
+
+    Types with `options` take the first one not backed off; others get `next_zone`'s
+    (zone, spot) with no instance type (their node_config names it) and the type's price.
+    """
+    if info.options:
+        backoffs = list(backoffs)
+        for option in info.options:
+            if active_backoff(backoffs, info.name, option.zone, option.spot, now,
+                              option.instance_type) is None:
+                return option
+        return None
+    mode = next_zone(info, backoffs, now)
+    if mode is None:
+        return None
+    return LaunchOption(zone=mode[0], spot=mode[1])
 
 
 def next_zone(
@@ -247,8 +289,12 @@ def next_zone(
     """Where to launch `info` now: (zone, spot), or None if every option is backed off.
 
     Spot types try their zones in order, then (if `fallback_to_on_demand`) on-demand in
-    the same zone order. Types without zones use zone None.
+    the same zone order. Types without zones use zone None. Types with `options`: the
+    (zone, spot) of `next_option`.
     """
+    if info.options:
+        option = next_option(info, backoffs, now)
+        return None if option is None else (option.zone, option.spot)
     backoffs = list(backoffs)
     zones: tuple[str | None, ...] = info.zones or (None,)
     modes = [True, False] if info.spot and info.fallback_to_on_demand else [info.spot]
@@ -548,7 +594,10 @@ class _Planner:
             return
         if self._avoid_gpu(g.shape):
             fitting = [i for i in fitting if not i.has_gpu]
-        fitting.sort(key=lambda i: (i.cost_rank, i.name))
+        if all(i.price_per_hour is not None for i in fitting):
+            fitting.sort(key=lambda i: (i.price_per_hour, i.name))
+        else:
+            fitting.sort(key=lambda i: (i.cost_rank, i.name))
         for info in fitting:
             per_node = fit_count(info.resources, g.shape)
             n = self._launch(info.name, math.ceil(g.count / per_node))
@@ -586,11 +635,13 @@ class _Planner:
             if self.launch_demand_nodes[t]:
                 shapes = ", ".join(f"{n} x {s}" for s, n in self.launch_demand[t].items())
                 entries.append((self.launch_demand_nodes[t], f"demand: {shapes}"))
+            option = next_option(self.s.node_types[t], self.s.backoffs, self.s.now)
+            instance_type = option.instance_type if option is not None else None
             for count, reason in entries:
                 mine, replaces = replaces[:count], replaces[count:]
                 if mine:
                     reason = f"replace {', '.join(mine)}; {reason}"
-                self.out.launch.append(Launch(t, count, reason + suffix, spot))
+                self.out.launch.append(Launch(t, count, reason + suffix, spot, instance_type))
 
     # -- scale down
 
