@@ -2,8 +2,9 @@
 
 Where they go: ``uri=`` or ``STRATO_CHECKPOINT_URI`` when set (a local directory,
 ``file://``, ``s3://bucket/prefix``, ``gs://bucket/prefix``); otherwise the head node's
-disk, reached through the runtime, so a worker's replacement on another machine finds
-what the preempted one saved.
+disk, reached through the runtime (``HeadClient``: this process's connection, or the
+node running on this machine), so a worker's replacement on another machine finds what
+the preempted one saved.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import cloudpickle
 
 from strato.localfiles import atomic_write
+from strato.runtime.head_client import HeadClient
 
 __all__ = ["save", "load", "delete"]
 
@@ -36,8 +38,8 @@ def save(key: str, obj: Any, *, uri: str | None = None) -> None:
     data = cloudpickle.dumps(obj, protocol=5)
     target = _target(uri)
     if target is None:
-        from strato.runtime.api import head_rpc
-        head_rpc("checkpoint_save", key, data)
+        with HeadClient() as head:
+            head.checkpoint_save(key, data)
     else:
         _backend(target).put(key, data)
 
@@ -47,8 +49,8 @@ def load(key: str, default: Any = None, *, uri: str | None = None) -> Any:
     _check_key(key)
     target = _target(uri)
     if target is None:
-        from strato.runtime.api import head_rpc
-        data = head_rpc("checkpoint_load", key)
+        with HeadClient() as head:
+            data = head.checkpoint_load(key)
     else:
         data = _backend(target).get(key)
     return default if data is None else cloudpickle.loads(data)
@@ -58,8 +60,8 @@ def delete(key: str, *, uri: str | None = None) -> bool:
     _check_key(key)
     target = _target(uri)
     if target is None:
-        from strato.runtime.api import head_rpc
-        return head_rpc("checkpoint_delete", key)
+        with HeadClient() as head:
+            return head.checkpoint_delete(key)
     return _backend(target).delete(key)
 
 

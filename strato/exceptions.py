@@ -16,6 +16,12 @@ class AuthenticationError(StratoError):
     """A connection presented a wrong or missing cluster token."""
 
 
+class HeadUnreachableError(StratoError, ConnectionError):
+    """The head service cannot be asked: no runtime to attach to, or the connection to it
+    was lost. Only this means "head down"; any other error from a head call is the call's
+    own (a bad argument, a bug in the RPC) and propagates as itself."""
+
+
 class TaskError(StratoError):
     """A remote task or actor method raised; carries the remote traceback.
 

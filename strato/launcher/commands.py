@@ -326,8 +326,8 @@ def _worker_targets(cluster: Cluster, override: int | None) -> dict[str, int]:
 def _alive_runtime_ids(info: dict | None) -> set[str]:
     if not info:
         return set()
-    return {n.get("Labels", {}).get(TAG_NODE_ID_LABEL) for n in info.get("nodes", [])
-            if n.get("Alive")} - {None}
+    return {n.get("labels", {}).get(TAG_NODE_ID_LABEL) for n in info.get("nodes", [])
+            if n.get("alive")} - {None}
 
 
 def _bootstrap_all(cluster: Cluster, jobs: Sequence[tuple[Node, bool, bool]],
@@ -714,7 +714,7 @@ def status(config_path: str | os.PathLike) -> dict[str, Any]:
     nodes = cluster.nodes(alive_only=False)
     head = next((n for n in nodes if n.kind == HEAD and n.is_alive), None)
     info = cluster.runtime_info(head, timeout=20) if head is not None else None
-    by_id = {n.get("Labels", {}).get(TAG_NODE_ID_LABEL): n for n in (info or {}).get("nodes", [])}
+    by_id = {n.get("labels", {}).get(TAG_NODE_ID_LABEL): n for n in (info or {}).get("nodes", [])}
     record = cluster.state.get(cluster.name)
     auto_events = _autoscaler_events(cluster, head)
     now = time.time()
@@ -735,9 +735,9 @@ def status(config_path: str | os.PathLike) -> dict[str, Any]:
             "launch_hash_current": cluster.launch_hash_current(n),
             "setup_hash_current": setup_current,
             "runtime": None if info is None else (
-                "missing" if rt is None else ("alive" if rt.get("Alive") else "dead")),
-            "resources": rt.get("Resources") if rt else None,
-            "idle_seconds": rt.get("IdleSeconds") if rt else None,
+                "missing" if rt is None else ("alive" if rt.get("alive") else "dead")),
+            "resources": rt.get("resources") if rt else None,
+            "idle_seconds": rt.get("idle_seconds") if rt else None,
         })
     return {
         "cluster": cluster.name, "provider": cluster.kind,
@@ -746,7 +746,7 @@ def status(config_path: str | os.PathLike) -> dict[str, Any]:
         "monitor": cluster.monitor_mode,
         "nodes": out_nodes,
         "runtime": {"reachable": info is not None,
-                    "nodes_alive": sum(1 for n in (info or {}).get("nodes", []) if n.get("Alive")),
+                    "nodes_alive": sum(1 for n in (info or {}).get("nodes", []) if n.get("alive")),
                     "demand": (info or {}).get("demand", [])},
         "events": _merge_events(cluster.state.events(cluster.name), auto_events),
         "autoscaler": {

@@ -1,15 +1,15 @@
 """``python -m strato.launcher.probe``: what the launcher asks a head over SSH.
 
 Prints one JSON line: ``{"running": false}`` when no runtime runs from ``--temp-dir``,
-else ``{"running": true, "head_address", "nodes": strato.nodes(), "demand": [...]}``
-read through a driver connected to the local node. Never prints the token.
+else ``{"running": true, "head_address", "nodes": [...], "demand": [...]}`` read through
+a ``HeadClient`` attached to the local node (nodes in the head's one node schema:
+``node_id``, ``alive``, ``labels``, ``resources``, ``idle_seconds``...). Never prints
+the token.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import sys
 
@@ -22,16 +22,11 @@ def probe(temp_dir: str) -> dict:
         return {"running": False}
     info = {"running": True, "head_address": nodes[0]["head_address"],
             "head": bool(nodes[0].get("head"))}
-    import strato
-    from strato.runtime.api import head_rpc
+    from strato.runtime.head_client import HeadClient
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        strato.init(address="auto", temp_dir=temp_dir, log_to_driver=False)
-    try:
-        info["nodes"] = strato.nodes()
-        info["demand"] = head_rpc("demand").get("demand", [])
-    finally:
-        strato.shutdown()
+    with HeadClient(temp_dir) as head:
+        info["nodes"] = head.nodes()
+        info["demand"] = head.demand()
     return info
 
 

@@ -590,8 +590,20 @@ def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
     return ActorHandle(actor_id, meta, opts, owner)
 
 
+#: Ray's ``ray.nodes()`` keys for the head's node schema (``HeadClient.nodes()``)
+RAY_NODE_KEYS = {
+    "node_id": "NodeID", "alive": "Alive", "node_ip": "NodeManagerAddress",
+    "address": "Address", "resources": "Resources", "available": "Available",
+    "labels": "Labels", "draining": "Draining", "drain_reason": "DrainReason",
+    "idle_seconds": "IdleSeconds", "object_store_used": "ObjectStoreUsed",
+    "num_actors": "NumActors",
+}
+
+
 def nodes() -> list[dict]:
-    return _core().rpc("nodes")
+    """Every node of the cluster, in Ray's format (``NodeID``, ``Alive``, ``Resources``...)."""
+    return [{RAY_NODE_KEYS.get(k, k): v for k, v in node.items()}
+            for node in _core().rpc("nodes")]
 
 
 def cluster_resources() -> dict:
@@ -608,8 +620,3 @@ def get_runtime_context():
 
 def get_gpu_ids() -> list:
     return context.current_gpu_ids()
-
-
-def head_rpc(method_name: str, *args):
-    """Call a head service method (demand, drain_node, ...): used by the launcher."""
-    return _core().rpc(method_name, *args)

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from strato.exceptions import GetTimeoutError, StratoError, TaskError
+from strato.exceptions import GetTimeoutError, HeadUnreachableError, StratoError, TaskError
 from strato.runtime import messages as m
 from strato.runtime import serialization
 from strato.runtime.ids import IdFactory
@@ -376,6 +376,10 @@ class CoreWorker:
 
     # ------------------------------------------------------------------ rpc
     def rpc(self, method: str, *args, timeout: float = 60.0):
+        """Call ``rpc_<method>`` of the head (or ``_rpc_<method>`` of this node's agent).
+
+        Raises ``HeadUnreachableError`` when the connection is lost, ``GetTimeoutError``
+        when no answer comes in time, and the call's own error as itself."""
         with self.cond:
             self._rpc_seq += 1
             rid = self._rpc_seq
@@ -383,8 +387,10 @@ class CoreWorker:
         deadline = time.monotonic() + timeout
         with self.cond:
             while rid not in self.rpc_replies:
-                if self.closed:
-                    raise StratoError("lost the connection to the node agent")
+                if self.closed or self.conn.closed:
+                    raise HeadUnreachableError(
+                        f"{method}: lost the connection to the node agent (the node, or "
+                        "the head it runs, stopped)")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise GetTimeoutError(f"{method} got no answer within {timeout}s")

@@ -40,6 +40,18 @@ class NodeRecord:
     store_used: int = 0
     num_actors: int = 0
 
+    def describe(self, now: float) -> dict:
+        """This node in the one schema every head RPC answers with (``HeadClient``)."""
+        return {
+            "node_id": self.node_id.hex(), "alive": self.alive, "draining": self.draining,
+            "drain_reason": self.drain_reason, "address": self.address,
+            "node_ip": self.address.rsplit(":", 1)[0], "resources": dict(self.total),
+            "available": dict(self.available), "labels": dict(self.labels),
+            "idle_seconds": (now - self.idle_since) if (self.alive and self.idle_since)
+            else 0.0,
+            "num_actors": self.num_actors, "object_store_used": self.store_used,
+        }
+
 
 @dataclass
 class ActorRecord:
@@ -312,14 +324,9 @@ class HeadService:
             link.send((m.RPC_REPLY, rid, False, exc))
 
     def rpc_nodes(self) -> list[dict]:
+        """Every node the head knows, dead ones too, in the one node schema."""
         now = time.time()
-        return [{
-            "NodeID": r.node_id.hex(), "Alive": r.alive, "NodeManagerAddress": r.address.rsplit(":", 1)[0],
-            "Address": r.address, "Resources": dict(r.total), "Available": dict(r.available),
-            "Labels": dict(r.labels), "Draining": r.draining, "DrainReason": r.drain_reason,
-            "IdleSeconds": (now - r.idle_since) if (r.alive and r.idle_since) else 0.0,
-            "ObjectStoreUsed": r.store_used, "NumActors": r.num_actors,
-        } for r in self.nodes.values()]
+        return [r.describe(now) for r in self.nodes.values()]
 
     def rpc_cluster_resources(self) -> dict:
         out: dict[str, float] = {}
@@ -338,8 +345,8 @@ class HeadService:
                         out[k] = out.get(k, 0.0) + v
         return out
 
-    def rpc_demand(self) -> dict:
-        """What the autoscaler reads: pending shapes with counts, and per-node idle time."""
+    def rpc_demand(self) -> list[dict]:
+        """What the autoscaler reads: pending shapes (tasks and actors) with counts."""
         shapes: dict[tuple, list] = {}
         for r in self.nodes.values():
             if not r.alive:
@@ -357,16 +364,7 @@ class HeadService:
             entry = shapes.setdefault(key, [dict(rec.spec.resources), 0, False])
             entry[1] += 1
             entry[2] = entry[2] or where == scheduler.INFEASIBLE
-        now = time.time()
-        return {
-            "demand": [{"shape": s, "count": c, "infeasible": i} for s, c, i in shapes.values()],
-            "nodes": [{"node_id": r.node_id.hex(), "address": r.address, "labels": dict(r.labels),
-                       "alive": r.alive, "draining": r.draining, "resources": dict(r.total),
-                       "available": dict(r.available), "num_actors": r.num_actors,
-                       "object_store_used": r.store_used,
-                       "idle_seconds": (now - r.idle_since) if r.idle_since else 0.0}
-                      for r in self.nodes.values()],
-        }
+        return [{"shape": s, "count": c, "infeasible": i} for s, c, i in shapes.values()]
 
     def rpc_drain_node(self, node_hex: str, reason: str = "drain requested") -> bool:
         """Stop placing work on a node (spot notice); actors get a checkpoint call."""

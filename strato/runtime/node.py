@@ -31,7 +31,7 @@ from strato.runtime import resources as resource_detection
 from strato.runtime.agent import NodeAgent
 from strato.runtime.head import HeadService
 from strato.runtime.session import DEFAULT_TEMP_DIR
-from strato.runtime.transport import HeadClient, PeerLinks, RuntimeServer, connect_in_process
+from strato.runtime.transport import HeadLink, PeerLinks, RuntimeServer, connect_in_process
 
 DEFAULT_PORT = 6380
 log = logging.getLogger("strato.node")
@@ -93,7 +93,7 @@ async def run_node(args) -> int:
     port = await server.start(bind_host, args.port if args.head else 0)
     agent.address = f"{node_ip}:{port}"
     agent.peers = PeerLinks(agent, token)
-    head_client = None
+    head_link = None
     if head is not None:
         await head.start()
         await agent.start(prestart_workers=min(2, int(resources.get("CPU", 0))))
@@ -103,10 +103,10 @@ async def run_node(args) -> int:
     else:
         await agent.start(prestart_workers=min(2, int(resources.get("CPU", 0))))
         head_address = args.address
-        head_client = HeadClient(head_address, token, agent)
-        agent.head = head_client
+        head_link = HeadLink(head_address, token, agent)
+        agent.head = head_link
         try:
-            await head_client.connect((m.REGISTER, node_id, agent.address, resources, labels))
+            await head_link.connect((m.REGISTER, node_id, agent.address, resources, labels))
         except (AuthenticationError, ConnectionError) as exc:
             print(f"strato: {exc}", file=sys.stderr)
             await agent.stop()
@@ -144,10 +144,10 @@ async def run_node(args) -> int:
             lambda text: agent.head.send((m.PREEMPTION_NOTICE, node_id, text)),
             interval=float(os.environ.get("STRATO_NOTICE_INTERVAL", "1"))))
     waiters = [loop.create_task(stop.wait())]
-    if head_client is not None:
-        waiters.append(head_client.closed)
+    if head_link is not None:
+        waiters.append(head_link.closed)
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    if head_client is not None and head_client.closed.done() and not stop.is_set():
+    if head_link is not None and head_link.closed.done() and not stop.is_set():
         log.error("lost the connection to the head at %s; stopping this node", head_address)
     for path in (node_file, token_file):
         try:

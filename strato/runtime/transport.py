@@ -186,7 +186,7 @@ async def check_auth(address: str, token: str, timeout: float) -> None:
         raise ConnectionError(f"{address} is a strato node, not the head; pass the head's address")
 
 
-class HeadClient:
+class HeadLink:
     """An agent's stream to the head; the head's replies and broadcasts come back on it."""
 
     def __init__(self, address: str, token: str, agent):

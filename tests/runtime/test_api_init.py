@@ -93,7 +93,7 @@ def test_custom_resource_limits_concurrency(strato_local_fn, tmp_path):
 
 def test_infeasible_task_warns_and_shows_in_demand(strato_local_fn, capfd):
     strato = strato_local_fn(num_cpus=1)
-    from strato.runtime.api import head_rpc
+    from strato.runtime.head_client import HeadClient
 
     @strato.remote(num_cpus=64)
     def huge():
@@ -111,7 +111,7 @@ def test_infeasible_task_warns_and_shows_in_demand(strato_local_fn, capfd):
         strato.get(ref, timeout=0.5)
 
     def demand_has_shape():
-        demand = head_rpc("demand")
+        demand = HeadClient().demand()
         return "64" in repr(demand) and demand
     demand = wait_until(demand_has_shape, 10, 0.1, "the 64-CPU shape in the head's demand")
     assert "CPU" in repr(demand)

@@ -16,6 +16,7 @@ import pytest
 
 import strato
 from strato.runtime.control import start_node, stop_nodes
+from strato.runtime.head_client import HeadClient
 
 
 class MetadataServer:
@@ -129,9 +130,9 @@ def test_notice_drains_node_and_calls_actor_checkpoint_hook(spot_cluster):
     pending = on_spot.remote()
     ready, _ = strato.wait([pending], timeout=1.0)
     assert ready == []
-    demand = strato.runtime.api.head_rpc("demand")["demand"]
-    assert any(d["shape"].get("spot") == 1 for d in demand)
-    events = strato.runtime.api.head_rpc("events")
+    head = HeadClient()
+    assert any(d["shape"].get("spot") == 1 for d in head.demand())
+    events = head.events()
     assert [e["kind"] for e in events if e["node"] == spot_id][:2] == ["preemption-notice", "drain"]
 
 

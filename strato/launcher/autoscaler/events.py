@@ -81,19 +81,12 @@ NODE_LOSS_KINDS = ("preemption-notice", "node-dead")
 
 def runtime_node_losses(temp_dir: str, since: float | None) -> dict[str, Any]:
     """``{"now": head clock, "losses": [...]}``: node-loss events of the head at or after
-    ``since`` (head clock), read through a driver attached to the node in ``temp_dir``."""
-    import contextlib
-    import io
+    ``since`` (head clock), read through a ``HeadClient`` attached to the node in
+    ``temp_dir``."""
+    from strato.runtime.head_client import HeadClient
 
-    import strato
-    from strato.runtime.api import head_rpc
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        strato.init(address="auto", temp_dir=temp_dir, log_to_driver=False)
-    try:
-        events = head_rpc("events")
-    finally:
-        strato.shutdown()
+    with HeadClient(temp_dir) as head:
+        events = head.events()
     losses = [e for e in events if e.get("kind") in NODE_LOSS_KINDS
               and (since is None or float(e.get("time", 0.0)) >= since)]
     return {"now": time.time(), "losses": losses}

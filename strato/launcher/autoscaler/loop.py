@@ -23,7 +23,6 @@ against moto with a stub head and no SSH. Events go to an ``EventLog`` (JSON lin
 from __future__ import annotations
 
 import contextlib
-import io
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -31,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from strato.exceptions import CapacityError, LauncherError
+from strato.exceptions import CapacityError, HeadUnreachableError, LauncherError
 from strato.launcher.autoscaler.events import EventLog
 from strato.launcher.autoscaler.lifecycle import NodeState, check_transition
 from strato.launcher.autoscaler.plan import (
@@ -61,6 +60,7 @@ from strato.providers.base import (
     NodeStatus,
 )
 from strato.providers.base import NodeState as MachineState
+from strato.runtime.head_client import HeadClient
 
 if TYPE_CHECKING:  # typing only: cluster.py imports the launcher's heavier modules
     from strato.launcher.cluster import Cluster
@@ -75,59 +75,58 @@ Bootstrapper = Callable[[Node, bool], None]  # (node, run setup?) -> raises on f
 
 
 class RuntimeView(Protocol):
-    """What the loop asks the head: ``head_rpc("demand")`` and ``drain_node``."""
+    """What the loop asks the head: its nodes and demand, and drains."""
 
     def view(self) -> Mapping[str, Any] | None:
-        """``{"demand": [...], "nodes": [...]}`` as the head's ``demand`` rpc, None if down."""
+        """``{"nodes": HeadClient.nodes(), "demand": HeadClient.demand()}``, or None when
+        the head cannot be reached (only then: any other error propagates)."""
 
     def drain(self, node_hex: str, reason: str) -> None:
         """Ask the head to stop placing work on a runtime node."""
 
 
 class HeadRuntime:
-    """The head's view through a driver attached to the head node (``address="auto"``).
+    """The head's view through a ``HeadClient`` attached to the head node's runtime.
 
     The loop runs on the head or, for the local provider, on the same machine, so it
-    attaches to the head node's own socket and never adds a node to the cluster. On any
-    error the driver is dropped and the next call reconnects (the head may restart).
+    attaches to the head node's own socket and never adds a node to the cluster. A lost
+    connection drops the client; the next call reconnects (the head may restart, or move:
+    ``temp_dir`` is asked again).
     """
 
     def __init__(self, temp_dir: Callable[[], str], token: str | None = None) -> None:
         self.temp_dir = temp_dir
-        self.token = token
-        self.connected = False
+        self.token = token  # unused on this machine (the node's socket); kept for callers
+        self._client: HeadClient | None = None
 
-    def _call(self, method: str, *args: Any) -> Any:
-        import strato
-        from strato.runtime.api import head_rpc
-
-        if not self.connected:
-            with contextlib.redirect_stdout(io.StringIO()):
-                strato.init(address="auto", temp_dir=self.temp_dir(), token=self.token,
-                            log_to_driver=False, ignore_reinit_error=True)
-            self.connected = True
-        try:
-            return head_rpc(method, *args)
-        except Exception:
-            self.close()
-            raise
+    def _head(self) -> HeadClient:
+        if self._client is None:
+            try:
+                temp_dir = self.temp_dir()
+            except LauncherError as e:  # no head machine: nothing to attach to
+                raise HeadUnreachableError(str(e)) from e
+            self._client = HeadClient(temp_dir)
+        return self._client
 
     def view(self) -> Mapping[str, Any] | None:
         try:
-            return self._call("demand")
-        except Exception:
+            head = self._head()
+            return {"nodes": head.nodes(), "demand": head.demand()}
+        except HeadUnreachableError:
+            self.close()
             return None
 
     def drain(self, node_hex: str, reason: str) -> None:
-        self._call("drain_node", node_hex, reason)
+        try:
+            self._head().drain(node_hex, reason)
+        except HeadUnreachableError:
+            self.close()
+            raise
 
     def close(self) -> None:
-        import strato
-
-        if self.connected:
-            self.connected = False
-            with contextlib.suppress(Exception):
-                strato.shutdown()
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
 
 
 def setup_retry_delay(failures: int) -> float:
