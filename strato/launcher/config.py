@@ -21,6 +21,14 @@ from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from strato.catalog import (
+    AcceleratorRequest,
+    CatalogError,
+    check_available,
+    load_catalog,
+    parse_accelerators,
+    parse_any_of,
+)
 from strato.exceptions import ConfigError
 from strato.providers.base import NodeTypeSpec
 
@@ -113,6 +121,12 @@ class NodeTypeConfig(_Section):
     fallback_to_on_demand: bool = False
     zones: list[str] = Field(default_factory=list)  # tried in order
     max_price: float | None = Field(None, gt=0)  # per hour; None: the on-demand price
+    # GPUs by name instead of an instance type in node_config: "A100:8", "L4" or {L4: 1};
+    # strato launches the cheapest catalogue type that carries them (see strato.catalog)
+    accelerators: str | dict[str, int] | None = None
+    any_of: list[Any] | None = None  # alternatives in order: [{accelerators: A100:8}, ...]
+    cloud: str | None = None  # optional with accelerators: must be the provider's
+    region: str | None = None  # optional with accelerators: must be the provider's
     runtime_python: str | None = None
     worker_setup_commands: list[str] | None = None  # Ray: replaces the global list
 
@@ -199,9 +213,24 @@ class ClusterConfig(_Section):
         if not zones and self.provider.availability_zone:
             zones = tuple(z.strip() for z in self.provider.availability_zone.split(",")
                           if z.strip())
+        resources = dict(nt.resources)
+        requests = self.accelerator_requests(name)
+        if requests:  # what every choice offers; the node detects CPU and memory itself
+            counts = {r.count for r in requests}
+            if len(counts) == 1:
+                resources.setdefault("GPU", float(requests[0].count))
+            if len(requests) == 1:
+                resources.setdefault(f"accelerator_type:{requests[0].name}", 1.0)
         return NodeTypeSpec(name=name, node_config=dict(nt.node_config), spot=nt.spot,
-                            zones=zones, max_price=nt.max_price,
-                            resources=dict(nt.resources))
+                            zones=zones, max_price=nt.max_price, resources=resources)
+
+    def accelerator_requests(self, name: str) -> list[AcceleratorRequest]:
+        """The GPUs a node type names (``accelerators`` or ``any_of``), in order; [] if
+        it names an instance type in ``node_config`` instead."""
+        nt = self.node_type(name)
+        if nt.any_of:
+            return parse_any_of(nt.any_of)
+        return [parse_accelerators(nt.accelerators)] if nt.accelerators else []
 
     def runtime_python_for(self, name: str) -> str | None:
         """The Python to run strato with on this type; None means install strato."""
@@ -225,6 +254,8 @@ class ClusterConfig(_Section):
         return _stable_hash({
             "provider": [self.provider.type, self.provider.region, self.provider.project_id],
             "node_config": spec.node_config,
+            **({"accelerators": [str(r) for r in self.accelerator_requests(node_type)]}
+               if self.accelerator_requests(node_type) else {}),
             "spot": spec.spot,
             "zones": list(spec.zones),
             "max_price": spec.max_price,
@@ -531,10 +562,70 @@ def _check_semantics(raw: dict[str, Any], report: _Report) -> None:
         if nt.get("spot") and ptype == "ssh":
             report.warn(("available_node_types", tname, "spot"),
                         "ignored: SSH hosts are never spot")
+    _check_accelerators(data, types, report)
     gmax = data.get("max_workers")
     if _is_int(gmax) and total_min > gmax:
         report.warn(("max_workers",), f"the node types' min_workers add up to {total_min}, "
                                       f"more than max_workers ({gmax})")
+
+
+_INSTANCE_TYPE_KEYS = ("InstanceType", "machineType")
+
+
+def _check_accelerators(data: dict[str, Any], types: dict[Any, Any], report: _Report) -> None:
+    """``accelerators`` / ``any_of``: well formed, instead of (not beside) an instance
+    type, on a provider that prices nodes, and (where the region is known) available."""
+    from strato.providers import provider_class
+
+    provider = data.get("provider") if isinstance(data.get("provider"), dict) else {}
+    ptype, region = provider.get("type"), provider.get("region")
+    try:
+        cloud = provider_class(ptype).catalog_cloud if isinstance(ptype, str) else None
+    except ValueError:
+        return  # an unknown provider type is reported elsewhere
+    for tname, nt in types.items():
+        if not isinstance(nt, dict) or not (nt.get("accelerators") or nt.get("any_of")):
+            for key in ("cloud", "region"):
+                if nt.get(key) if isinstance(nt, dict) else None:
+                    report.warn(("available_node_types", tname, key),
+                                "ignored without accelerators (node_config names the type)")
+            continue
+        path = ("available_node_types", tname)
+        requests = []
+        for key, parse in (("accelerators", parse_accelerators), ("any_of", parse_any_of)):
+            if nt.get(key) is None:
+                continue
+            try:
+                parsed = parse(nt[key])
+            except ValueError as e:
+                report.error((*path, key), str(e))
+                continue
+            requests = parsed if isinstance(parsed, list) else [parsed]
+        if nt.get("accelerators") and nt.get("any_of"):
+            report.error((*path, "any_of"), "give accelerators or any_of, not both")
+        config = nt.get("node_config") if isinstance(nt.get("node_config"), dict) else {}
+        for key in _INSTANCE_TYPE_KEYS:
+            if config.get(key):
+                report.error((*path, "node_config", key),
+                             "names an instance type, but accelerators/any_of lets strato "
+                             "choose it; drop one of them")
+        if cloud is None:
+            report.error((*path, "accelerators" if nt.get("accelerators") else "any_of"),
+                         f"provider type {ptype!r} cannot choose instance types by GPU "
+                         "(aws and gcp can)")
+            continue
+        if nt.get("cloud") not in (None, cloud):
+            report.error((*path, "cloud"), f"{nt['cloud']!r}: the cluster's nodes are on "
+                                           f"{cloud} (provider.type)")
+        if nt.get("region") not in (None, region):
+            report.error((*path, "region"), f"{nt['region']!r}: the provider's region is "
+                                            f"{region!r}; node types live in that region")
+        if requests and region:
+            try:
+                check_available(load_catalog(), requests, cloud, region)
+            except CatalogError as e:
+                report.error((*path, "accelerators" if nt.get("accelerators") else "any_of"),
+                             str(e))
 
 
 def _fill_defaults(data: dict[str, Any]) -> dict[str, Any]:

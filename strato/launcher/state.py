@@ -22,7 +22,7 @@ from pathlib import Path
 
 from strato.localfiles import strato_home, write_secret
 
-__all__ = ["ClusterRecord", "StateDB"]
+__all__ = ["ClusterRecord", "NodeCostRecord", "StateDB"]
 
 DB_NAME = "state.db"
 MAX_EVENTS = 200  # per cluster; older ones are dropped
@@ -47,6 +47,22 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_cluster ON events (cluster, id);
+CREATE TABLE IF NOT EXISTS node_costs (
+    cluster TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    provider TEXT NOT NULL DEFAULT '',
+    node_type TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL DEFAULT '',
+    instance_type TEXT NOT NULL DEFAULT '',
+    zone TEXT NOT NULL DEFAULT '',
+    spot INTEGER NOT NULL DEFAULT 0,
+    price REAL,
+    price_source TEXT NOT NULL DEFAULT '',
+    launched REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    ended REAL,
+    PRIMARY KEY (cluster, node_id)
+);
 """
 
 
@@ -62,6 +78,33 @@ class ClusterRecord:
     token_path: str | None
     created: float
     updated: float
+
+
+@dataclass(frozen=True)
+class NodeCostRecord:
+    """One node's billing facts, kept after ``down`` so ``cost-report`` shows past clusters.
+
+    ``price`` is USD per hour as launched (None: unknown); ``ended`` None while the node
+    lives (or if its end was never seen: then ``last_seen`` bounds it).
+    """
+
+    cluster: str
+    node_id: str
+    provider: str
+    node_type: str
+    kind: str
+    instance_type: str
+    zone: str
+    spot: bool
+    price: float | None
+    price_source: str
+    launched: float
+    last_seen: float
+    ended: float | None
+
+
+_COST_COLUMNS = ("cluster, node_id, provider, node_type, kind, instance_type, zone, spot, "
+                 "price, price_source, launched, last_seen, ended")
 
 
 class StateDB:
@@ -164,13 +207,57 @@ class StateDB:
             db.execute("UPDATE clusters SET token_path = ? WHERE name = ?", (str(path), name))
 
     def delete(self, name: str) -> None:
-        """Forget ``name``: its row, events, token file and logs."""
+        """Forget ``name``: its row, events, token file and logs (its cost history stays,
+        for ``cost-report``)."""
         with self._db() as db:
             db.execute("DELETE FROM clusters WHERE name = ?", (name,))
             db.execute("DELETE FROM events WHERE cluster = ?", (name,))
         with contextlib.suppress(FileNotFoundError):
             self.token_path(name).unlink()
         shutil.rmtree(self.home / "logs" / name, ignore_errors=True)
+
+    # ------------------------------------------------------------ cost history
+    def record_nodes(self, records: list[NodeCostRecord]) -> None:
+        """Remember nodes seen (upsert): the earliest launch, the latest sighting, the first
+        end seen; a known price is never replaced by an unknown one."""
+        if not records:
+            return
+        with self._db() as db:
+            db.executemany(
+                f"INSERT INTO node_costs ({_COST_COLUMNS}) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(cluster, node_id) DO UPDATE SET"
+                " launched = MIN(launched, excluded.launched),"
+                " last_seen = MAX(last_seen, excluded.last_seen),"
+                " ended = COALESCE(ended, excluded.ended),"
+                " price = COALESCE(price, excluded.price),"
+                " price_source = CASE WHEN price IS NULL THEN excluded.price_source"
+                " ELSE price_source END,"
+                " instance_type = COALESCE(NULLIF(excluded.instance_type, ''), instance_type),"
+                " zone = COALESCE(NULLIF(excluded.zone, ''), zone)",
+                [(r.cluster, r.node_id, r.provider, r.node_type, r.kind, r.instance_type,
+                  r.zone, int(r.spot), r.price, r.price_source, r.launched, r.last_seen,
+                  r.ended) for r in records])
+
+    def end_nodes(self, cluster: str, when: float, node_ids: list[str] | None = None) -> None:
+        """Mark nodes (default: every node of ``cluster`` still open) as ended at ``when``."""
+        with self._db() as db:
+            if node_ids is None:
+                db.execute("UPDATE node_costs SET ended = ?, last_seen = MAX(last_seen, ?) "
+                           "WHERE cluster = ? AND ended IS NULL", (when, when, cluster))
+            else:
+                db.executemany("UPDATE node_costs SET ended = ?, last_seen = MAX(last_seen, ?)"
+                               " WHERE cluster = ? AND node_id = ? AND ended IS NULL",
+                               [(when, when, cluster, n) for n in node_ids])
+
+    def node_costs(self, cluster: str | None = None) -> list[NodeCostRecord]:
+        """Cost history of one cluster or all, oldest launch first."""
+        if not self.path.exists():
+            return []
+        where, args = ("WHERE cluster = ?", (cluster,)) if cluster else ("", ())
+        with self._db() as db:
+            rows = db.execute(f"SELECT {_COST_COLUMNS} FROM node_costs {where} "
+                              "ORDER BY launched, node_id", args).fetchall()
+        return [NodeCostRecord(*r[:7], bool(r[7]), *r[8:]) for r in rows]
 
     # ------------------------------------------------------------ events
     def add_event(self, cluster: str, message: str, node: str = "") -> None:
