@@ -183,3 +183,71 @@ def test_failed_setup_is_retried_with_backoff_then_replaced(cluster, tmp_path):
     assert len(set(attempts)) == 2
     assert cluster.provider.list_nodes({"strato-node-kind": "worker"})[0].id != bad
     assert _kinds(auto).count("setup-failed") == 4
+
+
+def test_instance_records_follow_events_through_the_lifecycle_table(cluster, tmp_path,
+                                                                    monkeypatch):
+    """Each machine has one stored record, moved only by events and only along ALLOWED:
+    a capacity error sends the request back to QUEUED, the provider's answer allocates
+    it, the bootstrap runs it; a terminated node stays TERMINATING until it is gone."""
+    import strato.launcher.autoscaler.loop as loop
+    from strato.launcher.autoscaler.lifecycle import NodeState, check_transition
+
+    moves: list[tuple[str, str]] = []
+
+    def recording(old, new):
+        check_transition(old, new)
+        moves.append((old.value, new.value))
+
+    monkeypatch.setattr(loop, "check_transition", recording)
+    auto, stub = _autoscaler(cluster, tmp_path)
+    undo = inject_capacity_error(cluster.provider.ec2, zones=ZONES[:1])
+    try:
+        auto.tick()
+    finally:
+        undo()
+    auto.wait_for_bootstraps()
+    assert moves == [("queued", "requested"), ("requested", "queued"),
+                     ("queued", "requested"), ("requested", "allocated"),
+                     ("allocated", "setting_up"), ("setting_up", "running")]
+    worker = cluster.provider.list_nodes({"strato-node-kind": "worker"})[0]
+    head = cluster.require_head()
+    assert auto.instances[worker.id].state == NodeState.RUNNING
+    assert auto.instances[head.id].state == NodeState.RUNNING  # adopted from its tag
+
+    moves.clear()
+    assert auto.tick().is_noop and moves == []  # nothing re-derived: no moves
+    cluster.provider.terminate_nodes([worker.id])  # gone behind the loop's back
+    auto.tick()
+    assert auto.instances[worker.id].state == NodeState.TERMINATED
+    assert ("running", "terminated") in moves
+
+
+def test_head_view_is_none_only_when_the_head_cannot_be_reached(tmp_path):
+    from strato.exceptions import HeadUnreachableError, LauncherError
+    from strato.launcher.autoscaler.loop import HeadRuntime
+
+    def no_head() -> str:
+        raise LauncherError("cluster 'x' has no head node")
+
+    assert HeadRuntime(no_head).view() is None
+    assert HeadRuntime(lambda: str(tmp_path)).view() is None  # no runtime runs there
+
+    class BrokenHead:
+        def nodes(self):
+            raise KeyError("a bug in an rpc")
+
+        def close(self):
+            pass
+
+    runtime = HeadRuntime(lambda: str(tmp_path))
+    runtime._client = BrokenHead()  # type: ignore[assignment]
+    with pytest.raises(KeyError, match="a bug in an rpc"):
+        runtime.view()  # not "head down"
+
+    class LostHead(BrokenHead):
+        def nodes(self):
+            raise HeadUnreachableError("lost the connection")
+
+    runtime._client = LostHead()  # type: ignore[assignment]
+    assert runtime.view() is None and runtime._client is None  # reconnects next time

@@ -1,7 +1,8 @@
 """Node lifecycle states for the autoscaler's instance manager, with one transition table.
 
-Every state change the instance manager makes goes through `check_transition`, so the
-allowed moves are written down here and nowhere else.
+The autoscaler loop keeps one record per machine in one of these states and changes it
+only through `check_transition`, so the allowed moves are written down here and nowhere
+else.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ ALLOWED: dict[NodeState, frozenset[NodeState]] = {
     _S.SETTING_UP: frozenset({_S.RUNNING, _S.SETUP_FAILED, _S.TERMINATING, _S.TERMINATED}),
     # Retry setup (up to the limit), or give the node up.
     _S.SETUP_FAILED: frozenset({_S.SETTING_UP, _S.TERMINATING, _S.TERMINATED}),
-    _S.RUNNING: frozenset({_S.DRAINING, _S.TERMINATING, _S.TERMINATED}),
+    # A host the autoscaler may not replace (SSH) gets its dead runtime restarted in place.
+    _S.RUNNING: frozenset({_S.DRAINING, _S.SETTING_UP, _S.TERMINATING, _S.TERMINATED}),
     # A drain can be cancelled (e.g. the scale-down is no longer wanted).
-    _S.DRAINING: frozenset({_S.RUNNING, _S.TERMINATING, _S.TERMINATED}),
+    _S.DRAINING: frozenset({_S.RUNNING, _S.SETTING_UP, _S.TERMINATING, _S.TERMINATED}),
     _S.TERMINATING: frozenset({_S.TERMINATED}),
     _S.TERMINATED: frozenset(),
 }

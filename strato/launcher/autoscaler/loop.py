@@ -15,6 +15,15 @@ the resulting ``Plan``:
   longer than a grace period are terminated and counted as gone, so ``plan`` replaces
   them while ``min_workers`` or demand needs them.
 
+Each machine's lifecycle lives in one stored ``Instance`` record (state, since, setup
+failures, next retry), changed only by events as they happen, each transition checked
+against ``lifecycle.ALLOWED``: launch requested (QUEUED -> REQUESTED, back to QUEUED on a
+capacity error), provider reported it (ALLOCATED), bootstrap started / finished / failed
+(SETTING_UP, RUNNING, SETUP_FAILED), the head reports it draining (DRAINING), terminate
+requested (TERMINATING), gone from the provider (TERMINATED). Machines the loop did not
+launch (the head, workers set up by ``up``, a restarted monitor) are adopted once from
+their status tag. A tick reads records; it never re-derives them.
+
 The head's view, the bootstrapper and the clock are injected, so tests run ``tick()``
 against moto with a stub head and no SSH. Events go to an ``EventLog`` (JSON lines) that
 ``strato status`` shows as recent events.
@@ -135,13 +144,16 @@ def setup_retry_delay(failures: int) -> float:
 
 
 @dataclass
-class _Tracked:
-    """What the loop remembers about a node it launched or set up."""
+class Instance:
+    """The loop's record of one machine: the truth about where it is in its life."""
 
     state: NodeState
-    failures: int = 0
-    retry_at: float | None = None
-    since: float = 0.0
+    since: float                      # when it entered ``state``
+    node_type: str = ""
+    failures: int = 0                 # setup attempts failed in a row
+    retry_at: float | None = None     # when a failed setup may be tried again
+    missing_since: float | None = None  # set up, but not (or no longer) alive at the head
+    preempted: bool = False           # the cloud took (or is taking) it back
 
 
 class Autoscaler:
@@ -169,11 +181,8 @@ class Autoscaler:
         self.can_create = cluster.kind != "ssh"
         self.ticks = 0
         self.backoffs: list[TypeBackoff] = []
-        self.tracked: dict[str, _Tracked] = {}
+        self.instances: dict[str, Instance] = {}  # by provider node id, TERMINATED kept
         self.inflight: dict[str, Future[None]] = {}
-        self.missing_since: dict[str, float] = {}
-        self.gone_seen: set[str] = set()
-        self.preempted_seen: set[str] = set()
         self.last_warnings: set[str] = set()
         self.held: str | None = None   # why the last tick did nothing (cluster going down)
         self.stop = threading.Event()
@@ -205,22 +214,49 @@ class Autoscaler:
                 out[node_id] = rt
         return out
 
+    def _record(self, node: Node) -> Instance:
+        """The machine's record; one it has no record of is adopted from its status tag
+        (RUNNING if set up, SETUP_FAILED if its setup failed, else ALLOCATED: to set up)."""
+        rec = self.instances.get(node.id)
+        gone = node.state == MachineState.TERMINATED
+        if rec is not None and (gone or rec.state != NodeState.TERMINATED):
+            return rec
+        # unknown, or a new life under an old id (an SSH host claimed again)
+        status = node.tags.get(TAG_STATUS)
+        if gone:
+            state = NodeState.TERMINATED
+        elif status == NodeStatus.UP_TO_DATE.value:
+            state = NodeState.RUNNING
+        elif status == NodeStatus.UPDATE_FAILED.value:
+            state = NodeState.SETUP_FAILED
+        else:
+            state = NodeState.ALLOCATED
+        rec = Instance(state, since=self.clock(), node_type=node.node_type or "",
+                       failures=1 if state == NodeState.SETUP_FAILED else 0)
+        self.instances[node.id] = rec
+        return rec
+
     def _node_info(self, node: Node, rt: Mapping[str, Any] | None, has_view: bool,
                    now: float, dead: list[tuple[Node, str]]) -> NodeInfo | None:
-        """One machine as ``plan`` sees it; dead ones go to ``dead`` to be terminated."""
+        """One machine as ``plan`` sees it, from its record after this listing's events;
+        dead ones go to ``dead`` to be terminated (or restarted in place)."""
         kind = HEAD if node.kind == HEAD else WORKER
         base: dict[str, Any] = dict(
             id=node.id, node_type=node.node_type or "", kind=kind, spot=node.spot,
             preempted=node.preempted, launch_hash_current=self.cluster.launch_hash_current(node))
         gone = NodeInfo(state=NodeState.TERMINATED, **base)
+        was_terminated = node.id in self.instances and \
+            self.instances[node.id].state == NodeState.TERMINATED
+        rec = self._record(node)
         if node.preempted:
-            self._note_preempted(node)
-        if node.state == MachineState.TERMINATED:
-            self._forget(node.id)
-            if node.id in self.gone_seen:
-                return None
-            self.gone_seen.add(node.id)
+            self._note_preempted(node, rec)
+        if node.state == MachineState.TERMINATED:  # event: gone
+            if was_terminated:
+                return None  # plan was told once
+            self._move(node.id, NodeState.TERMINATED)
             return gone
+        if rec.state == NodeState.TERMINATING:  # asked to go; the provider is on it
+            return NodeInfo(state=NodeState.TERMINATING, **base)
         if kind == WORKER and node.state in (MachineState.STOPPED, MachineState.STOPPING) \
                 and not (node.preempted and node.state == MachineState.STOPPING):
             why = ("its runtime process died" if self.cluster.is_local
@@ -230,39 +266,40 @@ class Autoscaler:
         # A preempted worker still STOPPING is in its shutdown grace (checkpoint hooks run):
         # never cut it short. It goes on below as a live node that ``plan`` replaces at
         # once and drains (or terminates if idle); the cloud stops it when the grace ends.
-        if node.id in self.inflight:
-            return NodeInfo(state=NodeState.SETTING_UP, **base)
-        tracked = self.tracked.get(node.id)
-        status = node.tags.get(TAG_STATUS)
-        if (tracked and tracked.state == NodeState.SETUP_FAILED) or \
-                (tracked is None and status == NodeStatus.UPDATE_FAILED.value):
-            return NodeInfo(state=NodeState.SETUP_FAILED,
-                            setup_failures=tracked.failures if tracked else 1,
-                            setup_retry_at=tracked.retry_at if tracked else None, **base)
-        if (tracked is None or tracked.state != NodeState.RUNNING) and \
-                status != NodeStatus.UP_TO_DATE.value:
-            return NodeInfo(state=NodeState.ALLOCATED, **base)  # set up below (resumed)
+        if rec.state == NodeState.SETUP_FAILED:
+            return NodeInfo(state=NodeState.SETUP_FAILED, setup_failures=rec.failures,
+                            setup_retry_at=rec.retry_at, **base)
+        if rec.state not in (NodeState.RUNNING, NodeState.DRAINING):
+            return NodeInfo(state=rec.state, **base)  # ALLOCATED: set up below; SETTING_UP
         if not has_view:  # the head cannot be asked: keep everything, assume busy
-            return NodeInfo(state=NodeState.RUNNING, available={} if kind == HEAD else None,
-                            **base)
+            return NodeInfo(state=rec.state, draining=rec.state == NodeState.DRAINING,
+                            available={} if kind == HEAD else None, **base)
         if rt is None or not rt.get("alive"):
             if kind == HEAD:
                 return NodeInfo(state=NodeState.RUNNING, available={}, **base)
-            since = self.missing_since.setdefault(node.id, now)
-            if now - since < self.lost_grace_s:
-                return NodeInfo(state=NodeState.RUNNING, **base)
-            dead.append((node, f"runtime lost: gone from the head for {now - since:.0f}s "
-                               "(missed heartbeats or crashed)"))
+            if rec.missing_since is None:
+                rec.missing_since = now
+            if now - rec.missing_since < self.lost_grace_s:
+                return NodeInfo(state=rec.state, **base)
+            dead.append((node, f"runtime lost: gone from the head for "
+                               f"{now - rec.missing_since:.0f}s (missed heartbeats or crashed)"))
             return gone
-        self.missing_since.pop(node.id, None)
+        rec.missing_since = None  # event: its runtime is (back) at the head
+        draining = bool(rt.get("draining"))  # event: the head drains it (or stopped)
+        self._move(node.id, NodeState.DRAINING if draining else NodeState.RUNNING)
         idle = float(rt.get("idle_seconds") or 0.0)
-        draining = bool(rt.get("draining"))
         return NodeInfo(
-            state=NodeState.DRAINING if draining else NodeState.RUNNING, draining=draining,
+            state=rec.state, draining=draining,
             idle_since=now - idle if idle > 0 else None,
             available=dict(rt.get("available") or {}),
             has_actors=int(rt.get("num_actors") or 0) > 0,
             holds_primary_objects=float(rt.get("object_store_used") or 0) > 0, **base)
+
+    def _gone_unlisted(self, listed: set[str]) -> None:
+        """Event: machines asked to terminate that the provider no longer lists are gone."""
+        for node_id, rec in self.instances.items():
+            if rec.state == NodeState.TERMINATING and node_id not in listed:
+                self._move(node_id, NodeState.TERMINATED)
 
     def snapshot(self) -> tuple[Snapshot, dict[str, Node], dict[str, Mapping[str, Any]],
                                 list[tuple[Node, str]]]:
@@ -278,6 +315,7 @@ class Autoscaler:
             info = self._node_info(m, runtime_nodes.get(m.id), view is not None, now, dead)
             if info is not None:
                 infos.append(info)
+        self._gone_unlisted({m.id for m in machines})
         demand = [Demand(dict(d.get("shape") or {}), int(d.get("count") or 0),
                          bool(d.get("infeasible"))) for d in (view or {}).get("demand", [])]
         config = self.config
@@ -336,12 +374,12 @@ class Autoscaler:
             self.stop.set()
         return why is not None
 
-    def _note_preempted(self, node: Node) -> None:
-        """Record a preemption once, as soon as the provider reports it (GCE: from its
+    def _note_preempted(self, node: Node, rec: Instance) -> None:
+        """Event: preempted. Logged once, as soon as the provider reports it (GCE: from its
         ``compute.instances.preempted`` operation, while the VM is still stopping)."""
-        if node.id in self.preempted_seen:
+        if rec.preempted:
             return
-        self.preempted_seen.add(node.id)
+        rec.preempted = True
         what = {MachineState.TERMINATED: "reclaimed", MachineState.STOPPED: "stopped"}.get(
             node.state, "is reclaiming")
         grace = "; it keeps running through its shutdown grace" if \
@@ -356,15 +394,14 @@ class Autoscaler:
     def _handle_dead(self, dead: list[tuple[Node, str]]) -> None:
         if not self.can_create:  # SSH hosts: restart the runtime in place
             for node, why in dead:
-                self.missing_since.pop(node.id, None)
+                self.instances[node.id].missing_since = None
                 if node.id not in self.inflight:
                     self._start_bootstrap(node, setup=False, why=f"restart runtime: {why}")
             return
         for node, why in dead:
             self.events.record("terminate", f"dead worker: {why}", node=node.id,
                                node_type=node.node_type, tick=self.ticks)
-            self._move(node.id, NodeState.TERMINATED)
-            self.missing_since.pop(node.id, None)
+            self._move(node.id, NodeState.TERMINATING)
         self.provider.terminate_nodes([n.id for n, _ in dead])
 
     def _apply(self, decision: Plan, snap: Snapshot, machines: Mapping[str, Node],
@@ -384,8 +421,6 @@ class Autoscaler:
                 self.events.record("terminate", t.reason, node=t.node_id, tick=self.ticks)
                 self._move(t.node_id, NodeState.TERMINATING)
             self.provider.terminate_nodes([t.node_id for t in decision.terminate])
-            for t in decision.terminate:
-                self._move(t.node_id, NodeState.TERMINATED)
         for r in decision.retry_setup:
             node = machines.get(r.node_id)
             if node is not None and r.node_id not in self.inflight:
@@ -406,12 +441,17 @@ class Autoscaler:
         t = launch.node_type
         info = self.node_types()[t]
         spec = self.config.node_type_spec(t)
+        # one QUEUED record per node asked for; it gets a provider id once allocated
+        queued = [Instance(NodeState.QUEUED, since=now, node_type=t)
+                  for _ in range(launch.count)]
         mode = next_zone(info, self.backoffs, now)
         while mode is not None:
             zone, spot = mode
             where = f"{'spot' if spot else 'on-demand'} in {zone or 'the default zone'}"
             if self._hold():  # `down` may have begun since this tick's listing
-                return []
+                break
+            for rec in queued:  # event: launch requested
+                self._set_state(rec, NodeState.REQUESTED)
             try:
                 created = self.provider.create_nodes(spec, launch.count,
                                                      _new_tags(self.cluster, WORKER, t),
@@ -424,6 +464,8 @@ class Autoscaler:
                     "capacity-error", f"{launch.count} x {t} {where}: {e.code or e}; "
                     f"backed off {backoff_delay(failures):.0f}s", node_type=t, zone=zone,
                     spot=spot, code=e.code, tick=self.ticks)
+                for rec in queued:  # back to the queue for the next zone / on-demand
+                    self._set_state(rec, NodeState.QUEUED)
                 nxt = next_zone(info, self.backoffs, now)
                 if nxt is None:
                     self.events.record(
@@ -439,7 +481,7 @@ class Autoscaler:
                 self.backoffs = record_capacity_failure(self.backoffs, t, zone, spot, now)
                 self.events.record("launch-failed", f"{launch.count} x {t} {where}: "
                                    f"{str(e).splitlines()[0]}", node_type=t, tick=self.ticks)
-                return []
+                break
             self.backoffs = clear_backoff(self.backoffs, t, zone, spot)
             ids = [n.id for n in created]
             reason = launch.reason
@@ -447,12 +489,15 @@ class Autoscaler:
                 reason += "; fallback to on-demand: no spot capacity in any zone"
             self.events.record("launch", f"{len(created)} x {t} {where}: {reason}",
                                node_type=t, zone=zone, spot=spot, nodes=ids, tick=self.ticks)
-            for n in created:
-                self.tracked[n.id] = _Tracked(NodeState.QUEUED, since=now)
-                self._move(n.id, NodeState.REQUESTED)
-                self._move(n.id, NodeState.ALLOCATED)
+            for n, rec in zip(created, queued):  # event: the provider allocated it
+                self._set_state(rec, NodeState.ALLOCATED)
+                self.instances[n.id] = rec
                 self._start_bootstrap(n, setup=True, why=None)
+            for rec in queued[len(created):]:  # the provider made fewer: dropped
+                self._set_state(rec, NodeState.TERMINATED)
             return created
+        for rec in queued:  # no zone left (backed off), an error, or going down: dropped
+            self._set_state(rec, NodeState.TERMINATED)
         return []
 
     # ------------------------------------------------------------ bootstrapping
@@ -465,13 +510,10 @@ class Autoscaler:
     def _start_bootstrap(self, node: Node, *, setup: bool, why: str | None) -> None:
         if why:
             self.events.record("setup", why, node=node.id, tick=self.ticks)
-        tracked = self.tracked.get(node.id)
-        if tracked is None or not setup:
-            # untracked (set up by `up`) or a runtime restart in place (SSH hosts): the
-            # node's lifecycle starts over at SETTING_UP
-            self.tracked[node.id] = _Tracked(NodeState.SETTING_UP, since=self.clock())
-        else:
-            self._move(node.id, NodeState.SETTING_UP)
+        rec = self._record(node)
+        if not setup:  # a runtime restart in place (SSH hosts): a fresh start
+            rec.failures, rec.retry_at, rec.missing_since = 0, None, None
+        self._move(node.id, NodeState.SETTING_UP)  # event: bootstrap started
         started = self.clock()
         future = self._pool.submit(self.bootstrapper, node, setup)
         self.inflight[node.id] = future
@@ -480,22 +522,22 @@ class Autoscaler:
     def _bootstrap_done(self, node: Node, future: Future[None], started: float) -> None:
         with self._lock:
             self.inflight.pop(node.id, None)
-            tracked = self.tracked.get(node.id)
-            if tracked is None or tracked.state != NodeState.SETTING_UP:
+            rec = self.instances.get(node.id)
+            if rec is None or rec.state != NodeState.SETTING_UP:
                 return  # terminated meanwhile
             error = future.exception()
             took = self.clock() - started
-            if error is None:
-                tracked.failures, tracked.retry_at = 0, None
+            if error is None:  # event: bootstrap finished
+                rec.failures, rec.retry_at = 0, None
                 self._move(node.id, NodeState.RUNNING)
                 self.events.record("ready", f"set up and running after {took:.1f}s",
                                    node=node.id, tick=self.ticks)
                 return
-            tracked.failures += 1
-            tracked.retry_at = self.clock() + setup_retry_delay(tracked.failures)
+            rec.failures += 1  # event: bootstrap failed
+            rec.retry_at = self.clock() + setup_retry_delay(rec.failures)
             self._move(node.id, NodeState.SETUP_FAILED)
             first = (str(error).splitlines() or [type(error).__name__])[0]
-            self.events.record("setup-failed", f"attempt {tracked.failures} failed after "
+            self.events.record("setup-failed", f"attempt {rec.failures} failed after "
                                f"{took:.1f}s: {first}", node=node.id, tick=self.ticks)
 
     def wait_for_bootstraps(self, timeout: float = 60.0) -> None:
@@ -514,22 +556,16 @@ class Autoscaler:
 
     # ------------------------------------------------------------ lifecycle bookkeeping
     def _move(self, node_id: str, new: NodeState) -> None:
-        """Record a lifecycle change of a node the loop tracks (checked against ALLOWED)."""
-        tracked = self.tracked.get(node_id)
-        if tracked is None:
-            if new not in (NodeState.TERMINATING, NodeState.TERMINATED):
-                self.tracked[node_id] = _Tracked(new, since=self.clock())
-            return
-        if tracked.state == new:
-            return
-        check_transition(tracked.state, new)
-        tracked.state, tracked.since = new, self.clock()
-        if new == NodeState.TERMINATED:
-            self._forget(node_id)
+        """Event: the machine's record enters ``new`` (checked against ALLOWED)."""
+        self._set_state(self.instances[node_id], new)
 
-    def _forget(self, node_id: str) -> None:
-        self.tracked.pop(node_id, None)
-        self.missing_since.pop(node_id, None)
+    def _set_state(self, rec: Instance, new: NodeState) -> None:
+        if rec.state == new:
+            return
+        check_transition(rec.state, new)
+        rec.state, rec.since = new, self.clock()
+        if new == NodeState.TERMINATED:
+            rec.missing_since = None
 
     # ------------------------------------------------------------ running
     def run(self) -> None:
