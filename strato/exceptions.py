@@ -96,6 +96,12 @@ class WorkerCrashedError(StratoError):
     """The worker process running the task died unexpectedly."""
 
 
+class NodeDiedError(WorkerCrashedError):
+    """The node running the task died (missed heartbeats, lost its connection, or was
+    reclaimed) and the task had no retries left. Also a ``WorkerCrashedError``: the
+    task's worker died with its node, and ``except WorkerCrashedError`` still catches it."""
+
+
 class ActorError(StratoError):
     """Base of actor failures."""
 
@@ -105,7 +111,8 @@ class ActorDiedError(ActorError):
 
 
 class ActorUnavailableError(ActorError):
-    """The actor is restarting and cannot take calls right now."""
+    """The actor's process died while this call ran and the actor is being restarted
+    (``max_restarts``): the call did not finish. Calls made later wait for the restart."""
 
 
 class ObjectLostError(StratoError):
@@ -114,14 +121,6 @@ class ObjectLostError(StratoError):
 
 class OwnerDiedError(ObjectLostError):
     """The process that owned the object died."""
-
-
-class NodeDiedError(StratoError):
-    """A node stopped answering heartbeats."""
-
-
-class OutOfMemoryError(StratoError):
-    """The object store could neither fit nor spill an object."""
 
 
 # ---------------------------------------------------------------- launcher
@@ -174,3 +173,9 @@ class SSHUnavailableError(LauncherError):
 RayError = StratoError
 RayTaskError = TaskError
 RayActorError = ActorError
+
+
+class OutOfMemoryError(StratoError):
+    """Ray's error for a task its node's memory monitor killed. strato has no memory
+    monitor and never raises it (a worker the kernel kills is a ``WorkerCrashedError``);
+    it exists so ``except ray.exceptions.OutOfMemoryError`` in Ray code keeps working."""

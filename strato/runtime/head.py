@@ -294,7 +294,7 @@ class HeadService:
             rec.error = serialize(ActorDiedError(f"actor {rec.spec.name} {reason}")).to_bytes()
         node = self.nodes.get(rec.node)
         if node is not None and node.alive:
-            node.link.send((m.STOP_ACTOR, actor_id))
+            node.link.send((m.STOP_ACTOR, actor_id, rec.restarts_left == 0))
 
     def mark_dead(self, node_id: bytes, reason: str) -> None:
         rec = self.nodes.get(node_id)

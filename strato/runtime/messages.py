@@ -61,7 +61,8 @@ ACTOR_WATCH = "actor_watch"    # (ACTOR_WATCH, actor_id, node_id)
 VIEW = "view"                  # (VIEW, [NodeView], [dead node_id], {node_id: address})
 ACTOR_UPDATE = "actor_update"  # (ACTOR_UPDATE, actor_id, ActorState, node_id | None, error)
 CREATE_ACTOR = "create_actor"  # (CREATE_ACTOR, TaskSpec, blob | None)
-STOP_ACTOR = "stop_actor"      # (STOP_ACTOR, actor_id)   kill the actor's process here
+STOP_ACTOR = "stop_actor"      # (STOP_ACTOR, actor_id, final)   kill the actor's process
+                               # here; final: no restart follows
 NODE_DEAD = "node_dead"        # (NODE_DEAD, node_id)
 DRAIN = "drain"                # (DRAIN,)
 ACTOR_CHECKPOINT = "actor_checkpoint"  # (ACTOR_CHECKPOINT, actor_id)

@@ -726,7 +726,7 @@ def test_actor_max_restarts_resets_state(strato_local):
     p = Phoenix.remote()
     assert strato.get([p.inc.remote(), p.inc.remote()]) == [1, 2]
     first_pid = strato.get(p.pid.remote())
-    with pytest.raises(exc.ActorError):
+    with pytest.raises(exc.ActorUnavailableError, match="restarting"):  # an ActorError
         strato.get(p.die.remote(), timeout=30)
 
     def restarted():
@@ -738,7 +738,7 @@ def test_actor_max_restarts_resets_state(strato_local):
     assert strato.get(p.pid.remote()) != first_pid
     assert strato.get(p.inc.remote()) == 2
     # the one restart is used up: the next death is final
-    with pytest.raises(exc.ActorError):
+    with pytest.raises(exc.ActorDiedError):
         strato.get(p.die.remote(), timeout=30)
     with pytest.raises(exc.ActorDiedError):
         strato.get(p.inc.remote(), timeout=30)

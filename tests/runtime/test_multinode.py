@@ -241,11 +241,22 @@ def test_node_death_task_retried_elsewhere(multinode_fn, tmp_path):
         wait_for_file(gate)
         return node
 
+    @strato.remote(num_cpus=0, resources={"node_c": 1}, max_retries=0)
+    def no_retries(marker, gate):
+        write(marker, "started")
+        wait_for_file(gate)
+
     ref = long_task.remote(str(tmp_path), gate)
     c_marker = str(tmp_path / f"attempt-{cluster.node_id('C')}")
-    wait_until(lambda: os.path.exists(c_marker), 30, 0.05, "the task to start on C")
+    lost_marker = str(tmp_path / "no-retries")
+    lost = no_retries.remote(lost_marker, gate)
+    wait_until(lambda: os.path.exists(c_marker) and os.path.exists(lost_marker), 30, 0.05,
+               "the tasks to start on C")
     cluster.kill_node("C")
     cluster.wait_node_dead("C")
+    with pytest.raises(exc.NodeDiedError, match="no retries left") as info:
+        strato.get(lost, timeout=30)
+    assert isinstance(info.value, exc.WorkerCrashedError)  # what Ray code catches
     write(gate, "open")  # frees A and B, and lets the retried attempt finish at once
     assert strato.get(holders, timeout=30) == ["held", "held"]
     node = strato.get(ref, timeout=45)

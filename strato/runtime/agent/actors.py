@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from strato.exceptions import ActorDiedError
+from strato.exceptions import ActorDiedError, ActorUnavailableError
 from strato.runtime import messages as m
 from strato.runtime import scheduler
 from strato.runtime.agent.objects import ObjEntry, error_bytes
@@ -94,8 +94,10 @@ class ActorHost:
         w.pending_actor = spec
 
     def on_stop_actor(self, _head, msg) -> None:
-        w = self.actor_workers.get(msg[1])
+        _, actor_id, final = msg
+        w = self.actor_workers.get(actor_id)
         if w is not None and w.proc is not None and w.proc.returncode is None:
+            w.final_stop = final
             w.proc.kill()
 
     def on_actor_checkpoint(self, _head, msg) -> None:
@@ -153,10 +155,16 @@ class ActorHost:
         self.actor_locations[w.actor_id] = ActorLocation(ActorState.RESTARTING, None, None)
         if w.actor_spec and w.actor_spec.resources:
             scheduler.release(self.available, w.actor_spec.resources)
-        err = ActorDiedError(f"actor {w.actor_spec.name if w.actor_spec else ''} died: worker "
-                             f"process {w.pid} exited with code {code}")
+        name = w.actor_spec.name if w.actor_spec else ""
+        how = f"worker process {w.pid} exited with code {code}"
+        err = ActorDiedError(f"actor {name} died: {how}")
+        # the head restarts it unless its restarts are used up or it was killed for good
+        call_err: BaseException = err
+        if _will_restart(w):
+            call_err = ActorUnavailableError(f"actor {name} is restarting ({how}); this call "
+                                             "was running and did not finish")
         for spec in w.inflight.values():
-            self._complete_with_error(spec, err, crashed=False)
+            self._complete_with_error(spec, call_err, crashed=False)
         w.inflight.clear()
         self.head.send((m.ACTOR_STATE, w.actor_id, ActorState.DEAD, self.node_id, error_bytes(err)))
 
@@ -171,6 +179,16 @@ class ActorHost:
             self._complete_with_error(spec, ActorDiedError(
                 f"actor {spec.name.split('.')[0]} died with node {node.hex()[:8]}; "
                 f"call {spec.method} was in flight"))
+
+
+def _will_restart(w: Worker) -> bool:
+    """Whether the head will restart the actor of this dead worker: the head restarts
+    while ``max_restarts`` allows (-1: always) and counts restarts in ``spec.attempt``."""
+    spec = w.actor_spec
+    if spec is None or w.final_stop:
+        return False
+    limit = (spec.actor_options or {}).get("max_restarts", 0)
+    return limit == -1 or spec.attempt < limit
 
 
 def _actor_error(err: bytes | None, spec: TaskSpec) -> BaseException:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 
-from strato.exceptions import TaskCancelledError, WorkerCrashedError
+from strato.exceptions import NodeDiedError, TaskCancelledError
 from strato.runtime import messages as m
 from strato.runtime import scheduler
 from strato.runtime.agent.objects import ObjEntry, error_bytes
@@ -210,8 +210,9 @@ class TaskRouter:
                 self.owned_tasks[task_id] = (spec, None)
                 self._resolve_then_place(spec)
             elif spec.kind == TASK:
-                self._complete_with_error(spec, WorkerCrashedError(
-                    f"node {node.hex()[:8]} running {spec.name} died"))
+                self._complete_with_error(spec, NodeDiedError(
+                    f"node {node.hex()[:8]} running {spec.name} died and the task has no "
+                    "retries left (max_retries)"))
 
     # ------------------------------------------------------------------ completion
     def _task_finished(self, spec: TaskSpec, returns: list, retryable: bool,

@@ -53,6 +53,7 @@ class Worker:
     job_id: bytes | None = None
     pid: int = 0
     pending_actor: TaskSpec | None = None   # actor to become once the process connects
+    final_stop: bool = False   # its actor was killed for good: no restart follows
 
 
 class WorkerPool:
