@@ -69,15 +69,28 @@ def status_table(info: dict[str, Any]) -> Table:
     if info.get("head_address"):
         title += f" - head {info['head_address']}"
     table = Table(title=title, title_justify="left")
-    for col in ("node", "type", "kind", "state", "ip", "spot", "uptime"):
+    for col in ("node", "type", "kind", "state", "ip", "spot", "uptime", "price"):
         table.add_column(col)
     for n in info["nodes"]:
         state = n["status"] if n["state"] == "running" and n.get("status") else n["state"]
         if n.get("runtime") and n["runtime"] != "alive":
             state += f" (runtime {n['runtime']})"
+        price = n.get("price_per_hour")
         table.add_row(n["id"], n["type"], n["kind"] or "", state, n["ip"] or "",
-                      "yes" if n["spot"] else "no", _fmt_uptime(n.get("uptime")))
+                      "yes" if n["spot"] else "no", _fmt_uptime(n.get("uptime")),
+                      "-" if price is None else f"${price:.4g}/h")
     return table
+
+
+def cost_line(cost: dict[str, Any] | None) -> str | None:
+    """``cost: $2.012/h now, $0.0345 so far`` (``~`` marks an estimate)."""
+    if not cost:
+        return None
+    mark = " (estimate)" if cost.get("estimated") else ""
+    unpriced = cost.get("unpriced_nodes") or 0
+    extra = f"; {unpriced} node(s) without a known price" if unpriced else ""
+    return (f"cost: ${cost['per_hour']:.4g}/h now, ${cost['so_far']:.4g} so far"
+            f"{mark}{extra}")
 
 
 def register(cli: click.Group) -> None:
@@ -199,6 +212,9 @@ def register(cli: click.Group) -> None:
             click.echo(json.dumps(info, indent=2, default=str))
             return
         _out.print(status_table(info))
+        line = cost_line(info.get("cost"))
+        if line:
+            _out.print(line, markup=False)
         rt = info["runtime"]
         _out.print(f"runtime: {'reachable' if rt['reachable'] else 'not reachable'}, "
                    f"{rt['nodes_alive']} node(s) alive; monitor: {info['monitor']}")

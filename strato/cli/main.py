@@ -83,6 +83,7 @@ def _register_optional(module: str) -> None:
 
 
 _register_optional("strato.cli.cluster")
+_register_optional("strato.cli.catalog")
 
 
 def main() -> None:

@@ -28,13 +28,13 @@ from rich.console import Console
 from strato.exceptions import CapacityError, LauncherError
 from strato.launcher import bootstrap
 from strato.launcher.autoscaler.plan import (
-    NodeTypeInfo,
     TypeBackoff,
-    next_zone,
+    next_option,
     record_capacity_failure,
 )
 from strato.launcher.cluster import TAG_NODE_ID_LABEL, Cluster
 from strato.launcher.config import load_config
+from strato.launcher.pricing import Pricing, node_cost
 from strato.launcher.runner import CommandRunner, shell_path
 from strato.ssh import ADDRESS_MAP_ENV, ADDRESS_MAP_STRICT_ENV
 from strato.localfiles import write_secret
@@ -212,48 +212,50 @@ def up(config_path: str | os.PathLike, yes: bool = False,
         raise LauncherError(f"cluster {name!r}: {len(errors)} node(s) failed; the head is up at "
                             f"{result.head_address}; `strato up` retries them:\n"
                             + "\n".join(errors))
+    _record_costs(cluster, cluster.nodes(alive_only=False))
     _say(f"cluster [bold]{name}[/] is up; head at {result.head_address}")
     return result
 
 
 def _create_workers(cluster: Cluster, node_type: str, count: int,
                     existing: set[str]) -> tuple[list[Node], str | None]:
-    """Create ``count`` workers where the autoscaler would: the type's zones in order on a
-    capacity error, then on-demand if ``fallback_to_on_demand`` (``plan.next_zone``).
+    """Create ``count`` workers where the autoscaler would (``plan.next_option``): the
+    type's zones in order on a capacity error, then on-demand if ``fallback_to_on_demand``;
+    a type named by GPU walks its instance types and zones cheapest first the same way.
+    Every node is tagged with its price per hour.
 
     Returns the nodes created (also those a failed partial create left behind, found by
     their tags) and, if some could not be created anywhere, why.
     """
-    nt = cluster.config.available_node_types[node_type]
-    spec = cluster.config.node_type_spec(node_type)
-    info = NodeTypeInfo(name=node_type, resources={}, spot=nt.spot,
-                        fallback_to_on_demand=nt.fallback_to_on_demand, zones=tuple(spec.zones))
+    pricing = Pricing(cluster.config, cluster.provider)
+    info = pricing.type_info(node_type)
     backoffs: list[TypeBackoff] = []
     created: list[Node] = []
     last: CapacityError | None = None
     now = time.time()
-    mode = next_zone(info, backoffs, now)
-    while mode is not None and count > 0:
-        zone, spot = mode
-        where = f"{'spot' if spot else 'on-demand'} in {zone or 'the default zone'}"
+    option = next_option(info, backoffs, now)
+    while option is not None and count > 0:
+        where = _where(option)
+        spec, price_tags = pricing.launch(node_type, option)
         try:
-            made = cluster.provider.create_nodes(spec, count, _new_tags(cluster, WORKER, node_type),
-                                                 zone=zone, spot=spot)
+            made = cluster.provider.create_nodes(
+                spec, count, {**_new_tags(cluster, WORKER, node_type), **price_tags},
+                zone=option.zone, spot=option.spot)
         except CapacityError as e:
             last = e
-            backoffs = record_capacity_failure(backoffs, node_type, zone, spot, now)
+            backoffs = record_capacity_failure(backoffs, node_type, option.zone, option.spot,
+                                               now, instance_type=option.instance_type)
             # a partial create leaves some nodes behind: keep them, create only the rest
             known = existing | {n.id for n in created}
             left = [n for n in cluster.nodes(kind=WORKER, node_type=node_type)
                     if n.id not in known]
             created += left
             count -= len(left)
-            mode = next_zone(info, backoffs, now)
-            if mode is None:
+            option = next_option(info, backoffs, now)
+            if option is None:
                 break
-            then = f"{'spot' if mode[1] else 'on-demand'} in {mode[0] or 'the default zone'}"
             message = (f"no capacity for {node_type} {where} ({e.code or 'capacity'}); "
-                       f"trying {then}")
+                       f"trying {_where(option)}")
             _say(f"[yellow]{message}[/]")
             cluster.state.add_event(cluster.name, message)
             continue
@@ -263,11 +265,31 @@ def _create_workers(cluster: Cluster, node_type: str, count: int,
             cluster.state.add_event(cluster.name, message)
         created += made
         count -= len(made)
+    _record_costs(cluster, created)
     if count <= 0:
         return created, None
     message = f"no capacity for {count} {node_type} worker(s) in any zone it may use: {last}"
     cluster.state.add_event(cluster.name, message)
     return created, message
+
+
+def _where(option: Any) -> str:
+    """``g5.xlarge spot in us-east-1a`` (the instance type only for types named by GPU)."""
+    what = f"{option.instance_type} " if option.instance_type else ""
+    return (f"{what}{'spot' if option.spot else 'on-demand'} in "
+            f"{option.zone or 'the default zone'}")
+
+
+def _record_costs(cluster: Cluster, nodes: Sequence[Node], ended: float | None = None) -> None:
+    """Remember nodes in the cost history (``cost-report``); never fails the command."""
+    if not nodes:
+        return
+    try:
+        pricing = Pricing(cluster.config, cluster.provider)
+        now = time.time()
+        cluster.state.record_nodes([pricing.cost_record(n, now, ended) for n in nodes])
+    except Exception as e:  # bookkeeping only
+        _say(f"[yellow]could not record node costs: {e}[/]")
 
 
 def _up_head(cluster: Cluster, result: UpResult, yes: bool, no_restart: bool,
@@ -289,8 +311,12 @@ def _up_head(cluster: Cluster, result: UpResult, yes: bool, no_restart: bool,
         result.terminated.append(node.id)
     if head is None:
         _say(f"creating head node ({head_type})")
-        head = cluster.provider.create_nodes(config.node_type_spec(head_type), 1,
-                                             _new_tags(cluster, HEAD, head_type))[0]
+        pricing = Pricing(config, cluster.provider)
+        option = next_option(pricing.type_info(head_type), [], time.time())
+        spec, price_tags = pricing.launch(head_type, option)
+        head = cluster.provider.create_nodes(
+            spec, 1, {**_new_tags(cluster, HEAD, head_type), **price_tags},
+            zone=option.zone, spot=option.spot)[0]
         cluster.state.add_event(name, "created head", node=head.id)
         result.created.append(head.id)
         setup = restart = True
@@ -507,6 +533,7 @@ def down(config_path: str | os.PathLike, yes: bool = False,
     if head is not None or (heads and cluster.monitor_mode == "local"):
         stopped = _stop_monitor(cluster, head or heads[0],
                                 connect_timeout=DOWN_CONNECT_TIMEOUT)
+    _record_costs(cluster, targets)
     if targets:
         _say(f"terminating {len(targets)} node(s): {', '.join(cluster.label(n) for n in targets)}")
         cluster.provider.terminate_nodes([n.id for n in targets])
@@ -517,6 +544,7 @@ def down(config_path: str | os.PathLike, yes: bool = False,
         _say(f"[yellow]terminated {len(strays)} node(s) launched while going down: "
              f"{', '.join(strays)}[/]")
     ids = [n.id for n in targets] + strays
+    cluster.state.end_nodes(name, time.time(), None if not workers_only else ids)
     if workers_only:
         for node_id in ids:
             cluster.state.add_event(name, "terminated (down --workers-only)", node=node_id)
@@ -718,9 +746,18 @@ def status(config_path: str | os.PathLike) -> dict[str, Any]:
     record = cluster.state.get(cluster.name)
     auto_events = _autoscaler_events(cluster, head)
     now = time.time()
+    pricing = Pricing(cluster.config, cluster.provider)
+    _record_costs(cluster, nodes)
+    history = {r.node_id: r for r in cluster.state.node_costs(cluster.name)}
     out_nodes = []
     for n in nodes:
         rt = by_id.get(n.id)
+        price, price_source = pricing.node_price(n)
+        seen = history.get(n.id)
+        start = n.launch_time or (seen.launched if seen else None)
+        end = now if n.is_alive else (seen.ended or seen.last_seen if seen else None)
+        so_far = node_cost(price, start, end)[1] if price is not None and start and end \
+            else None
         node_type = n.node_type or ""
         known_type = node_type in cluster.config.available_node_types
         setup_current = known_type and n.tags.get(TAG_SETUP_HASH) == cluster.setup_hash(
@@ -738,6 +775,9 @@ def status(config_path: str | os.PathLike) -> dict[str, Any]:
                 "missing" if rt is None else ("alive" if rt.get("alive") else "dead")),
             "resources": rt.get("resources") if rt else None,
             "idle_seconds": rt.get("idle_seconds") if rt else None,
+            # USD per hour as launched (spot or on-demand), and what it cost until now
+            "price_per_hour": price, "price_source": price_source,
+            "cost_so_far": None if so_far is None else round(so_far, 6),
         })
     return {
         "cluster": cluster.name, "provider": cluster.kind,
@@ -745,6 +785,7 @@ def status(config_path: str | os.PathLike) -> dict[str, Any]:
                                                             else None),
         "monitor": cluster.monitor_mode,
         "nodes": out_nodes,
+        "cost": _cost_summary(out_nodes, nodes),
         "runtime": {"reachable": info is not None,
                     "nodes_alive": sum(1 for n in (info or {}).get("nodes", []) if n.get("alive")),
                     "demand": (info or {}).get("demand", [])},
@@ -756,6 +797,18 @@ def status(config_path: str | os.PathLike) -> dict[str, Any]:
                                 ][-STATUS_EVENTS:],
         },
     }
+
+
+def _cost_summary(out_nodes: list[dict[str, Any]], nodes: Sequence[Node]) -> dict[str, Any]:
+    """The cluster's price per hour (live nodes) and cost so far (every node listed)."""
+    alive = {n.id for n in nodes if n.is_alive}
+    per_hour = sum(n["price_per_hour"] or 0.0 for n in out_nodes if n["id"] in alive)
+    so_far = sum(n["cost_so_far"] or 0.0 for n in out_nodes)
+    unpriced = sum(1 for n in out_nodes if n["id"] in alive and n["price_per_hour"] is None)
+    estimated = unpriced > 0 or any(n["spot"] and n["price_source"] != "live"
+                                    for n in out_nodes if n["price_per_hour"] is not None)
+    return {"per_hour": round(per_hour, 6), "so_far": round(so_far, 6), "currency": "USD",
+            "estimated": estimated, "unpriced_nodes": unpriced}
 
 
 def _autoscaler_events(cluster: Cluster, head: Node | None) -> list[dict[str, Any]]:

@@ -150,8 +150,10 @@ def interrupt_spot_instance(instance_id: str, region: str = MOTO_REGION) -> None
 
 
 def inject_capacity_error(ec2_client: Any, zones: Sequence[str] | None = None,
-                          code: str = "InsufficientInstanceCapacity") -> Callable[[], None]:
-    """Make RunInstances on this client fail with ``code`` in ``zones`` (None: everywhere).
+                          code: str = "InsufficientInstanceCapacity",
+                          instance_types: Sequence[str] | None = None) -> Callable[[], None]:
+    """Make RunInstances on this client fail with ``code`` in ``zones`` (None: everywhere)
+    for ``instance_types`` (None: every type).
 
     The zone comes from ``Placement.AvailabilityZone`` or the subnet's zone. Returns a
     function that removes the injection.
@@ -173,6 +175,8 @@ def inject_capacity_error(ec2_client: Any, zones: Sequence[str] | None = None,
 
     def handler(params: dict[str, Any], **_: Any) -> None:
         zone = zone_of(params)
+        if instance_types is not None and params.get("InstanceType") not in instance_types:
+            return
         if zones is None or zone in zones:
             raise ClientError({"Error": {
                 "Code": code,

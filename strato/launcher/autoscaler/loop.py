@@ -4,7 +4,7 @@ Kept thin on purpose: every decision is made by the pure ``plan``; this module o
 the provider's machines and the head's runtime view into a ``Snapshot`` and carries out
 the resulting ``Plan``:
 
-- launches go to ``next_zone``'s (zone, spot); a ``CapacityError`` backs that
+- launches go to ``next_option``'s (instance type, zone, spot); a ``CapacityError`` backs that
   (type, zone, spot) off and the *same tick* tries the next zone, then on-demand when the
   type allows it, so a capacity error costs no extra tick;
 - launched nodes are bootstrapped in threads (a tick never waits minutes for SSH);
@@ -54,11 +54,12 @@ from strato.launcher.autoscaler.plan import (
     TypeBackoff,
     backoff_delay,
     clear_backoff,
-    next_zone,
+    next_option,
     plan,
     record_capacity_failure,
 )
 from strato.launcher.bootstrap import TAG_NODE_ID_LABEL
+from strato.launcher.pricing import Pricing
 from strato.providers.base import (
     TAG_CLUSTER,
     TAG_GOING_DOWN,
@@ -194,15 +195,11 @@ class Autoscaler:
     def node_types(self) -> dict[str, NodeTypeInfo]:
         """The config's node types as ``plan`` sees them (resources asked of the provider)."""
         if self._types is None:
-            types = {}
-            for name, nt in self.config.available_node_types.items():
-                spec = self.config.node_type_spec(name)
-                types[name] = NodeTypeInfo(
-                    name=name, resources=self.provider.runtime_resources(spec),
-                    min_workers=self.min_workers.get(name, nt.min_workers),
-                    max_workers=nt.max_workers, spot=nt.spot,
-                    fallback_to_on_demand=nt.fallback_to_on_demand, zones=tuple(spec.zones))
-            self._types = types
+            # resources, prices and (types named by GPU) launch options, cheapest first
+            pricing = Pricing(self.config, self.provider)
+            self._types = {name: pricing.type_info(name, self.min_workers.get(name,
+                                                                              nt.min_workers))
+                           for name, nt in self.config.available_node_types.items()}
         return self._types
 
     def _runtime_nodes(self, view: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
@@ -440,49 +437,55 @@ class Autoscaler:
 
         t = launch.node_type
         info = self.node_types()[t]
-        spec = self.config.node_type_spec(t)
+        pricing = Pricing(self.config, self.provider)
         # one QUEUED record per node asked for; it gets a provider id once allocated
         queued = [Instance(NodeState.QUEUED, since=now, node_type=t)
                   for _ in range(launch.count)]
-        mode = next_zone(info, self.backoffs, now)
-        while mode is not None:
-            zone, spot = mode
-            where = f"{'spot' if spot else 'on-demand'} in {zone or 'the default zone'}"
+        option = next_option(info, self.backoffs, now)
+        while option is not None:
+            zone, spot, itype = option.zone, option.spot, option.instance_type
+            where = (f"{itype + ' ' if itype else ''}{'spot' if spot else 'on-demand'} in "
+                     f"{zone or 'the default zone'}")
+            spec, price_tags = pricing.launch(t, option)
             if self._hold():  # `down` may have begun since this tick's listing
                 break
             for rec in queued:  # event: launch requested
                 self._set_state(rec, NodeState.REQUESTED)
             try:
                 created = self.provider.create_nodes(spec, launch.count,
-                                                     _new_tags(self.cluster, WORKER, t),
+                                                     {**_new_tags(self.cluster, WORKER, t),
+                                                      **price_tags},
                                                      zone=zone, spot=spot)
             except CapacityError as e:
-                self.backoffs = record_capacity_failure(self.backoffs, t, zone, spot, now)
+                self.backoffs = record_capacity_failure(self.backoffs, t, zone, spot, now,
+                                                        instance_type=itype)
                 failures = max(b.failures for b in self.backoffs
-                               if (b.node_type, b.zone, b.spot) == (t, zone, spot))
+                               if (b.node_type, b.zone, b.spot, b.instance_type)
+                               == (t, zone, spot, itype))
                 self.events.record(
                     "capacity-error", f"{launch.count} x {t} {where}: {e.code or e}; "
                     f"backed off {backoff_delay(failures):.0f}s", node_type=t, zone=zone,
                     spot=spot, code=e.code, tick=self.ticks)
                 for rec in queued:  # back to the queue for the next zone / on-demand
                     self._set_state(rec, NodeState.QUEUED)
-                nxt = next_zone(info, self.backoffs, now)
+                nxt = next_option(info, self.backoffs, now)
                 if nxt is None:
                     self.events.record(
                         "launch-failed", f"{launch.count} x {t}: no capacity anywhere it may "
                         "run; retried when the backoff ends", node_type=t, tick=self.ticks)
-                elif spot and not nxt[1]:
+                elif spot and not nxt.spot:
                     self.events.record(
                         "fallback", f"{t}: no spot capacity in any zone; falling back to "
                         "on-demand", node_type=t, tick=self.ticks)
-                mode = nxt
+                option = nxt
                 continue
             except LauncherError as e:  # not capacity: back off (no tight loop), say why
-                self.backoffs = record_capacity_failure(self.backoffs, t, zone, spot, now)
+                self.backoffs = record_capacity_failure(self.backoffs, t, zone, spot, now,
+                                                        instance_type=itype)
                 self.events.record("launch-failed", f"{launch.count} x {t} {where}: "
                                    f"{str(e).splitlines()[0]}", node_type=t, tick=self.ticks)
                 break
-            self.backoffs = clear_backoff(self.backoffs, t, zone, spot)
+            self.backoffs = clear_backoff(self.backoffs, t, zone, spot, instance_type=itype)
             ids = [n.id for n in created]
             reason = launch.reason
             if info.spot and not spot and "fallback to on-demand" not in reason:
