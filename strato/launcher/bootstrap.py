@@ -55,7 +55,6 @@ TAG_NODE_ID_LABEL = "strato-node-id"  # runtime label matching a runtime node to
 SSH_TIMEOUT = 300.0          # a cloud machine may take minutes to accept SSH
 START_TIMEOUT = 120.0        # `strato start` itself waits up to 60 s for the node
 INSTALL_LOCK_TIMEOUT = 900   # another node installing the same venv over NFS
-SPOT_NOTICE_CLOUDS = ("aws", "gcp")  # providers whose spot nodes watch a metadata notice
 _wheel_lock = threading.Lock()
 
 
@@ -190,8 +189,7 @@ def start_args(cluster: Cluster, node: Node, head_address: str | None) -> list[s
         args += ["--num-gpus", f"{resources.pop('GPU'):g}"]
     if resources:
         args += ["--resources", json.dumps(resources, sort_keys=True)]
-    notice = cluster.kind if cluster.kind in SPOT_NOTICE_CLOUDS else \
-        cluster.config.provider.spot_notice
+    notice = cluster.provider.spot_notice
     if node.spot and notice:
         # the node agent watches the cloud's notice so the head drains it before reclaim
         args += ["--spot-notice", notice]

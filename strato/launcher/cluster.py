@@ -52,8 +52,10 @@ class Cluster:
         self.echo = echo
         # Set by the monitor: hashes, key and wheel paths as the launcher computed them.
         self.overrides = dict(overrides or {})
-        self.provider = provider or provider_class(self.kind)(self.provider_config(),
-                                                              self.name)
+        # what the provider is (class facts) is known before the provider is built
+        self.provider_type = type(provider) if provider is not None else \
+            provider_class(self.kind)
+        self.provider = provider or self.provider_type(self.provider_config(), self.name)
         self._facts: dict[str, Any] = {}
         # The monitor gets them in its spec: nodes it creates carry the key `up` chose.
         self.facts = self.overrides.get("facts") or {}
@@ -75,7 +77,7 @@ class Cluster:
         """The ``provider:`` section plus what the launcher decides for the provider."""
         pc = self.config.provider.model_dump(exclude_none=True)
         pc.update(self.config.provider.extras)
-        if self.kind == "ssh":
+        if self.provider_type.stops_strato_on_terminate:
             auth = self.config.auth
             pc.setdefault("ssh_user", auth.ssh_user)
             if auth.ssh_private_key:
@@ -91,7 +93,8 @@ class Cluster:
 
     @property
     def is_local(self) -> bool:
-        return self.kind == "local"
+        """Whether the nodes are processes on this machine (reached without SSH)."""
+        return self.provider_type.nodes_on_this_machine
 
     @property
     def monitor_mode(self) -> str:
@@ -185,7 +188,7 @@ class Cluster:
                           secrets=[self.token] if self.token else [],
                           echo=self.echo if echo is None else echo)
         if self.is_local:
-            temp_dir = self.provider.temp_dir(node.id)  # type: ignore[attr-defined]
+            temp_dir = self.provider.local_dir(node.id)
             return LocalRunner(label, temp_dir, sink, env={"STRATO_TEMP_DIR": str(temp_dir)})
         user = self.overrides.get("ssh_user") or self.facts.get("ssh_user") or \
             self.config.auth.ssh_user
@@ -213,7 +216,7 @@ class Cluster:
     def temp_dir_path(self, node: Node) -> str:
         """The node's runtime temp dir (its node files, sockets and logs)."""
         if self.is_local:
-            return str(self.provider.temp_dir(node.id))  # type: ignore[attr-defined]
+            return str(self.provider.local_dir(node.id))
         return DEFAULT_TEMP_DIR
 
     def temp_dir(self, node: Node) -> str:
@@ -223,7 +226,7 @@ class Cluster:
     def scratch_dir(self, node: Node) -> str:
         """A directory on the node for launcher files (submitted scripts, monitor), raw path."""
         if self.is_local:
-            return str(self.provider.temp_dir(node.id))  # type: ignore[attr-defined]
+            return str(self.provider.local_dir(node.id))
         return f"/tmp/strato-{self.name}"
 
     def monitor_dir(self, head: Node | None) -> str:

@@ -36,7 +36,6 @@ from strato.launcher.cluster import TAG_NODE_ID_LABEL, Cluster
 from strato.launcher.config import load_config
 from strato.launcher.pricing import Pricing, node_cost
 from strato.launcher.runner import CommandRunner, shell_path
-from strato.ssh import ADDRESS_MAP_ENV, ADDRESS_MAP_STRICT_ENV
 from strato.localfiles import write_secret
 from strato.providers.base import (
     TAG_GOING_DOWN,
@@ -51,6 +50,7 @@ from strato.providers.base import (
     NodeKind,
     NodeStatus,
 )
+from strato.ssh import ADDRESS_MAP_ENV, ADDRESS_MAP_STRICT_ENV
 
 __all__ = ["UpResult", "attach", "down", "exec_", "get_head_ip", "logs", "rsync_down",
            "rsync_up", "status", "submit", "up"]
@@ -490,10 +490,8 @@ def _prepare_head_monitor(cluster: Cluster, head: Node, runner: CommandRunner, m
         wheel = bootstrap.ensure_wheel()  # for the workers the monitor will set up
         spec["wheel"] = f"{mdir}/wheels/{wheel.name}"
         runner.put(wheel, spec["wheel"])
-    state_path = getattr(cluster.provider, "state_path", None)
-    if cluster.kind == "ssh" and state_path and Path(state_path).exists():
-        # the monitor works on a copy of the host claims (it only restarts runtimes there)
-        runner.put(Path(state_path), f"{mdir}/home/ssh/{Path(state_path).name}")
+    for local, relative in cluster.provider.monitor_state_files().items():
+        runner.put(local, f"{mdir}/home/{relative}")  # e.g. a copy of the SSH host claims
 
 
 # ---------------------------------------------------------------- down
@@ -609,13 +607,7 @@ def _forget(cluster: Cluster) -> None:
     import shutil
 
     cluster.state.delete(cluster.name)
-    cleanup = getattr(cluster.provider, "cleanup", None)
-    if callable(cleanup):
-        cleanup()
-    state_path = getattr(cluster.provider, "state_path", None)
-    if cluster.kind == "ssh" and state_path and not cluster.nodes(alive_only=False):
-        for path in (Path(state_path), Path(state_path).with_suffix(".lock")):
-            path.unlink(missing_ok=True)
+    cluster.provider.cleanup()
     shutil.rmtree(cluster.state.home / "monitor" / cluster.name, ignore_errors=True)
 
 

@@ -30,7 +30,8 @@ from strato.catalog import (
     parse_any_of,
 )
 from strato.exceptions import ConfigError
-from strato.providers.base import NodeTypeSpec
+from strato.providers import PROVIDER_TYPES, provider_class
+from strato.providers.base import NodeProvider, NodeTypeSpec
 
 __all__ = [
     "PROVIDER_TYPES",
@@ -43,15 +44,12 @@ __all__ = [
     "load_config_from_dict",
 ]
 
-PROVIDER_TYPES = ("aws", "gcp", "ssh", "local")
 DEFAULT_GLOBAL_MAX_WORKERS = 2  # Ray's default
 
 KeyPath = tuple[str | int, ...]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
-# GCP labels (where strato keeps its tags) allow only lower-case letters, digits, - and _.
-_GCP_LABEL_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _PLAIN_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -503,31 +501,9 @@ def _check_semantics(raw: dict[str, Any], report: _Report) -> None:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         report.error(("provider", "type"), f"unknown provider type {ptype!r}; expected one "
                                            f"of {', '.join(PROVIDER_TYPES)}{hint}")
-    if ptype == "aws" and not provider.get("region"):
-        report.error(("provider", "region"), "required for provider type 'aws'")
-    if ptype == "gcp":
-        if not provider.get("project_id"):
-            report.error(("provider", "project_id"), "required for provider type 'gcp'")
-        if not provider.get("availability_zone"):
-            for name, nt in types.items():
-                if isinstance(nt, dict) and not nt.get("zones"):
-                    report.error(("available_node_types", name, "zones"),
-                                 "provider type 'gcp' needs provider.availability_zone "
-                                 "or zones on every node type")
-        if isinstance(data.get("cluster_name"), str) and \
-                not _GCP_LABEL_RE.match(data["cluster_name"]):
-            report.error(("cluster_name",), "on gcp must be lower-case letters, digits, '-' "
-                                            "or '_' (it is stored in labels)")
-        for name in types:
-            if isinstance(name, str) and not _GCP_LABEL_RE.match(name):
-                report.error(("available_node_types", name),
-                             "node type names on gcp must be lower-case letters, digits, "
-                             "'-' or '_' (they are stored in labels)")
-    if ptype == "ssh" and not provider.get("head_ip"):
-        report.error(("provider", "head_ip"), "required for provider type 'ssh'")
-    if ptype == "local" and (provider.get("head_ip") or provider.get("worker_ips")):
-        report.warn(("provider", "type"), "head_ip/worker_ips are ignored by the 'local' "
-                                          "provider (Ray's 'local' is strato's 'ssh')")
+    provider_cls = _provider_class(ptype)
+    for problem in provider_cls.check_config(data) if provider_cls else ():
+        (report.warn if problem.warning else report.error)(problem.path, problem.message)
 
     name = data.get("cluster_name")
     if isinstance(name, str) and not _NAME_RE.match(name):
@@ -559,9 +535,6 @@ def _check_semantics(raw: dict[str, Any], report: _Report) -> None:
         if nt.get("max_price") is not None and not nt.get("spot"):
             report.warn(("available_node_types", tname, "max_price"),
                         "ignored: the node type is not spot")
-        if nt.get("spot") and ptype == "ssh":
-            report.warn(("available_node_types", tname, "spot"),
-                        "ignored: SSH hosts are never spot")
     _check_accelerators(data, types, report)
     gmax = data.get("max_workers")
     if _is_int(gmax) and total_min > gmax:
@@ -643,10 +616,17 @@ def _fill_defaults(data: dict[str, Any]) -> dict[str, Any]:
     auth = data.get("auth", {})
     if isinstance(auth, dict) and not auth.get("ssh_user"):
         provider = data.get("provider")
-        ptype = provider.get("type") if isinstance(provider, dict) else None
-        data["auth"] = {**auth, "ssh_user": "ubuntu" if ptype in ("aws", "gcp")
-                        else _current_user()}
+        provider_cls = _provider_class(provider.get("type") if isinstance(provider, dict)
+                                       else None)
+        default = provider_cls.default_ssh_user if provider_cls else None
+        data["auth"] = {**auth, "ssh_user": default or _current_user()}
     return data
+
+
+def _provider_class(ptype: Any) -> type[NodeProvider] | None:
+    """The provider class of a ``provider.type`` value, None if it names none."""
+    return provider_class(ptype) if isinstance(ptype, str) and ptype in PROVIDER_TYPES \
+        else None
 
 
 # ---------------------------------------------------------------- helpers

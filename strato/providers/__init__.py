@@ -6,8 +6,10 @@ import importlib
 
 from strato.providers.base import NodeProvider
 
+# The registry: provider type (``provider.type`` in the cluster YAML) -> its module.
 _MODULES = {"aws": "strato.providers.aws", "gcp": "strato.providers.gcp",
             "ssh": "strato.providers.ssh", "local": "strato.providers.local"}
+PROVIDER_TYPES = tuple(_MODULES)
 
 
 def provider_class(kind: str) -> type[NodeProvider]:

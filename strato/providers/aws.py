@@ -27,6 +27,7 @@ from strato.providers.base import (
     TAG_CLUSTER,
     TAG_KIND,
     TAG_NAME,
+    ConfigProblem,
     Node,
     NodeProvider,
     NodeState,
@@ -143,6 +144,18 @@ class AWSProvider(NodeProvider):
     """Nodes are EC2 instances tagged with the cluster name; state lives only in AWS tags."""
 
     needs_prepare_to_reach_nodes = True
+    default_ssh_user = "ubuntu"
+
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any]) -> list[ConfigProblem]:
+        provider = config.get("provider")
+        if isinstance(provider, Mapping) and not provider.get("region"):
+            return [ConfigProblem(("provider", "region"), "required for provider type 'aws'")]
+        return []
+
+    @property
+    def spot_notice(self) -> str | None:
+        return "aws"  # spot/instance-action in the instance metadata
 
     def __init__(self, provider_config: Mapping[str, Any], cluster_name: str):
         super().__init__(provider_config, cluster_name)

@@ -1,7 +1,10 @@
 """The one interface every node provider implements: synchronous, batched, idempotent.
 
 Adding a place nodes come from means adding one module with a ``NodeProvider`` subclass
-and a module-level ``PROVIDER = ThatClass``; nothing else changes.
+and a module-level ``PROVIDER = ThatClass``, plus its line in ``providers/__init__.py``;
+nothing else changes. What differs between providers (can it make nodes, are they on
+this machine, which preemption notice, default login, its own config checks, local
+cleanup) is said by the class below, never by a test of the provider's type name.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import abc
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # Tag keys every provider writes on the nodes it creates (labels on GCP: lower-case,
@@ -96,6 +100,15 @@ class NodeTypeSpec:
     resources: Mapping[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One finding of a provider's config check, at a key path of the cluster YAML."""
+
+    path: tuple[str | int, ...]
+    message: str
+    warning: bool = False
+
+
 class NodeProvider(abc.ABC):
     """Creates, lists and removes the machines of one cluster.
 
@@ -108,9 +121,52 @@ class NodeProvider(abc.ABC):
         self.provider_config = dict(provider_config)
         self.cluster_name = cluster_name
 
+    # ------------------------------------------------------------ what this provider is
     #: whether ``prepare`` must run before nodes can be reached (it makes or finds the
     #: SSH key the cloud installs on them)
     needs_prepare_to_reach_nodes: bool = False
+    #: whether nodes can be made on demand; False for a fixed pool whose nodes are only
+    #: claimed (SSH hosts): the autoscaler then never launches nor terminates, it only
+    #: restarts runtimes there
+    can_create_nodes: bool = True
+    #: whether nodes are processes on this machine (each in its own ``local_dir``):
+    #: reached without SSH, running this Python, the head on any free port and the
+    #: monitor beside the launcher
+    nodes_on_this_machine: bool = False
+    #: the login user of a node when ``auth.ssh_user`` is not set (None: the local user)
+    default_ssh_user: str | None = None
+    #: whether terminating a node only releases it and the provider stops strato there
+    #: itself over SSH: the launcher then hands it ``auth`` (``ssh_user``,
+    #: ``ssh_private_key``, ``ssh_port``) and a ``stop_command`` in its config
+    stops_strato_on_terminate: bool = False
+
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any]) -> list[ConfigProblem]:
+        """This provider's own checks of a cluster config (a plain dict, Ray-style defaults
+        filled, types not yet validated: guard every access). Default: none."""
+        return []
+
+    @property
+    def spot_notice(self) -> str | None:
+        """The preemption notice format (``aws`` / ``gcp`` instance metadata) the node agent
+        of a spot node watches; default: ``provider.spot_notice`` (rehearsing locally)."""
+        return self.provider_config.get("spot_notice")
+
+    def local_dir(self, node_id: str) -> Path:
+        """The node's own directory here (its runtime temp dir); only for providers whose
+        ``nodes_on_this_machine``."""
+        raise NotImplementedError(f"{type(self).__name__}: nodes are not on this machine")
+
+    def monitor_state_files(self) -> dict[Path, str]:
+        """Local files a monitor running elsewhere needs a copy of: local path -> path
+        relative to that monitor's ``STRATO_HOME``. Default: none."""
+        return {}
+
+    def cleanup(self) -> None:
+        """Remove what this provider keeps on this machine for the cluster, once it has no
+        nodes (``down`` calls this last). Default: nothing kept."""
+        return None
+
 
     def prepare(self, config: Mapping[str, Any]) -> Mapping[str, Any]:
         """Create one-time resources (key pair, security group, firewall) if missing.

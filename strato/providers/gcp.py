@@ -36,6 +36,7 @@ from strato.providers.base import (
     TAG_CLUSTER,
     TAG_KIND,
     TAG_NAME,
+    ConfigProblem,
     Node,
     NodeProvider,
     NodeState,
@@ -270,6 +271,10 @@ class _Failure:
         return capacity_code(f"{self.code} {self.message}")
 
 
+# Names strato keeps in labels (cluster, node types): lower-case letters, digits, - and _.
+_LABEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
 # ------------------------------------------------------------------ provider
 class GCPProvider(NodeProvider):
     """Nodes on Compute Engine, found again by their labels (never by local memory).
@@ -282,6 +287,41 @@ class GCPProvider(NodeProvider):
     """
 
     needs_prepare_to_reach_nodes = True
+    default_ssh_user = "ubuntu"
+
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any]) -> list[ConfigProblem]:
+        """project_id, a zone for every node type, and names that fit in labels."""
+        provider = config.get("provider")
+        provider = provider if isinstance(provider, Mapping) else {}
+        types = config.get("available_node_types")
+        types = types if isinstance(types, Mapping) else {}
+        problems = []
+        if not provider.get("project_id"):
+            problems.append(ConfigProblem(("provider", "project_id"),
+                                          "required for provider type 'gcp'"))
+        if not provider.get("availability_zone"):
+            for name, nt in types.items():
+                if isinstance(nt, Mapping) and not nt.get("zones"):
+                    problems.append(ConfigProblem(
+                        ("available_node_types", name, "zones"),
+                        "provider type 'gcp' needs provider.availability_zone or zones on "
+                        "every node type"))
+        name = config.get("cluster_name")
+        if isinstance(name, str) and not _LABEL_NAME_RE.match(name):
+            problems.append(ConfigProblem(("cluster_name",), "on gcp must be lower-case "
+                                          "letters, digits, '-' or '_' (it is stored in "
+                                          "labels)"))
+        for name in types:
+            if isinstance(name, str) and not _LABEL_NAME_RE.match(name):
+                problems.append(ConfigProblem(
+                    ("available_node_types", name), "node type names on gcp must be "
+                    "lower-case letters, digits, '-' or '_' (they are stored in labels)"))
+        return problems
+
+    @property
+    def spot_notice(self) -> str | None:
+        return "gcp"  # instance/preempted in the metadata server
 
     def __init__(self, provider_config: Mapping[str, Any], cluster_name: str, *,
                  clients: GCPClients | None = None):

@@ -26,7 +26,7 @@ from typing import Any
 
 from strato.exceptions import ProviderError
 from strato.localfiles import strato_home
-from strato.providers.base import TAG_CLUSTER, Node, NodeState, NodeTypeSpec
+from strato.providers.base import TAG_CLUSTER, ConfigProblem, Node, NodeState, NodeTypeSpec
 from strato.providers.records import RecordProvider
 
 LOCAL_IP = "127.0.0.1"
@@ -37,6 +37,18 @@ _MAX_SOCKET_PATH = 107
 
 class LocalProvider(RecordProvider):
     """Runtime processes on this machine, posing as the machines of one cluster."""
+
+    nodes_on_this_machine = True
+
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any]) -> list[ConfigProblem]:
+        provider = config.get("provider")
+        if isinstance(provider, Mapping) and (provider.get("head_ip")
+                                              or provider.get("worker_ips")):
+            return [ConfigProblem(("provider", "type"), "head_ip/worker_ips are ignored by "
+                                  "the 'local' provider (Ray's 'local' is strato's 'ssh')",
+                                  warning=True)]
+        return []
 
     def __init__(self, provider_config: Mapping[str, Any], cluster_name: str):
         super().__init__(provider_config, cluster_name)
@@ -113,7 +125,7 @@ class LocalProvider(RecordProvider):
         return LOCAL_IP
 
     # ------------------------------------------------------------ local extras
-    def temp_dir(self, node_id: str) -> Path:
+    def local_dir(self, node_id: str) -> Path:
         """The node's directory (its runtime's ``--temp-dir``)."""
         with self._state() as state:
             record = state["nodes"].get(node_id)

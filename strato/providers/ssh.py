@@ -33,6 +33,7 @@ from strato.localfiles import strato_home
 from strato.providers.base import (
     TAG_CLUSTER,
     TAG_KIND,
+    ConfigProblem,
     Node,
     NodeKind,
     NodeState,
@@ -52,6 +53,26 @@ def _state_dir() -> Path:
 
 class SSHProvider(RecordProvider):
     """Hands out a fixed list of SSH hosts as the nodes of one cluster."""
+
+    can_create_nodes = False        # hosts are claimed, never made
+    stops_strato_on_terminate = True
+
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any]) -> list[ConfigProblem]:
+        provider = config.get("provider")
+        provider = provider if isinstance(provider, Mapping) else {}
+        types = config.get("available_node_types")
+        types = types if isinstance(types, Mapping) else {}
+        problems = []
+        if not provider.get("head_ip"):
+            problems.append(ConfigProblem(("provider", "head_ip"),
+                                          "required for provider type 'ssh'"))
+        for name, nt in types.items():
+            if isinstance(nt, Mapping) and nt.get("spot"):
+                problems.append(ConfigProblem(("available_node_types", name, "spot"),
+                                              "ignored: SSH hosts are never spot",
+                                              warning=True))
+        return problems
 
     def __init__(self, provider_config: Mapping[str, Any], cluster_name: str):
         super().__init__(provider_config, cluster_name)
@@ -113,6 +134,20 @@ class SSHProvider(RecordProvider):
             released = [ip for ip in node_ids if state["nodes"].pop(ip, None) is not None]
         for ip in released:
             self._stop_host(ip)
+
+    def monitor_state_files(self) -> dict[Path, str]:
+        """The host claims: a monitor on the head works on a copy (it only restarts
+        runtimes there, never claims)."""
+        if not self.state_path.exists():
+            return {}
+        return {self.state_path: f"ssh/{self.state_path.name}"}
+
+    def cleanup(self) -> None:
+        """Remove the claims file once no host is claimed (``down`` calls this)."""
+        if self.list_nodes():
+            return
+        for path in (self.state_path, self.lock_path):
+            path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------ helpers
     def _stop_host(self, ip: str) -> None:

@@ -82,7 +82,7 @@ def _events(home: Path) -> list[dict]:
 
 def _kill_node(node_id: str) -> list[int]:
     """SIGKILL a local node's process and its workers, by pid."""
-    temp_dir = str(LocalProvider({}, NAME).temp_dir(node_id))
+    temp_dir = str(LocalProvider({}, NAME).local_dir(node_id))
     procs = []
     for info in node_files(temp_dir):
         proc = psutil.Process(info["pid"])
@@ -108,7 +108,7 @@ def test_scale_up_idle_down_and_replace_dead_worker(tmp_path, strato_home):
     result = commands.up(config, yes=True)
     assert len(result.created) == 1 and _workers() == []  # only the head: min_workers 0
     head = LocalProvider({}, NAME).list_nodes({"strato-node-kind": "head"})[0]
-    strato.init(address="auto", temp_dir=str(LocalProvider({}, NAME).temp_dir(head.id)),
+    strato.init(address="auto", temp_dir=str(LocalProvider({}, NAME).local_dir(head.id)),
                 log_to_driver=False)
 
     # demand for {w: 1} -> the autoscaler launches a worker; the tasks run there

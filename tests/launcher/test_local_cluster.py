@@ -60,7 +60,7 @@ def _cluster_pids(name: str) -> set[int]:
     provider = LocalProvider({"type": "local"}, name)
     pids = set()
     for node in provider.list_nodes():
-        for info in node_files(str(provider.temp_dir(node.id))):
+        for info in node_files(str(provider.local_dir(node.id))):
             proc = psutil.Process(info["pid"])
             pids |= {proc.pid} | {c.pid for c in proc.children(recursive=True)}
     pid_file = Path(os.environ["STRATO_HOME"], "monitor", name, "monitor.pid")
@@ -125,7 +125,7 @@ def test_local_cluster_up_exec_submit_status_down(tmp_path, strato_home):
     # the monitor replaces a worker whose process died
     pids = _cluster_pids("loc")
     victim = workers[0]
-    victim_dir = LocalProvider({}, "loc").temp_dir(victim)
+    victim_dir = LocalProvider({}, "loc").local_dir(victim)
     os.kill(node_files(str(victim_dir))[0]["pid"], signal.SIGKILL)
     _wait(lambda: victim not in {n.id for n in LocalProvider({}, "loc").list_nodes()}
           and sum(n["runtime"] == "alive" for n in commands.status(config)["nodes"]) == 3,

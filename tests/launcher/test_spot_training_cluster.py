@@ -47,7 +47,7 @@ def _workers() -> list:
 def _kill(node_id: str) -> None:
     """SIGKILL the node's runtime process and its workers, by pid (a reclaimed machine)."""
     procs = []
-    for info in node_files(str(LocalProvider({}, NAME).temp_dir(node_id))):
+    for info in node_files(str(LocalProvider({}, NAME).local_dir(node_id))):
         proc = psutil.Process(info["pid"])
         procs += [proc, *proc.children(recursive=True)]
     for proc in procs:
@@ -102,7 +102,7 @@ def test_spot_training_survives_preemption_through_the_autoscaler(cluster):
     commands.up(config, yes=True)
     (first,) = _workers()
     head = LocalProvider({}, NAME).list_nodes({"strato-node-kind": "head"})[0]
-    strato.init(address="auto", temp_dir=str(LocalProvider({}, NAME).temp_dir(head.id)),
+    strato.init(address="auto", temp_dir=str(LocalProvider({}, NAME).local_dir(head.id)),
                 log_to_driver=False)
     _wait_for(lambda: _runtime_node(first.id), 30, "the spot worker to join")
 

@@ -178,8 +178,8 @@ class Autoscaler:
         self.tick_seconds = self.config.autoscaler.tick_seconds
         self.lost_grace_s = lost_grace_s if lost_grace_s is not None else \
             max(5.0, 3 * self.tick_seconds)
-        # SSH hosts are a fixed pool: never claim or release them, only restart runtimes
-        self.can_create = cluster.kind != "ssh"
+        # a fixed pool (SSH hosts): never claim or release, only restart runtimes
+        self.can_create = cluster.provider.can_create_nodes
         self.ticks = 0
         self.backoffs: list[TypeBackoff] = []
         self.instances: dict[str, Instance] = {}  # by provider node id, TERMINATED kept
