@@ -1,4 +1,5 @@
-"""Cluster commands of the `strato` CLI: thin wrappers over ``strato.launcher.commands``.
+"""Cluster commands of the `strato` CLI: thin wrappers over ``strato.launcher.reconcile``
+(up, down) and ``strato.launcher.commands`` (everything else).
 
 Config warnings are printed first; a ``ConfigError`` or ``LauncherError`` becomes a clear
 message and a non-zero exit, without a traceback.
@@ -109,11 +110,11 @@ def register(cli: click.Group) -> None:
     def up(config: str, yes: bool, min_workers: int | None, no_restart: bool,
            restart_only: bool) -> None:
         """Create or update a cluster (idempotent)."""
-        from strato.launcher import commands
+        from strato.launcher import reconcile
 
         _warn_config(config)
-        commands.up(config, yes=yes, min_workers_override=min_workers,
-                    no_restart=no_restart, restart_only=restart_only)
+        reconcile.up(config, yes=yes, min_workers_override=min_workers,
+                     no_restart=no_restart, restart_only=restart_only)
 
     @cli.command()
     @config_argument
@@ -122,10 +123,10 @@ def register(cli: click.Group) -> None:
     @_handle_errors
     def down(config: str, yes: bool, workers_only: bool) -> None:
         """Terminate every node of the cluster (found by tags) and forget it."""
-        from strato.launcher import commands
+        from strato.launcher import reconcile
 
         _warn_config(config)
-        commands.down(config, yes=yes, workers_only=workers_only)
+        reconcile.down(config, yes=yes, workers_only=workers_only)
 
     @cli.command(name="exec")
     @config_argument

@@ -1,7 +1,8 @@
 """One cluster as the launcher sees it: config + provider + runners + where things live.
 
-Shared by the user-facing commands (``commands.py``) and the monitor that runs beside the
-head (``monitor.py``), so both find nodes, reach them and start runtimes the same way.
+Shared by ``up``/``down`` (``reconcile.py``), the everyday commands (``commands.py``) and
+the monitor that runs beside the head (``monitor.py``), so all find nodes, reach them and
+start runtimes the same way.
 Nodes are always found through the provider's tags, never from local memory.
 """
 
@@ -11,29 +12,42 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from strato.exceptions import LauncherError
 from strato.launcher.bootstrap import TAG_NODE_ID_LABEL, render, venv_dir
-from strato.launcher.config import ClusterConfig
-from strato.launcher.runner import CommandRunner, LocalRunner, OutputSink, SSHRunner, shell_path
+from strato.launcher.config import ClusterConfig, load_config
+from strato.launcher.console import say
+from strato.launcher.pricing import Pricing
+from strato.launcher.runner import (
+    CommandRunner,
+    LocalRunner,
+    OutputSink,
+    SSHRunner,
+    print_plain,
+    shell_path,
+)
 from strato.launcher.state import StateDB
 from strato.providers import provider_class
 from strato.providers.base import (
     TAG_CLUSTER,
     TAG_KIND,
     TAG_LAUNCH_HASH,
+    TAG_NAME,
     TAG_NODE_TYPE,
+    TAG_STATUS,
     Node,
     NodeKind,
     NodeProvider,
+    NodeStatus,
 )
 from strato.runtime.session import DEFAULT_TEMP_DIR
 from strato.ssh import SSHTarget
 
-__all__ = ["DEFAULT_HEAD_PORT", "TAG_NODE_ID_LABEL", "Cluster"]
+__all__ = ["DEFAULT_HEAD_PORT", "TAG_NODE_ID_LABEL", "Cluster", "open_cluster"]
 
 DEFAULT_HEAD_PORT = 6380
 MONITOR_MODES = ("head", "local", "off")
@@ -148,6 +162,12 @@ class Cluster:
             raise LauncherError(f"cluster {self.name!r} has no head node; run `strato up` first")
         return head
 
+    def new_tags(self, kind: str, node_type: str) -> dict[str, str]:
+        """Tags of a node about to be created (``up`` and the autoscaler alike)."""
+        return {TAG_KIND: kind, TAG_NODE_TYPE: node_type,
+                TAG_LAUNCH_HASH: self.launch_hash(node_type),
+                TAG_STATUS: NodeStatus.PENDING.value, TAG_NAME: f"strato-{self.name}-{kind}"}
+
     def launch_hash_current(self, node: Node) -> bool:
         """Whether the machine still matches its node type's config (False: type removed)."""
         if node.node_type not in self.config.available_node_types:
@@ -181,12 +201,17 @@ class Cluster:
             self.facts.get("private_key_path")
 
     def runner(self, node: Node, *, echo: bool | None = None,
-               connect_timeout: float | None = None) -> CommandRunner:
-        """A command runner for ``node`` (SSH, or local for the local provider)."""
+               connect_timeout: float | None = None, plain: bool = False) -> CommandRunner:
+        """A command runner for ``node`` (SSH, or local when nodes are on this machine).
+
+        Echoed output lines are prefixed with the node's label, or with ``plain`` printed
+        as they are (for output a user redirects: ``strato exec c.yaml "cat f" > f``).
+        """
         label = self.label(node)
         sink = OutputSink(label, self.state.log_dir(self.name) / f"{node.id}.log",
                           secrets=[self.token] if self.token else [],
-                          echo=self.echo if echo is None else echo)
+                          echo=self.echo if echo is None else echo,
+                          console_print=print_plain if plain else None)
         if self.is_local:
             temp_dir = self.provider.local_dir(node.id)
             return LocalRunner(label, temp_dir, sink, env={"STRATO_TEMP_DIR": str(temp_dir)})
@@ -262,6 +287,28 @@ class Cluster:
             env["STRATO_TOKEN"] = self.token
         return env
 
+    def record_costs(self, nodes: Sequence[Node], ended: float | None = None) -> None:
+        """Remember nodes in the cost history (``cost-report``); never fails the command."""
+        if not nodes:
+            return
+        try:
+            pricing = Pricing(self.config, self.provider)
+            now = time.time()
+            self.state.record_nodes([pricing.cost_record(n, now, ended) for n in nodes])
+        except Exception as e:  # bookkeeping only
+            say(f"[yellow]could not record node costs: {e}[/]")
+
+    def head_address(self, head: Node) -> str:
+        """The head service address: remembered by ``up``, else asked from the head."""
+        record = self.state.get(self.name)
+        if record and record.head_address:
+            return record.head_address
+        info = self.runtime_info(head)
+        if not info:
+            raise LauncherError(f"cluster {self.name!r}: the head's runtime is not running; "
+                                "run `strato up` (or `strato up --restart-only`)")
+        return info["head_address"]
+
     def runtime_info(self, head: Node, *, timeout: float = 30.0) -> dict[str, Any] | None:
         """What the head service knows (nodes, demand), or None if it cannot be asked."""
         runner = self.runner(head, echo=False)
@@ -279,3 +326,14 @@ class Cluster:
                     break
                 return info if info.get("running") else None
         return None
+
+
+def open_cluster(config_path: str | os.PathLike, *, echo: bool = True,
+                 prepare: bool = False) -> Cluster:
+    """Load the config and bind it to its provider, token and remembered provider facts."""
+    cluster = Cluster(load_config(config_path), echo=echo)
+    cluster.token = cluster.state.token(cluster.name)
+    cluster.facts = cluster.state.facts(cluster.name)
+    if prepare:
+        cluster.prepare()
+    return cluster

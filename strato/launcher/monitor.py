@@ -8,14 +8,19 @@ cluster's log directory and echoed to stdout (``monitor.log``).
 
 Where it runs (``provider.monitor`` or env ``STRATO_MONITOR``):
 
-- ``local`` (default for the local provider): on this machine, same ``$STRATO_HOME``.
+- ``local`` (default when the nodes are processes on this machine): here, same
+  ``$STRATO_HOME``.
 - ``head`` (default otherwise): on the head, started by ``up`` with a spec file, the SSH
-  key and ``STRATO_TOKEN`` in its environment. For ``ssh`` it works on a copy of the
-  host claims and only restarts runtimes (it never claims hosts the launcher does not
-  know). For ``aws``/``gcp`` the head needs cloud credentials of its own (an instance
-  profile allowed to run/describe/terminate/tag instances; a service account with
-  compute.instances.* on GCP); tests against moto or the GCE fake use ``local`` or ``off``.
+  key and ``STRATO_TOKEN`` in its environment, and copies of the provider's local state
+  (``monitor_state_files``). On a fixed pool (SSH hosts) it only restarts runtimes (it
+  never claims hosts the launcher does not know). On a cloud the head needs credentials
+  of its own (an AWS instance profile allowed to run/describe/terminate/tag instances; a
+  GCP service account with compute.instances.*); tests against moto or the GCE fake use
+  ``local`` or ``off``.
 - ``off``: no monitor.
+
+``start_monitor`` / ``stop_monitor`` below are the launcher's side: ``up`` and ``down``
+deploy and stop this process with them.
 """
 
 from __future__ import annotations
@@ -23,15 +28,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+from strato.exceptions import LauncherError
+from strato.launcher import bootstrap
 from strato.launcher.autoscaler.events import EventLog
 from strato.launcher.autoscaler.loop import Autoscaler, HeadRuntime
 from strato.launcher.cluster import Cluster
 from strato.launcher.config import load_config_from_dict
+from strato.launcher.console import say
+from strato.launcher.runner import CommandRunner, shell_path
+from strato.localfiles import write_secret
+from strato.providers.base import Node, NodeKind
+from strato.ssh import ADDRESS_MAP_ENV, ADDRESS_MAP_STRICT_ENV
+
+HEAD = NodeKind.HEAD.value
+WORKER = NodeKind.WORKER.value
 
 
 def build(cluster: Cluster, spec: dict) -> Autoscaler:
@@ -73,6 +91,125 @@ def main(argv: list[str] | None = None) -> int:
         if pid_file.exists() and pid_file.read_text().strip() == str(os.getpid()):
             pid_file.unlink()
     return 0
+
+
+# ---------------------------------------------------------------- deploying it (launcher side)
+def monitor_runner(cluster: Cluster, head: Node, *,
+                   connect_timeout: float | None = None) -> tuple[CommandRunner, str]:
+    """Where the monitor lives: the head's runner (mode head) or a local one, and its dir."""
+    mdir = cluster.monitor_dir(head)
+    if cluster.monitor_mode == "head":
+        return cluster.runner(head, echo=False, connect_timeout=connect_timeout), mdir
+    Path(mdir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    runner = cluster.local_runner("monitor", Path(mdir))
+    runner.sink.echo = False
+    return runner, mdir
+
+
+def stop_monitor(cluster: Cluster, head: Node, *,
+                 connect_timeout: float | None = None) -> bool:
+    """Stop the monitor (by its pid file) and wait until it has exited.
+
+    Returns True when it is known to be stopped (or not running, or ``monitor: off``),
+    False when that could not be confirmed (the head could not be reached).
+    """
+    if cluster.monitor_mode == "off":
+        return True
+    try:
+        runner, mdir = monitor_runner(cluster, head, connect_timeout=connect_timeout)
+        code, tail = runner.run(bootstrap.render("stop_monitor.sh",
+                                                 pid_file=shell_path(f"{mdir}/monitor.pid")),
+                                check=False, quiet=True, timeout=30)
+    except LauncherError as e:
+        say(f"[yellow]could not stop the monitor: {e}[/]")
+        return False
+    if code != 0:
+        say(f"[yellow]could not stop the monitor (exit {code}): "
+            f"{(tail.strip().splitlines() or [''])[-1]}[/]")
+    return code == 0
+
+
+def start_monitor(cluster: Cluster, head: Node, head_address: str,
+                  min_workers: dict[str, int]) -> None:
+    """Start the process that keeps ``min_workers`` (beside the head, or here)."""
+    mode = cluster.monitor_mode
+    if mode == "off":
+        return
+    runner, mdir = monitor_runner(cluster, head)
+    spec: dict[str, Any] = {
+        "config": cluster.config.to_dict(), "head_address": head_address,
+        "min_workers": min_workers,
+        "launch_hash": {t: cluster.launch_hash(t) for t in cluster.config.available_node_types},
+        "setup_hash": {f"{k}:{t}": cluster.setup_hash(t, head=k == HEAD)
+                       for t in cluster.config.available_node_types for k in (HEAD, WORKER)},
+        "venv": bootstrap.venv_dir() if not cluster.is_local else None,
+        "key_path": cluster.key_path(),
+        "ssh_user": cluster.facts.get("ssh_user") or cluster.config.auth.ssh_user,
+        # prepare()'s facts (the SSH public key among them): every node the monitor
+        # creates must let the head in, like those `up` created (the monitor never prepares)
+        "facts": dict(cluster.facts),
+    }
+    env = {"STRATO_TOKEN": cluster.token or ""}
+    for name in (ADDRESS_MAP_ENV, ADDRESS_MAP_STRICT_ENV):  # the tests' address seam
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    env.update(_monitor_extra_env())
+    with tempfile.TemporaryDirectory(prefix="strato-monitor-") as tmp:
+        if mode == "head":
+            python = cluster.runtime_python(head.node_type or "")
+            env["STRATO_HOME"] = f"{mdir}/home"
+            _prepare_head_monitor(cluster, head, runner, mdir, spec, Path(tmp))
+        else:
+            python = shlex.quote(sys.executable)
+            env["STRATO_HOME"] = str(cluster.state.home)
+        spec_file = Path(tmp) / "spec.json"
+        write_secret(spec_file, json.dumps(spec, indent=1, default=str))
+        runner.put(spec_file, f"{mdir}/spec.json")
+    script = bootstrap.render(
+        "start_monitor.sh", monitor_dir=shell_path(mdir), python=python,
+        stop_monitor=bootstrap.render("stop_monitor.sh",
+                                      pid_file=shell_path(f"{mdir}/monitor.pid")))
+    _, tail = runner.run(script, env=env, quiet=True, timeout=60)
+    say(f"monitor started ({mode}): {tail.splitlines()[-1] if tail else ''}")
+
+
+MONITOR_ENV = "STRATO_MONITOR_ENV"
+
+
+def _monitor_extra_env() -> dict[str, str]:
+    """Extra environment for the monitor process, from ``STRATO_MONITOR_ENV`` (a JSON
+    object). For development and tests: e.g. a cloud endpoint and credentials that the
+    head would otherwise get from its instance profile / service account."""
+    raw = os.environ.get(MONITOR_ENV, "").strip()
+    if not raw:
+        return {}
+    try:
+        extra = json.loads(raw)
+    except ValueError as e:
+        raise LauncherError(f"{MONITOR_ENV} must be a JSON object of strings: {e}") from e
+    if not isinstance(extra, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+        raise LauncherError(f"{MONITOR_ENV} must be a JSON object of strings")
+    return extra
+
+
+def _prepare_head_monitor(cluster: Cluster, head: Node, runner: CommandRunner, mdir: str,
+                          spec: dict[str, Any], tmp: Path) -> None:
+    """What a monitor on the head needs that lives here: key, provider state, mounts."""
+    config = spec["config"]
+    # file mounts were copied to the head at their remote paths: sync workers from there
+    config["file_mounts"] = {remote: remote for remote in config.get("file_mounts", {})}
+    key = cluster.key_path()
+    if key:
+        runner.put(Path(key).expanduser(), f"{mdir}/key")
+        spec["key_path"] = f"{mdir}/key"
+        config.setdefault("auth", {})["ssh_private_key"] = f"{mdir}/key"
+    if not cluster.config.runtime_python_for(head.node_type or ""):
+        wheel = bootstrap.ensure_wheel()  # for the workers the monitor will set up
+        spec["wheel"] = f"{mdir}/wheels/{wheel.name}"
+        runner.put(wheel, spec["wheel"])
+    for local, relative in cluster.provider.monitor_state_files().items():
+        runner.put(local, f"{mdir}/home/{relative}")  # e.g. a copy of the SSH host claims
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -27,7 +28,8 @@ from strato import ssh
 from strato.exceptions import CommandError, SSHUnavailableError
 from strato.ssh import CommandTimeoutError, SSHTarget
 
-__all__ = ["CommandRunner", "LocalRunner", "OutputSink", "SSHRunner", "shell_path"]
+__all__ = ["CommandRunner", "LocalRunner", "OutputSink", "SSHRunner", "print_plain",
+           "shell_path"]
 
 REDACTED = "***"
 _print_lock = threading.Lock()
@@ -40,6 +42,12 @@ def shell_path(path: str) -> str:
     if path.startswith("~/"):
         return '"$HOME"/' + shlex.quote(path[2:])
     return shlex.quote(path)
+
+
+def print_plain(name: str, line: str) -> None:
+    """Print a node's output line as it is on stdout: no name prefix, no markup."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 class OutputSink:

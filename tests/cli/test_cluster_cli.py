@@ -80,6 +80,9 @@ def test_cli_local_cluster_round_trip(tmp_path, home):
                      "all")
         assert res.returncode == 3
         assert res.stdout.count(f"on {info['head_address']}") == 2
+        # one node: its output as it is (no [head:...] prefix, no markup), as with ssh
+        res = strato(home, "exec", str(config), "printf 'a b\\n[x] y\\n'")
+        assert res.returncode == 0 and res.stdout == "a b\n[x] y\n", res.stdout
 
         script = tmp_path / "hello.py"
         script.write_text("import sys, strato\nstrato.init(address='auto')\n"

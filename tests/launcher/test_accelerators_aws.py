@@ -16,7 +16,7 @@ import yaml
 from click.testing import CliRunner
 
 from strato.cli.main import cli
-from strato.launcher import commands
+from strato.launcher import reconcile
 from strato.launcher.cluster import Cluster
 from strato.launcher.config import load_config
 from strato.launcher.pricing import TAG_PRICE, TAG_PRICE_SOURCE
@@ -56,7 +56,7 @@ def gpu_cluster(moto_endpoint, tmp_path, monkeypatch):
 
 def test_on_demand_takes_the_cheapest_g5_and_tags_its_price(gpu_cluster) -> None:
     _, cluster = gpu_cluster(spot=False)
-    created, error = commands._create_workers(cluster, "gpu", 1, set())
+    created, error = reconcile.create_workers(cluster, "gpu", 1, set())
     assert error is None and len(created) == 1
     (node,) = cluster.nodes(kind="worker")
     assert (node.instance_type, node.spot, node.zone) == ("g5.xlarge", False, "us-east-1a")
@@ -76,7 +76,7 @@ def test_spot_takes_the_cheapest_live_price_and_moves_on_after_capacity_errors(
     # the cheapest spot option, g5.2xlarge in us-east-1a, has no capacity anywhere
     undo = inject_capacity_error(cluster.provider.ec2, instance_types=["g5.2xlarge"])
     try:
-        created, error = commands._create_workers(cluster, "gpu", 1, set())
+        created, error = reconcile.create_workers(cluster, "gpu", 1, set())
     finally:
         undo()
     assert error is None
@@ -101,7 +101,7 @@ def test_no_spot_capacity_for_any_g5_falls_back_to_on_demand(gpu_cluster) -> Non
     ec2.meta.events.register("before-parameter-build.ec2.RunInstances", spot_only,
                              unique_id="spot-only")
     try:
-        created, error = commands._create_workers(cluster, "gpu", 1, set())
+        created, error = reconcile.create_workers(cluster, "gpu", 1, set())
     finally:
         ec2.meta.events.unregister("before-parameter-build.ec2.RunInstances",
                                    unique_id="spot-only")
@@ -112,7 +112,7 @@ def test_no_spot_capacity_for_any_g5_falls_back_to_on_demand(gpu_cluster) -> Non
 
 def test_status_prices_add_up_and_cost_report_keeps_the_cluster(gpu_cluster) -> None:
     path, cluster = gpu_cluster(spot=False)
-    commands._create_workers(cluster, "gpu", 2, set())
+    reconcile.create_workers(cluster, "gpu", 2, set())
     runner = CliRunner()
     result = runner.invoke(cli, ["status", path, "--json"])
     assert result.exit_code == 0, result.output

@@ -12,7 +12,7 @@ import yaml
 from click.testing import CliRunner
 
 from strato.cli.main import cli
-from strato.launcher import commands
+from strato.launcher import reconcile
 from strato.launcher.cluster import Cluster
 from strato.launcher.config import load_config
 from strato.ssh import ADDRESS_MAP_STRICT_ENV
@@ -35,7 +35,7 @@ def test_t4_by_name_on_the_gce_fake(gce_fake, gce_provider_config, tmp_path,
     cluster.prepare()
     cluster.state.upsert(cluster.name, provider="gcp", config_path=str(path),
                          config_hash="test")
-    created, error = commands._create_workers(cluster, "gpu", 1, set())
+    created, error = reconcile.create_workers(cluster, "gpu", 1, set())
     assert error is None and len(created) == 1
     body = gce_fake.instances[created[0].id]
     assert body["machineType"].endswith("/n1-standard-4")

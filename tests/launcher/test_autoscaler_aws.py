@@ -17,7 +17,6 @@ from strato.launcher.autoscaler.events import EventLog
 from strato.launcher.autoscaler.loop import Autoscaler
 from strato.launcher.bootstrap import start_args
 from strato.launcher.cluster import Cluster
-from strato.launcher.commands import _new_tags
 from strato.launcher.config import load_config_from_dict
 from strato.launcher.state import StateDB
 from strato.providers.base import TAG_STATUS, Node, NodeStatus
@@ -48,7 +47,7 @@ def cluster(moto_endpoint, tmp_path, monkeypatch) -> Cluster:
     c.prepare()
     c.token = "test-token"
     head = c.provider.create_nodes(config.node_type_spec("head"), 1,
-                                   _new_tags(c, "head", "head"))[0]
+                                   c.new_tags("head", "head"))[0]
     c.provider.set_tags(head.id, {TAG_STATUS: NodeStatus.UP_TO_DATE.value})
     return c
 

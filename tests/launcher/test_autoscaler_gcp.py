@@ -18,7 +18,6 @@ from strato.exceptions import ProviderError
 from strato.launcher.autoscaler.events import EventLog
 from strato.launcher.autoscaler.loop import Autoscaler
 from strato.launcher.cluster import Cluster
-from strato.launcher.commands import _new_tags
 from strato.launcher.config import load_config_from_dict
 from strato.launcher.state import StateDB
 from strato.providers.base import TAG_STATUS, NodeStatus
@@ -50,7 +49,7 @@ def _make_cluster(provider_config: dict[str, Any], tmp_path, spot_config: dict[s
     c.prepare()
     c.token = "test-token"
     head = c.provider.create_nodes(config.node_type_spec("head"), 1,
-                                   _new_tags(c, "head", "head"))[0]
+                                   c.new_tags("head", "head"))[0]
     c.provider.set_tags(head.id, {TAG_STATUS: NodeStatus.UP_TO_DATE.value})
     return c
 
@@ -151,12 +150,12 @@ def test_monitor_launched_workers_carry_the_ssh_key(make_cluster, gce_fake, tmp_
                                                     monkeypatch):
     """The monitor never runs prepare(): it must still put the cluster's key on every VM
     (GCE lets in only keys from the instance's or the project's ssh-keys metadata)."""
-    from strato.launcher.commands import _start_monitor
+    from strato.launcher.monitor import start_monitor
 
     up_side = make_cluster()
     spec: dict[str, Any] = {}
 
-    class Capture:  # what _start_monitor would write: stop before running anything
+    class Capture:  # what start_monitor would write: stop before running anything
         def put(self, local, remote):
             spec.update(json.loads(Path(local).read_text()))
             raise _Stop
@@ -164,13 +163,13 @@ def test_monitor_launched_workers_carry_the_ssh_key(make_cluster, gce_fake, tmp_
     class _Stop(Exception):
         pass
 
-    import strato.launcher.commands as commands
+    import strato.launcher.monitor as monitor
 
     monkeypatch.setenv("STRATO_MONITOR", "local")
-    monkeypatch.setattr(commands, "_monitor_runner",
+    monkeypatch.setattr(monitor, "monitor_runner",
                         lambda cluster, head, **kw: (Capture(), str(tmp_path / "m")))
     with pytest.raises(_Stop):
-        _start_monitor(up_side, up_side.require_head(), "10.0.0.1:6380", {"spot": 1})
+        start_monitor(up_side, up_side.require_head(), "10.0.0.1:6380", {"spot": 1})
     monkeypatch.setenv("STRATO_MONITOR", "off")
     assert spec["facts"]["ssh_public_key"]
 
@@ -193,7 +192,7 @@ def test_monitor_launched_workers_carry_the_ssh_key(make_cluster, gce_fake, tmp_
                    echo=False)
     with pytest.raises(ProviderError, match="no SSH key"):
         bare.provider.create_nodes(bare.config.node_type_spec("spot"), 1,
-                                   _new_tags(bare, "worker", "spot"))
+                                   bare.new_tags("worker", "spot"))
     assert len(_workers(gce_fake)) == 1
 
 

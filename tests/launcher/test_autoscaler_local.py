@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 import strato
-from strato.launcher import commands
+from strato.launcher import commands, reconcile
 from strato.launcher.autoscaler.events import EVENTS_FILE, read_events
 from strato.launcher.state import StateDB
 from strato.providers.local import LocalProvider
@@ -43,7 +43,7 @@ def strato_home(monkeypatch: pytest.MonkeyPatch):
         strato.shutdown()
     for cluster in StateDB(home).list():
         with contextlib.suppress(Exception):
-            commands.down(cluster.config_path, yes=True)
+            reconcile.down(cluster.config_path, yes=True)
     shutil.rmtree(home, ignore_errors=True)
 
 
@@ -105,7 +105,7 @@ def where(seconds: float) -> tuple[str, float]:
 
 def test_scale_up_idle_down_and_replace_dead_worker(tmp_path, strato_home):
     config = _config(tmp_path / "auto.yaml")
-    result = commands.up(config, yes=True)
+    result = reconcile.up(config, yes=True)
     assert len(result.created) == 1 and _workers() == []  # only the head: min_workers 0
     head = LocalProvider({}, NAME).list_nodes({"strato-node-kind": "head"})[0]
     strato.init(address="auto", temp_dir=str(LocalProvider({}, NAME).local_dir(head.id)),
@@ -176,7 +176,7 @@ RECOVERING_JOB = textwrap.dedent("""
 
 def test_submit_spot_recovery_relaunches_with_resume(tmp_path, strato_home):
     config = _config(tmp_path / "auto.yaml")
-    commands.up(config, yes=True)
+    reconcile.up(config, yes=True)
     script = tmp_path / "job.py"
     script.write_text(RECOVERING_JOB)
     out = tmp_path / "out.json"

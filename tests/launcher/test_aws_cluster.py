@@ -15,7 +15,7 @@ import boto3
 import pytest
 import yaml
 
-from strato.launcher import commands
+from strato.launcher import commands, reconcile
 from strato.launcher.state import StateDB
 from strato.providers.aws import AWSProvider
 from tests.launcher.cluster_helpers import stop_strato, strato_processes
@@ -78,7 +78,7 @@ def test_aws_up_exec_replace_down(moto_endpoint, hosts_for_instances, shared_tmp
     ec2 = boto3.client("ec2", region_name="us-east-1")
     config = _config(shared_tmp_path / "aws.yaml", hosts[0].key_path)
     try:
-        first = commands.up(config, yes=True)
+        first = reconcile.up(config, yes=True)
         assert first.head_address == f"{hosts[0].ip}:6380"
         instances = _running(ec2)
         kinds = {i["InstanceId"]: {t["Key"]: t["Value"] for t in i["Tags"]}["strato-node-kind"]
@@ -86,7 +86,7 @@ def test_aws_up_exec_replace_down(moto_endpoint, hosts_for_instances, shared_tmp
         assert sorted(kinds.values()) == ["head", "worker"]
         worker = next(i for i in instances if kinds[i["InstanceId"]] == "worker")
         assert worker.get("InstanceLifecycle") == "spot"
-        assert commands.up(config, yes=True).created == []
+        assert reconcile.up(config, yes=True).created == []
 
         seen = shared_tmp_path / "hostnames"
         assert commands.exec_(config, f"hostname >> {seen}", node="all") == 0
@@ -97,15 +97,15 @@ def test_aws_up_exec_replace_down(moto_endpoint, hosts_for_instances, shared_tmp
 
         # a changed node_config replaces the head; the worker rejoins the new head
         _config(config, hosts[0].key_path, instance_type="t3.large")
-        replaced = commands.up(config, yes=True)
+        replaced = reconcile.up(config, yes=True)
         assert len(replaced.created) == 1 and len(replaced.terminated) == 1
         assert all(n["runtime"] == "alive" for n in commands.status(config)["nodes"])
 
-        commands.down(config, yes=True)
+        reconcile.down(config, yes=True)
         assert _running(ec2) == [] and StateDB().get("awsc") is None
     finally:
         if StateDB().get("awsc") is not None:
-            commands.down(config, yes=True)
+            reconcile.down(config, yes=True)
         for h in hosts[:2]:  # terminating a moto instance stops nothing on the host
             stop_strato(h)
             assert not strato_processes(h), h.name

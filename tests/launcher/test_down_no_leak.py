@@ -18,7 +18,7 @@ import boto3
 import pytest
 import yaml
 
-from strato.launcher import commands
+from strato.launcher import reconcile
 from strato.launcher.state import StateDB
 from tests.harness.moto_server import (
     SHUTDOWN_SECONDS,
@@ -99,11 +99,11 @@ def test_down_stops_the_head_autoscaler_before_terminating(cloud, ssh_hosts, sha
     ec2, created = cloud
     config = _config(shared_tmp_path / "leak.yaml", ssh_hosts[0].key_path)
     try:
-        commands.up(config, yes=True)
+        reconcile.up(config, yes=True)
         assert len(_live(ec2, "worker")) == 2
         assert _monitor_running(ssh_hosts[0])
 
-        ids = commands.down(config, yes=True)
+        ids = reconcile.down(config, yes=True)
         assert len(ids) == 3
         assert not _monitor_running(ssh_hosts[0]), "down left the monitor running"
         _settled(ec2)
@@ -111,7 +111,7 @@ def test_down_stops_the_head_autoscaler_before_terminating(cloud, ssh_hosts, sha
         assert StateDB().get("leak") is None
     finally:
         if StateDB().get("leak") is not None:
-            commands.down(config, yes=True)
+            reconcile.down(config, yes=True)
         for h in ssh_hosts:  # terminating a moto instance stops nothing on the host
             stop_strato(h)
             assert not strato_processes(h), h.name
@@ -121,11 +121,11 @@ def test_down_workers_only_keeps_them_down(cloud, ssh_hosts, shared_tmp_path):
     ec2, created = cloud
     config = _config(shared_tmp_path / "leak.yaml", ssh_hosts[0].key_path)
     try:
-        commands.up(config, yes=True)
+        reconcile.up(config, yes=True)
         workers = _live(ec2, "worker")
         assert len(workers) == 2
 
-        ids = commands.down(config, yes=True, workers_only=True)
+        ids = reconcile.down(config, yes=True, workers_only=True)
         assert sorted(ids) == sorted(workers)
         # the monitor runs on (it launches for demand), with min_workers 0
         assert _monitor_running(ssh_hosts[0])
@@ -134,12 +134,12 @@ def test_down_workers_only_keeps_them_down(cloud, ssh_hosts, shared_tmp_path):
         assert len(created) == 3, f"instances launched behind down's back: {created}"
 
         # `up` restores min_workers
-        assert len(commands.up(config, yes=True).created) == 2
-        commands.down(config, yes=True)
+        assert len(reconcile.up(config, yes=True).created) == 2
+        reconcile.down(config, yes=True)
         _settled(ec2)
     finally:
         if StateDB().get("leak") is not None:
-            commands.down(config, yes=True)
+            reconcile.down(config, yes=True)
         for h in ssh_hosts:
             stop_strato(h)
             assert not strato_processes(h), h.name
@@ -151,7 +151,6 @@ def test_autoscaler_holds_while_the_head_is_marked_going_down(cloud, ssh_hosts,
     from strato.launcher.autoscaler.events import EventLog
     from strato.launcher.autoscaler.loop import Autoscaler
     from strato.launcher.cluster import Cluster
-    from strato.launcher.commands import _new_tags
     from strato.launcher.config import load_config
     from strato.providers.base import TAG_GOING_DOWN, TAG_STATUS, NodeStatus
     from tests.launcher.autoscaler_stubs import StubHead
@@ -161,7 +160,7 @@ def test_autoscaler_holds_while_the_head_is_marked_going_down(cloud, ssh_hosts,
     cluster = Cluster(load_config(path), echo=False)
     cluster.prepare()
     spec = cluster.config.node_type_spec("head")
-    head = cluster.provider.create_nodes(spec, 1, _new_tags(cluster, "head", "head"))[0]
+    head = cluster.provider.create_nodes(spec, 1, cluster.new_tags("head", "head"))[0]
     cluster.provider.set_tags(head.id, {TAG_STATUS: NodeStatus.UP_TO_DATE.value})
     stub = StubHead(cluster)
     stub.started.add(head.id)
@@ -251,18 +250,18 @@ def test_gcp_down_and_down_workers_only_leave_nothing(gce_pool, ssh_hosts, share
     fake = gce_pool
     config = _gcp_config(shared_tmp_path / "gleak.yaml", fake.endpoint)
     try:
-        commands.up(config, yes=True)
+        reconcile.up(config, yes=True)
         workers = _gce_live(fake, "worker")
         assert len(workers) == 2
 
-        assert sorted(commands.down(config, yes=True, workers_only=True)) == sorted(workers)
+        assert sorted(reconcile.down(config, yes=True, workers_only=True)) == sorted(workers)
         _gce_watch(fake, "worker")
         assert len(_gce_live(fake, "head")) == 1
         inserts = _inserts(fake)
 
-        commands.up(config, yes=True)
+        reconcile.up(config, yes=True)
         assert len(_gce_live(fake, "worker")) == 2
-        commands.down(config, yes=True)
+        reconcile.down(config, yes=True)
         _gce_watch(fake)
         assert fake.instances == {} and StateDB().get(GCP_NAME) is None
         # two inserts for the workers `up` restored, none behind down's back
@@ -271,5 +270,5 @@ def test_gcp_down_and_down_workers_only_leave_nothing(gce_pool, ssh_hosts, share
             assert host.init_pid == 0 or not strato_processes(host), host.name
     finally:
         if StateDB().get(GCP_NAME) is not None:
-            commands.down(config, yes=True)
+            reconcile.down(config, yes=True)
         fake.settle(timeout=30)

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from strato import ssh
-from strato.exceptions import SSHUnavailableError
-from strato.launcher import commands
+from strato.exceptions import LauncherError, SSHUnavailableError
+from strato.launcher import commands, reconcile
 from strato.launcher.state import StateDB
 from strato.providers.base import TAG_KIND, TAG_NODE_TYPE, NodeTypeSpec
 from strato.providers.gcp import GCPProvider
@@ -57,7 +57,7 @@ def test_gcp_up_falls_back_to_the_next_zone_exec_down(gce_fake, gce_provider_con
     }))
     try:
         started = time.monotonic()
-        result = commands.up(config, yes=True)
+        result = reconcile.up(config, yes=True)
         took = time.monotonic() - started
         instances = gce_fake.instances
         assert len(instances) == 2
@@ -80,12 +80,12 @@ def test_gcp_up_falls_back_to_the_next_zone_exec_down(gce_fake, gce_provider_con
         assert sorted(seen.read_text().split()) == sorted(
             gce_hosts.host_of(n).hostname for n in instances)
         assert all(n["runtime"] == "alive" for n in commands.status(config)["nodes"])
-        commands.down(config, yes=True)
+        reconcile.down(config, yes=True)
         gce_fake.settle()
         assert gce_fake.instances == {} and StateDB().get("gcpc") is None
     finally:
         if StateDB().get("gcpc") is not None:
-            commands.down(config, yes=True)
+            reconcile.down(config, yes=True)
         gce_fake.settle()
         for h in ssh_hosts:
             if h.init_pid:
@@ -113,8 +113,8 @@ def test_up_reports_no_capacity_anywhere(gce_fake, gce_provider_config, gce_host
         "head_node_type": "head",
     }))
     try:
-        with pytest.raises(commands.LauncherError, match="no capacity for 1 spot worker"):
-            commands.up(config, yes=True)
+        with pytest.raises(LauncherError, match="no capacity for 1 spot worker"):
+            reconcile.up(config, yes=True)
         workers = [i for i in gce_fake.instances.values()
                    if i["labels"]["strato-node-kind"] == "worker"]
         # only the type allowed to fall back got a node: on demand, in the first zone
@@ -123,7 +123,7 @@ def test_up_reports_no_capacity_anywhere(gce_fake, gce_provider_config, gce_host
         assert worker["scheduling"].get("provisioningModel") != "SPOT"
         assert worker["zone"].endswith(ZONES[0])
     finally:
-        commands.down(config, yes=True)
+        reconcile.down(config, yes=True)
         gce_fake.settle()
         for h in ssh_hosts:
             if h.init_pid:

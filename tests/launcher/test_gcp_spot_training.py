@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from strato.launcher import commands
+from strato.launcher import commands, reconcile
 from strato.launcher.state import StateDB
 from tests.harness.gce_hosts import GCEHostPool
 from tests.launcher.cluster_helpers import strato_processes
@@ -125,7 +125,7 @@ def test_gcp_spot_training_survives_preemption(pool, gce_bridge_fake, ssh_hosts,
     }))
     job: dict = {}
     try:
-        commands.up(config, yes=True)
+        reconcile.up(config, yes=True)
         workers = {n: i for n, i in fake.instances.items()
                    if i["labels"]["strato-node-kind"] == "worker"}
         ((first, inst),) = workers.items()
@@ -170,12 +170,12 @@ def test_gcp_spot_training_survives_preemption(pool, gce_bridge_fake, ssh_hosts,
               "keep training and checkpointing)")
         assert {n["id"] for n in status["nodes"]} >= {replacement}
 
-        commands.down(config, yes=True)
+        reconcile.down(config, yes=True)
         fake.settle()
         assert fake.instances == {} and StateDB().get(NAME) is None
         for host in ssh_hosts:  # every VM halted: nothing strato started still runs
             assert host.init_pid == 0 or not strato_processes(host), host.name
     finally:
         if StateDB().get(NAME) is not None:
-            commands.down(config, yes=True)
+            reconcile.down(config, yes=True)
         fake.settle()

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from strato.exceptions import LauncherError
-from strato.launcher import commands
+from strato.launcher import commands, reconcile
 from strato.launcher.state import StateDB
 from strato.providers.base import TAG_STATUS
 from strato.providers.local import LocalProvider
@@ -32,7 +32,7 @@ def strato_home(monkeypatch: pytest.MonkeyPatch):
     yield home
     for cluster in StateDB(home).list():  # a failed test must not leave processes behind
         try:
-            commands.down(cluster.config_path, yes=True)
+            reconcile.down(cluster.config_path, yes=True)
         except Exception:
             pass
     import shutil
@@ -98,11 +98,11 @@ SCRIPT = textwrap.dedent("""
 
 def test_local_cluster_up_exec_submit_status_down(tmp_path, strato_home):
     config = _config(tmp_path / "local.yaml", "loc")
-    result = commands.up(config, yes=True)
+    result = reconcile.up(config, yes=True)
     head_id = LocalProvider({}, "loc").list_nodes({"strato-node-kind": "head"})[0].id
     workers = [i for i in result.created if i != head_id]
     assert len(result.created) == 3 and len(workers) == 2
-    assert commands.up(config, yes=True).created == []  # idempotent
+    assert reconcile.up(config, yes=True).created == []  # idempotent
 
     out = tmp_path / "exec.txt"
     assert commands.exec_(config, f"echo $STRATO_ADDRESS >> {out}", node="all") == 0
@@ -132,7 +132,7 @@ def test_local_cluster_up_exec_submit_status_down(tmp_path, strato_home):
           30, "the monitor to replace the killed worker")
     pids |= _cluster_pids("loc")
 
-    commands.down(config, yes=True)
+    reconcile.down(config, yes=True)
     _wait(lambda: not [p for p in pids if psutil.pid_exists(p)
                        and psutil.Process(p).status() != psutil.STATUS_ZOMBIE],
           15, "every cluster process to exit")
@@ -151,14 +151,14 @@ def test_setup_failure_is_retried_and_changes_are_applied(tmp_path, strato_home)
                      provider={"type": "local", "monitor": "off"},
                      worker_setup_commands=[f"echo checking; test ! -e {marker}"])
     with pytest.raises(LauncherError) as info:
-        commands.up(config, yes=True)
+        reconcile.up(config, yes=True)
     assert "exit 1" in str(info.value) and str(marker) in str(info.value)
     provider = LocalProvider({}, "retry")
     workers = provider.list_nodes({"strato-node-kind": "worker"})
     assert [n.tags[TAG_STATUS] for n in workers] == ["update-failed"] * 2
 
     marker.unlink()  # fixed: the next `up` retries the failed nodes, creating nothing
-    again = commands.up(config, yes=True)
+    again = reconcile.up(config, yes=True)
     assert again.created == [] and sorted(again.bootstrapped) == sorted(n.id for n in workers)
     assert {n.tags[TAG_STATUS] for n in provider.list_nodes()} == {"up-to-date"}
 
@@ -166,7 +166,7 @@ def test_setup_failure_is_retried_and_changes_are_applied(tmp_path, strato_home)
     data = yaml.safe_load(config.read_text())
     data["worker_setup_commands"] = ["echo new setup"]
     config.write_text(yaml.safe_dump(data))
-    changed = commands.up(config, yes=True)
+    changed = reconcile.up(config, yes=True)
     assert changed.created == [] and sorted(changed.bootstrapped) == sorted(n.id for n in workers)
     assert "new setup" in commands.logs(config, node=workers[0].id)
 
@@ -174,12 +174,12 @@ def test_setup_failure_is_retried_and_changes_are_applied(tmp_path, strato_home)
     old_head = provider.list_nodes({"strato-node-kind": "head"})[0].id
     data["available_node_types"]["head"]["node_config"] = {"flavour": "b"}
     config.write_text(yaml.safe_dump(data))
-    replaced = commands.up(config, yes=True)
+    replaced = reconcile.up(config, yes=True)
     assert replaced.terminated == [old_head] and len(replaced.created) == 1
     status = commands.status(config)
     assert len(status["nodes"]) == 3 and all(n["runtime"] == "alive" for n in status["nodes"])
 
-    commands.down(config, yes=True)
+    reconcile.down(config, yes=True)
     assert provider.list_nodes() == []
 
 
@@ -188,13 +188,13 @@ def test_min_workers_override_and_workers_only_down(tmp_path, strato_home):
     data = yaml.safe_load(config.read_text())
     data["provider"]["monitor"] = "off"
     config.write_text(yaml.safe_dump(data))
-    result = commands.up(config, yes=True, min_workers_override=1)
+    result = reconcile.up(config, yes=True, min_workers_override=1)
     assert len(result.created) == 2
     assert not (strato_home / "monitor" / "few" / "monitor.pid").exists()
-    commands.down(config, yes=True, workers_only=True)
+    reconcile.down(config, yes=True, workers_only=True)
     nodes = LocalProvider({}, "few").list_nodes()
     assert [n.kind for n in nodes] == ["head"] and StateDB().get("few") is not None
-    commands.down(config, yes=True)
+    reconcile.down(config, yes=True)
     assert StateDB().get("few") is None and LocalProvider({}, "few").list_nodes() == []
 
 
@@ -212,10 +212,10 @@ def test_file_mounts_and_setup_commands_reach_every_node(tmp_path):
         initialization_commands=[f"test -f {mount}/data.txt"],
         setup_commands=[f"cat {mount}/data.txt > {marks}/$RANDOM$RANDOM"],
     )
-    commands.up(config, yes=True, min_workers_override=1)
+    reconcile.up(config, yes=True, min_workers_override=1)
     try:
         assert (mount / "data.txt").read_text() == "mounted-content\n"
         seen = [p.read_text() for p in marks.iterdir()]
         assert seen == ["mounted-content\n"] * 2  # the head and one worker
     finally:
-        commands.down(config, yes=True)
+        reconcile.down(config, yes=True)

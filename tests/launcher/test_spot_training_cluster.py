@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 import strato
-from strato.launcher import commands
+from strato.launcher import reconcile
 from strato.launcher.state import StateDB
 from strato.providers.local import LocalProvider
 from strato.runtime.session import node_files
@@ -90,7 +90,7 @@ def cluster(tmp_path, monkeypatch):
             strato.shutdown()
         for c in StateDB(home).list():
             with contextlib.suppress(Exception):
-                commands.down(c.config_path, yes=True)
+                reconcile.down(c.config_path, yes=True)
         meta.close()
         shutil.rmtree(home, ignore_errors=True)
 
@@ -99,7 +99,7 @@ def test_spot_training_survives_preemption_through_the_autoscaler(cluster):
     config, meta = cluster
     example = _example()
     steps, every = 150, 10
-    commands.up(config, yes=True)
+    reconcile.up(config, yes=True)
     (first,) = _workers()
     head = LocalProvider({}, NAME).list_nodes({"strato-node-kind": "head"})[0]
     strato.init(address="auto", temp_dir=str(LocalProvider({}, NAME).local_dir(head.id)),

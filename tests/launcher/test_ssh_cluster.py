@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from strato import ssh
-from strato.launcher import commands
+from strato.launcher import commands, reconcile
 from strato.launcher.state import StateDB
 from tests.launcher.cluster_helpers import stop_strato, strato_processes
 
@@ -82,12 +82,12 @@ def test_ssh_cluster_end_to_end(ssh_hosts, ssh_address_map, shared_tmp_path, tmp
         assert not strato_processes(h), f"{h.name} is not idle"
     config = _config(shared_tmp_path / "cluster.yaml", hosts)
     try:
-        result = commands.up(config, yes=True)
+        result = reconcile.up(config, yes=True)
         assert result.head_address == f"{hosts[0].ip}:6380"
         assert sorted(result.created) == sorted(h.ip for h in hosts)
 
         # a second `up` creates nothing and restarts nothing
-        again = commands.up(config, yes=True)
+        again = reconcile.up(config, yes=True)
         assert again.created == [] and again.terminated == [] and again.bootstrapped == []
 
         # exec on every node: three distinct hostnames, exit codes propagate
@@ -150,7 +150,7 @@ def test_ssh_cluster_end_to_end(ssh_hosts, ssh_address_map, shared_tmp_path, tmp
         started = time.monotonic()
         assert commands.exec_(config, "true", node=hosts[2].ip) == 255
         assert time.monotonic() - started < 40
-        commands.down(config, yes=True)
+        reconcile.down(config, yes=True)
         assert StateDB().get("sshc") is None
         assert not (strato_home / "logs" / "sshc").exists()
         for h in hosts[:2]:
@@ -158,7 +158,7 @@ def test_ssh_cluster_end_to_end(ssh_hosts, ssh_address_map, shared_tmp_path, tmp
     finally:
         hosts[2].link_up()
         if StateDB().get("sshc") is not None:
-            commands.down(config, yes=True)
+            reconcile.down(config, yes=True)
         stop_strato(hosts[2])  # down could not reach it
         for h in hosts:
             assert not strato_processes(h), h.name
@@ -173,12 +173,12 @@ def test_failing_setup_names_the_command_and_down_cleans_up(ssh_hosts, ssh_addre
     config.write_text(yaml.safe_dump(data))
     try:
         with pytest.raises(Exception) as info:
-            commands.up(config, yes=True)
+            reconcile.up(config, yes=True)
         msg = str(info.value)
         assert "exit 42" in msg and "about to fail" in msg and "exit 42" in msg
         status = commands.status(config)
         assert [n["status"] for n in status["nodes"]] == ["update-failed"]
     finally:
-        commands.down(config, yes=True)
+        reconcile.down(config, yes=True)
     assert StateDB().get("sshbad") is None
     assert not strato_processes(ssh_hosts[0])

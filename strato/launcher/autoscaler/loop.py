@@ -433,8 +433,6 @@ class Autoscaler:
     # ------------------------------------------------------------ launching
     def _launch(self, launch: Launch, now: float) -> list[Node]:
         """Create the nodes, moving to the next zone / on-demand on capacity errors."""
-        from strato.launcher.commands import _new_tags
-
         t = launch.node_type
         info = self.node_types()[t]
         pricing = Pricing(self.config, self.provider)
@@ -453,7 +451,7 @@ class Autoscaler:
                 self._set_state(rec, NodeState.REQUESTED)
             try:
                 created = self.provider.create_nodes(spec, launch.count,
-                                                     {**_new_tags(self.cluster, WORKER, t),
+                                                     {**self.cluster.new_tags(WORKER, t),
                                                       **price_tags},
                                                      zone=zone, spot=spot)
             except CapacityError as e:
