@@ -4,6 +4,7 @@
 """
 
 from strato import checkpoint, exceptions
+from strato.client import init
 from strato.runtime.api import (
     ActorClass,
     ActorHandle,
@@ -15,7 +16,6 @@ from strato.runtime.api import (
     get_actor,
     get_gpu_ids,
     get_runtime_context,
-    init,
     is_initialized,
     kill,
     method,
@@ -25,12 +25,13 @@ from strato.runtime.api import (
     shutdown,
     wait,
 )
+from strato.runtime.calls import FunctionCall
 from strato.runtime.core import ObjectRef
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActorClass", "ActorHandle", "ObjectRef", "RemoteFunction", "available_resources", "checkpoint",
+    "ActorClass", "ActorHandle", "FunctionCall", "ObjectRef", "RemoteFunction", "available_resources", "checkpoint",
     "cancel", "cluster_resources", "exceptions", "get", "get_actor", "get_gpu_ids",
     "get_runtime_context", "init", "is_initialized", "kill", "method", "nodes", "put",
     "remote", "shutdown", "wait",

@@ -22,6 +22,19 @@ class HeadUnreachableError(StratoError, ConnectionError):
     own (a bad argument, a bug in the RPC) and propagates as itself."""
 
 
+class VersionMismatchError(StratoError):
+    """A serverless client and its cluster run different Python, cloudpickle or strato
+    versions: found at connect, before any call; the message names both sides and the fix."""
+
+
+class DurableCallNotFoundError(StratoError, KeyError):
+    """``FunctionCall.from_id``: no durable call of that id on the head (never made, or
+    its result's retention ran out)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class TaskError(StratoError):
     """A remote task or actor method raised; carries the remote traceback.
 

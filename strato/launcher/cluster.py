@@ -8,6 +8,7 @@ Nodes are always found through the provider's tags, never from local memory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -129,6 +130,11 @@ class Cluster:
         return self.config.provider.head_port
 
     # ------------------------------------------------------------ hashes
+    def config_hash(self) -> str:
+        """The whole config's hash, as ``up`` records it (a changed config: up again)."""
+        text = json.dumps(self.config.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+
     def launch_hash(self, node_type: str) -> str:
         return self.overrides.get("launch_hash", {}).get(node_type) or \
             self.config.launch_hash(node_type)

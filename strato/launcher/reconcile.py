@@ -10,8 +10,6 @@ streamed with the node's name as prefix and kept under ``$STRATO_HOME/logs/<clus
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -46,11 +44,6 @@ HEAD = NodeKind.HEAD.value
 WORKER = NodeKind.WORKER.value
 DOWN_CONNECT_TIMEOUT = 5.0   # `down` must not wait long for a node that is gone
 PARALLEL_BOOTSTRAPS = 16
-
-
-def _config_hash(cluster: Cluster) -> str:
-    text = json.dumps(cluster.config.to_dict(), sort_keys=True, default=str)
-    return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
 
 
 def _needs_setup(cluster: Cluster, node: Node) -> bool:
@@ -90,7 +83,7 @@ def up(config_path: str | os.PathLike, yes: bool = False,
     state, name = cluster.state, cluster.name
     cluster.prepare()
     state.upsert(name, provider=cluster.kind, config_path=config_path,
-                 config_hash=_config_hash(cluster))
+                 config_hash=cluster.config_hash())
     state.set_facts(name, cluster.facts)
     cluster.token = state.ensure_token(name)
     say(f"cluster [bold]{name}[/] ({cluster.kind})")

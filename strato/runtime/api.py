@@ -15,7 +15,7 @@ from typing import Any
 import cloudpickle
 
 from strato.exceptions import RuntimeNotInitializedError
-from strato.runtime import context
+from strato.runtime import calls, context
 from strato.runtime import messages as m
 from strato.runtime.control import start_node
 from strato.runtime.core import CoreWorker, ObjectRef, current, set_current
@@ -26,7 +26,8 @@ from strato.runtime.spec import ACTOR_CALL, ACTOR_CREATE, INLINE_MAX, TASK, ArgR
 _state: dict[str, Any] = {"node_proc": None, "namespace": "", "temp_dir": None}
 
 TASK_OPTIONS = {"num_cpus", "num_gpus", "memory", "resources", "accelerator_type", "max_retries",
-                "retry_exceptions", "num_returns", "name", "runtime_env", "scheduling_strategy"}
+                "retry_exceptions", "num_returns", "name", "runtime_env", "scheduling_strategy",
+                "retention_s"}
 ACTOR_OPTIONS = {"num_cpus", "num_gpus", "memory", "resources", "accelerator_type",
                  "max_restarts", "max_task_retries", "name", "namespace", "lifetime",
                  "max_concurrency", "runtime_env", "scheduling_strategy", "get_if_exists"}
@@ -45,7 +46,7 @@ RAY_ONLY_INIT_KWARGS = frozenset({
     "_skip_env_hook"})
 _INIT_PARAMS = ("address", "num_cpus", "num_gpus", "resources", "namespace",
                 "ignore_reinit_error", "token", "object_store_memory", "temp_dir",
-                "log_to_driver")
+                "log_to_driver", "cluster", "working_dir")
 _noted_ray_only: set[str] = set()
 
 
@@ -54,10 +55,6 @@ def _check_init_kwargs(extra: dict[str, Any], temp_dir: str | None) -> str | Non
     returns ``temp_dir`` (Ray spells it ``_temp_dir``)."""
     if "_temp_dir" in extra:
         temp_dir = temp_dir or extra.pop("_temp_dir")
-    if "cluster" in extra:
-        raise TypeError("strato.init(cluster=...): the serverless client is not built yet; "
-                        "run `strato up CLUSTER.yaml` and `strato submit CLUSTER.yaml "
-                        "script.py` (init(address=\"auto\") inside the script)")
     unknown = sorted(k for k in extra if k not in RAY_ONLY_INIT_KWARGS)
     if unknown:
         name = unknown[0]
@@ -129,16 +126,23 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
             info = _start_node(temp_dir, head=False, address=address, token=token, num_cpus=0,
                                num_gpus=0, resources=resources,
                                object_store_memory=object_store_memory)
-    core = CoreWorker(info["socket"], "driver")
+    attach(CoreWorker(info["socket"], "driver"), info["head_address"], namespace=namespace,
+           log_to_driver=log_to_driver)
+    return _info()
+
+
+def attach(core: CoreWorker, address: str, *, namespace: str | None = None,
+           log_to_driver: bool = True) -> None:
+    """Make ``core`` this process's connection (``init``, and the serverless client's
+    remote driver)."""
     if log_to_driver:
         core.log_handler = _log_line
     core.warn_handler = _warn
     set_current(core)
     context.set_worker(core)
     _state["namespace"] = namespace or ""
-    _state["head_address"] = info["head_address"]
+    _state["head_address"] = address
     atexit.register(shutdown)
-    return _info()
 
 
 def _info() -> dict:
@@ -162,6 +166,13 @@ def _start_node(temp_dir: str, *, head: bool, address: str | None = None,
     return node.info
 
 
+#: called by ``shutdown`` after the connection closed (the serverless client's tunnel)
+shutdown_hooks: list = []
+#: called with the remote function or class before it is pickled the first time (the
+#: serverless client registers local modules to travel by value)
+export_hooks: list = []
+
+
 def shutdown() -> None:
     """Disconnect; stop the local cluster this driver started."""
     core = current()
@@ -171,6 +182,11 @@ def shutdown() -> None:
         except Exception:
             pass
         set_current(None)
+    while shutdown_hooks:
+        try:
+            shutdown_hooks.pop()()
+        except Exception:
+            pass
     proc = _state.get("node_proc")
     if proc is not None:
         _state["node_proc"] = None
@@ -216,6 +232,9 @@ def _check_options(options: dict, allowed: set, where: str) -> None:
         if key in ("max_retries", "max_restarts", "max_task_retries") and \
                 (not isinstance(value, int) or value < -1):
             raise ValueError(f"{where}: {key} must be an int >= -1, got {value!r}")
+        if key == "retention_s" and (not isinstance(value, (int, float)) or value <= 0):
+            raise ValueError(f"{where}: retention_s must be a number of seconds > 0, got "
+                             f"{value!r}")
         if key == "max_concurrency" and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{where}: max_concurrency must be an int >= 1, got {value!r}")
         if key == "lifetime" and value not in (None, "detached", "non_detached"):
@@ -245,6 +264,8 @@ def _export(holder, target) -> bytes:
     id(), which Python reuses), and send it to this driver's agent once per connection."""
     cached = holder.__dict__.get("_exported")
     if cached is None:
+        for hook in export_hooks:
+            hook(target)
         blob = cloudpickle.dumps(target, protocol=5)
         cached = (hashlib.sha1(blob).digest(), blob)
         holder._exported = cached
@@ -357,6 +378,8 @@ class RemoteFunction:
         spec = TaskSpec(task_id, TASK, core.job_id, core.node_id, core.client_id, fid,
                         self._name, blob, deps, return_ids, self._resources, self._max_retries,
                         self._retry_exceptions)
+        if core.runtime_env is not None:
+            spec.runtime_env = core.runtime_env
         if keep:
             core.pinned[task_id] = keep
             for oid in return_ids:
@@ -367,9 +390,36 @@ class RemoteFunction:
             return ObjectRef(return_ids[0], node)
         return [ObjectRef(oid, node) for oid in return_ids]
 
-    def map(self, items) -> list:
-        """Serverless extra: one task per item; returns the values in order."""
-        return get([self.remote(x) for x in items])
+    def map(self, *iterables, order_outputs: bool = True, return_exceptions: bool = False,
+            max_in_flight: int | None = None, progress: bool | None = None):
+        """One call per item (several iterables: zipped, like ``map``), at most
+        ``max_in_flight`` at once; yields the results as they are ready, in input order
+        unless ``order_outputs=False``; a progress bar when stdout is a terminal."""
+        return calls.map_method(self.remote, self._name, iterables, order_outputs=order_outputs,
+                                return_exceptions=return_exceptions,
+                                max_in_flight=max_in_flight, progress=progress)
+
+    def starmap(self, iterable, **options):
+        """``.map`` where each item is a tuple of arguments."""
+        return calls.starmap_method(self.remote, self._name, iterable, **options)
+
+    def spawn(self, *args, **kwargs) -> calls.FunctionCall:
+        """A durable call: runs and keeps its result on the head (24 h, or the option
+        ``retention_s``) even if this process disconnects or exits."""
+        if self._num_returns != 1:
+            raise ValueError(f"{self._name}.spawn(): durable calls return one value "
+                             f"(num_returns={self._num_returns})")
+        core = _core()
+        origin = getattr(self, "_export_key", self)
+        fid = _export(origin, origin._fn)
+        blob, deps, keep = _prepare_args(core, args, kwargs)
+        core.mark_escaped(keep)   # the head takes its arguments over; never freed from here
+        task_id = core.ids.next()
+        spec = TaskSpec(task_id, TASK, core.job_id, core.node_id, core.client_id, fid,
+                        self._name, blob, deps, [task_id], self._resources, self._max_retries,
+                        self._retry_exceptions, runtime_env=core.runtime_env)
+        core.send((m.SPAWN, spec, self._options.get("retention_s")))
+        return calls.FunctionCall(task_id, core.node_id, self._name)
 
 
 # ---------------------------------------------------------------------- actors
@@ -447,7 +497,7 @@ class ActorClass:
         resources = _resources(opts, default_cpu=0.0)
         spec = TaskSpec(actor_id, ACTOR_CREATE, core.job_id, core.node_id, core.client_id, fid,
                         self._name, blob, deps, [], resources, 0, False, actor_id=actor_id,
-                        actor_options=actor_options)
+                        actor_options=actor_options, runtime_env=core.runtime_env)
         if keep:
             core.pinned[actor_id] = keep
         # the head keeps the creation spec to restart the actor; its args must be inline
@@ -474,6 +524,13 @@ class ActorMethod:
 
     def remote(self, *args, **kwargs):
         return self._handle._call(self._name, args, kwargs, self._num_returns)
+
+    def map(self, *iterables, **options):
+        """``RemoteFunction.map`` for this method (calls keep the caller's order)."""
+        return calls.map_method(self.remote, self._name, iterables, **options)
+
+    def starmap(self, iterable, **options):
+        return calls.starmap_method(self.remote, self._name, iterable, **options)
 
 
 class ActorHandle:
@@ -544,14 +601,24 @@ def _make_remote(target, options: dict):
 # ---------------------------------------------------------------------- objects
 def get(refs, *, timeout: float | None = None):
     core = _core()
-    if isinstance(refs, ObjectRef):
-        return core.get([refs], timeout)[0]
-    if isinstance(refs, (list, tuple)):
-        for r in refs:
-            if not isinstance(r, ObjectRef):
-                raise TypeError(f"get() takes ObjectRefs, got {type(r).__name__} in the list")
-        return core.get(list(refs), timeout)
+    try:
+        if isinstance(refs, ObjectRef):
+            return core.get([refs], timeout)[0]
+        if isinstance(refs, (list, tuple)):
+            for r in refs:
+                if not isinstance(r, ObjectRef):
+                    raise TypeError(f"get() takes ObjectRefs, got {type(r).__name__} in the list")
+            return core.get(list(refs), timeout)
+    except KeyboardInterrupt:
+        _interrupted(core)
+        raise
     raise TypeError(f"get() takes an ObjectRef or a list of them, got {type(refs).__name__}")
+
+
+def _interrupted(core: CoreWorker) -> None:
+    """Ctrl-C in a remote driver's wait cancels its calls in flight (not durable ones)."""
+    if core.remote:
+        core.cancel_inflight()
 
 
 def put(value) -> ObjectRef:
@@ -567,7 +634,12 @@ def wait(refs: list, *, num_returns: int = 1, timeout: float | None = None,
     if num_returns < 1 or num_returns > len(refs):
         raise ValueError(f"wait(num_returns={num_returns}) must be between 1 and len(refs)="
                          f"{len(refs)}")
-    return _core().wait(list(refs), num_returns, timeout, fetch_local)
+    core = _core()
+    try:
+        return core.wait(list(refs), num_returns, timeout, fetch_local)
+    except KeyboardInterrupt:
+        _interrupted(core)
+        raise
 
 
 def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:

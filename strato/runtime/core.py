@@ -103,8 +103,12 @@ def _rebuild_ref(oid: bytes, owner_node: bytes) -> ObjectRef:
 
 
 class CoreWorker:
-    def __init__(self, socket_path: str, role: str, worker_id: bytes = b""):
+    remote = False     # a remote driver (``strato.runtime.remote``) cannot map the store
+
+    def __init__(self, socket_path: str | None, role: str, worker_id: bytes = b"", *,
+                 sock: socket.socket | None = None):
         self.role = role
+        self._worker_id = worker_id
         self.client_id = os.urandom(16)
         self.ids = IdFactory()
         self.refcounts: dict[bytes, int] = {}
@@ -127,14 +131,21 @@ class CoreWorker:
         self.closed = False
         self._exec_lock = threading.Lock()
         self._early: list = []   # work that arrived before the executor was attached
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(socket_path)
-        self.conn = FrameClient(sock, self._on_batch, self._on_close)
+        self.runtime_env: dict | None = None   # given to every task this driver submits
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(socket_path)
         self._welcome = threading.Event()
-        self.conn.start()
-        self.conn.send((m.HELLO, role, self.client_id, None, worker_id))
+        self.conn = self._open(sock)
         if not self._welcome.wait(30):
-            raise StratoError(f"the node agent at {socket_path} did not answer")
+            raise StratoError(f"the node agent at {socket_path or 'the client endpoint'} "
+                              "did not answer")
+
+    def _open(self, sock: socket.socket) -> FrameClient:
+        conn = FrameClient(sock, self._on_batch, self._on_close)
+        conn.start()
+        conn.send((m.HELLO, self.role, self.client_id, None, self._worker_id))
+        return conn
 
     # ------------------------------------------------------------------ incoming
     def _on_batch(self, batch: list) -> None:
@@ -185,10 +196,15 @@ class CoreWorker:
                     self.warn_handler(msg[1])
             elif kind == m.WELCOME:
                 _, self.node_id, shm_dir, spill_dir, self.agent_address = msg
+                # the node whose store this process maps (none for a remote driver)
+                self.local_node = None if self.remote else self.node_id
                 self.store_paths = (shm_dir, spill_dir)
                 self.pool = FilePool(shm_dir)
                 self.job_id = self.node_id + self.client_id
                 self._welcome.set()
+            elif kind == m.RESUMED:
+                self._on_resumed(msg[1], msg[2])
+                notify = True
         if notify:
             with self.cond:
                 self.cond.notify_all()
@@ -199,6 +215,9 @@ class CoreWorker:
             self.cond.notify_all()
         if self.role == "worker":
             os._exit(1)
+
+    def _on_resumed(self, ready: list, pending: list) -> None:
+        """Overridden by remote drivers, the only ones that resume a session."""
 
     def set_exec_handler(self, handler: Callable) -> None:
         with self._exec_lock:
@@ -239,7 +258,7 @@ class CoreWorker:
             if size is not None:
                 self.pool.add(oid, size)
             elif oid not in self.escaped and value is not None and value[0] == AT_NODE \
-                    and value[1] == self.node_id:
+                    and value[1] == self.local_node:
                 # nobody else holds a ref: give the memory back now rather than when the
                 # agent gets to the free (it may lag behind a tight loop); mappings that
                 # exist stay valid, and the agent's delete then only fixes its accounting
@@ -289,7 +308,7 @@ class CoreWorker:
 
     def _is_ready(self, oid: bytes) -> bool:
         v = self.values.get(oid)
-        return v is not None and (v[0] != AT_NODE or v[1] == self.node_id)
+        return v is not None and (v[0] != AT_NODE or v[1] == self.local_node)
 
     def _request_missing(self, refs, need_local: bool) -> None:
         want = []
@@ -299,7 +318,8 @@ class CoreWorker:
             if v is None:
                 if oid in self.owned or oid in self.wanted:
                     continue
-            elif v[0] != AT_NODE or v[1] == self.node_id or not need_local or oid in self.wanted:
+            elif v[0] != AT_NODE or v[1] == self.local_node or not need_local \
+                    or oid in self.wanted:
                 continue
             self.wanted.add(oid)
             want.append((oid, ref.owner_node))

@@ -82,6 +82,10 @@ class HeadService:
         self.pending_actors: list[bytes] = []
         self._task: asyncio.Task | None = None
         self.started = time.time()
+        # callables adding counts to ``activity`` (the head node's agent: client
+        # sessions, durable calls); in-process, as the head and that agent share one
+        self.activity_sources: list = []
+        self.last_active = self.started
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._tick_loop())
@@ -105,6 +109,8 @@ class HeadService:
                 self.mark_dead(rec.node_id, "missed heartbeats")
         self._place_pending_actors()
         self.broadcast_view()
+        if self._active(self.activity_counts()):
+            self.last_active = now
 
     def views(self) -> list[scheduler.NodeView]:
         return [scheduler.NodeView(r.node_id, r.total, r.available, r.alive, r.draining)
@@ -344,6 +350,37 @@ class HeadService:
                     if v > 1e-9:
                         out[k] = out.get(k, 0.0) + v
         return out
+
+    def activity_counts(self) -> dict:
+        """What runs now: jobs (drivers, client sessions), actors, nodes using resources,
+        pending work, and what ``activity_sources`` add (sessions, durable calls)."""
+        counts = {
+            "jobs": sum(1 for j in self.jobs.values() if j["end"] is None),
+            "actors": sum(1 for a in self.actors.values() if a.state != ActorState.DEAD),
+            "busy_nodes": sum(1 for r in self.nodes.values() if r.alive and any(
+                r.available.get(k, 0.0) < v - 1e-9 for k, v in r.total.items())),
+            "pending": sum(c for r in self.nodes.values() if r.alive for _, c, _ in r.demand)
+            + len(self.pending_actors),
+        }
+        for source in self.activity_sources:
+            counts.update(source())
+        return counts
+
+    @staticmethod
+    def _active(counts: dict) -> bool:
+        return any(v for k, v in counts.items() if k != "durable_kept")
+
+    def rpc_activity(self) -> dict:
+        """Whether anything is active on the cluster and since when nothing was: the
+        counts of ``activity_counts``, ``active``, ``last_active`` (epoch seconds) and
+        ``idle_seconds``. Results of durable calls kept for later are not activity."""
+        counts = self.activity_counts()
+        now = time.time()
+        active = self._active(counts)
+        if active:
+            self.last_active = now
+        return {**counts, "active": active, "last_active": self.last_active,
+                "idle_seconds": 0.0 if active else now - self.last_active}
 
     def rpc_demand(self) -> list[dict]:
         """What the autoscaler reads: pending shapes (tasks and actors) with counts."""

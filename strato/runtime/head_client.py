@@ -97,6 +97,12 @@ class HeadClient:
         """Work waiting for room: ``[{"shape", "count", "infeasible"}]`` (actors included)."""
         return self.call("demand")
 
+    def activity(self) -> dict[str, Any]:
+        """Whether anything is active (client sessions, durable calls, jobs, actors,
+        busy nodes, pending work) and since when nothing was: ``active``,
+        ``last_active``, ``idle_seconds`` and the counts (the seam for autostop)."""
+        return self.call("activity")
+
     def events(self) -> list[dict[str, Any]]:
         """The head's recent runtime events (preemption notices, dead nodes, drains)."""
         return self.call("events")

@@ -26,6 +26,10 @@ ACTOR_CALLS = "actor_call"     # (ACTOR_CALLS, [TaskSpec])
 CANCEL = "cancel"              # (CANCEL, task_id, force)   also peer -> agent
 KILL_ACTOR = "kill_actor"      # (KILL_ACTOR, actor_id, no_restart)   also agent -> head
 RPC = "rpc"                    # (RPC, request id, method, args)   also agent -> head
+# remote drivers only (the serverless client, on the head's client endpoint)
+SPAWN = "spawn"                # (SPAWN, TaskSpec, retention seconds)   a durable call
+CANCEL_SESSION = "cancel_session"  # (CANCEL_SESSION,)   cancel this client's calls in flight
+BYE = "bye"                    # (BYE,)   a clean disconnect: the session ends now
 # worker -> agent only
 DONE = "done"                  # (DONE, task_id, [ReturnValue], retryable)
 BLOCKED = "blocked"            # (BLOCKED, [task_id handed back])
@@ -40,6 +44,9 @@ OBJ = "obj"                    # (OBJ, oid, LOCAL | INLINE | ERROR, payload)
 RPC_REPLY = "rpc_reply"        # (RPC_REPLY, request id, ok, value)   also head -> agent
 LOG = "log"                    # (LOG, [line])   to a driver
 WARN = "warn"                  # (WARN, text)    to a driver
+RESUMED = "resumed"            # (RESUMED, [ReturnValue], [pending oid])   to a remote
+                               # driver that reconnected: what finished while it was away
+                               # and what is still running
 # agent -> worker only
 EXEC = "exec"                  # (EXEC, [TaskSpec], {function_id: blob}, gpu_ids)
 ACTOR_INIT = "actor_init"      # (ACTOR_INIT, TaskSpec, blob | None, gpu_ids)

@@ -94,9 +94,15 @@ async def run_node(args) -> int:
     agent.address = f"{node_ip}:{port}"
     agent.peers = PeerLinks(agent, token)
     head_link = None
+    client_port = None
     if head is not None:
         await head.start()
         await agent.start(prestart_workers=min(2, int(resources.get("CPU", 0))))
+        # remote drivers (the serverless client) come in over SSH to 127.0.0.1 only
+        client_port = await agent.start_client_endpoint(
+            token, int(os.environ.get("STRATO_CLIENT_PORT", "0")))
+        head.activity_sources.append(agent.client_activity)
+        head.activity_sources.append(agent.durable_activity)
         connect_in_process(head, agent)
         head_address = agent.address
         agent.head.send((m.REGISTER, node_id, agent.address, resources, labels))
@@ -120,6 +126,7 @@ async def run_node(args) -> int:
     info = {"node_id": node_id.hex(), "pid": os.getpid(), "head": bool(args.head),
             "head_address": head_address, "agent_address": agent.address,
             "socket": agent.socket_path, "token_file": token_file, "started": time.time(),
+            "client_port": client_port,
             "resources": resources, "temp_dir": temp_dir, "shm_dir": shm_dir}
     node_file = os.path.join(temp_dir, "nodes", f"{short}.json")
     with open(node_file + ".tmp", "w") as f:

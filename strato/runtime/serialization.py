@@ -60,6 +60,26 @@ class SerializedValue:
             pos += b.nbytes
 
 
+    def segments(self) -> list:
+        """The framed layout as a list of buffers, to send without joining them (the
+        buffers stay views of the value's own memory)."""
+        n = len(self.buffers)
+        head = bytearray(_HEADER.size + _LEN.size * (n + 1))
+        _HEADER.pack_into(head, 0, _MAGIC, n)
+        _LEN.pack_into(head, _HEADER.size, len(self.pickled))
+        for i, b in enumerate(self.buffers):
+            _LEN.pack_into(head, _HEADER.size + _LEN.size * (i + 1), b.nbytes)
+        out: list = [bytes(head) + self.pickled]
+        pos = len(out[0])
+        for b in self.buffers:
+            pad = _align(pos) - pos
+            if pad:
+                out.append(bytes(pad))
+            out.append(b.cast("B") if b.format != "B" or b.ndim != 1 else b)
+            pos += pad + b.nbytes
+        return out
+
+
 def _align(n: int) -> int:
     return (n + _ALIGN - 1) & ~(_ALIGN - 1)
 

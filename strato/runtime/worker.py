@@ -24,6 +24,7 @@ from strato.runtime.core import CoreWorker, ObjectRef, set_current
 from strato.runtime.serialization import deserialize, serialize
 from strato.runtime.spec import ACTOR_CALL, INLINE_MAX, ArgRef, ReturnValue, TaskSpec
 from strato.runtime.store import read_object, write_object
+from strato.runtime.workdir import unpack_working_dir, working_dir_root
 
 
 class Executor:
@@ -41,6 +42,7 @@ class Executor:
         self.cancelled: set[bytes] = set()
         self.gpu_ids: list = []
         self.blocked = False
+        self.working_dir: str | None = None   # content hash of the one entered
         core.on_block = self.on_block
         core.set_exec_handler(self.on_message)
 
@@ -109,6 +111,8 @@ class Executor:
                     self.cond.wait()
                 spec, gpu_ids = self.inbox.popleft()
             self.gpu_ids = gpu_ids
+            if spec.runtime_env is not None:
+                self.enter_runtime_env(spec.runtime_env)
             if gpu_ids:
                 os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
             if spec.kind == ACTOR_CALL:
@@ -118,6 +122,26 @@ class Executor:
             else:
                 self.core.send((m.DONE, spec.task_id, self.execute(spec, self.load(spec)),
                                 self._retryable))
+
+    def enter_runtime_env(self, env: dict) -> None:
+        """A client's ``working_dir``: unpacked once per node (fetched from the head's
+        store by content hash), then on ``sys.path`` and the working directory."""
+        wd = env.get("working_dir")
+        if wd is None or wd[0] == self.working_dir:
+            return
+        pkg, oid, node = wd
+        root = working_dir_root(os.environ.get("STRATO_NODE_TEMP_DIR", "/tmp"))
+        path = os.path.join(root, pkg)
+        if not os.path.isdir(path):
+            zipped = self.core.get([ObjectRef(oid, node, _count=False)], None)[0]
+            path = unpack_working_dir(root, pkg, zipped)
+        if self.working_dir is not None:
+            old = os.path.join(root, self.working_dir)
+            if old in sys.path:
+                sys.path.remove(old)
+        sys.path.insert(0, path)
+        os.chdir(path)
+        self.working_dir = pkg
 
     def load(self, spec: TaskSpec):
         fn = self.functions.get(spec.function_id)

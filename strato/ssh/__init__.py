@@ -4,7 +4,8 @@
   connection pool, waiting for a booting machine's sshd;
 - ``commands``: run a command with bash, output streamed line by line, env never shown;
 - ``files``: copy files and directories both ways over SFTP (like ``cp -rT``);
-- ``terminal``: give the local terminal to a shell on the node.
+- ``terminal``: give the local terminal to a shell on the node;
+- ``tunnel``: a socket to a port on the node's side (a ``direct-tcpip`` channel).
 
 The names below are the public surface; import them from ``strato.ssh``.
 """
@@ -35,6 +36,7 @@ from strato.ssh.connect import (
 )
 from strato.ssh.files import FileTransferError, get, put
 from strato.ssh.terminal import interactive_shell, ssh_command_line
+from strato.ssh.tunnel import open_tunnel
 
 __all__ = [
     "ADDRESS_MAP_ENV",
@@ -54,6 +56,7 @@ __all__ = [
     "interactive_shell",
     "key_refused_timeout",
     "known_hosts_path",
+    "open_tunnel",
     "print_line",
     "put",
     "resolve_address",

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from strato.runtime import messages as m
 from strato.runtime import scheduler
 from strato.runtime.agent.actors import ActorHost
+from strato.runtime.agent.durable import DurableCalls
 from strato.runtime.agent.objects import ObjectManager
 from strato.runtime.agent.routing import TaskRouter
+from strato.runtime.agent.sessions import ClientSessions
 from strato.runtime.agent.workers import Worker, WorkerPool
 from strato.runtime.protocol.framing import FrameProtocol
 from strato.runtime.store import ObjectStore
@@ -43,9 +45,13 @@ class Client:
     role: str                     # "driver" | "worker"
     job_id: bytes
     worker: Worker | None = None
+    remote: bool = False          # a remote driver on the client endpoint
+    session: str | None = None    # its session id (kept across reconnects)
+    bye: bool = False             # it disconnected cleanly (BYE)
 
 
-class NodeAgent(WorkerPool, ObjectManager, ActorHost, TaskRouter):
+class NodeAgent(WorkerPool, ObjectManager, ActorHost, TaskRouter, ClientSessions,
+                DurableCalls):
     """One per node, on one asyncio loop: worker pool, local scheduling, resource
     accounting, object store and transfer, and the owner-side bookkeeping (retries,
     lineage) for its clients. Local processes reach it over framed unix sockets;
@@ -81,6 +87,8 @@ class NodeAgent(WorkerPool, ObjectManager, ActorHost, TaskRouter):
         self._init_objects()
         self._init_actors()
         self._init_routing()
+        self._init_sessions()
+        self._init_durable()
         self._routes: dict[int, dict[str, Callable]] = {CLIENT: {}, HEAD: {}, PEER: {}, REQUEST: {}}
         for kind, (handler, links) in ROUTES.items():
             for link, table in self._routes.items():
@@ -112,6 +120,7 @@ class NodeAgent(WorkerPool, ObjectManager, ActorHost, TaskRouter):
                     pass
         if self._server:
             self._server.close()
+        self.stop_client_endpoint()
         self.store.clear()
         try:
             os.unlink(self.socket_path)
@@ -170,28 +179,42 @@ class NodeAgent(WorkerPool, ObjectManager, ActorHost, TaskRouter):
         _, role, client_id, job_id, worker_id = msg
         client = Client(client_id, conn, role, job_id or (self.node_id + client_id))
         conn.peer = client
+        resumed = False
+        if getattr(conn, "authed", False):   # the client endpoint: a remote driver
+            if role != "driver":
+                conn.transport.close()
+                return client
+            resumed = self._attach_session(client)
         self.clients[client_id] = client
         if role == "worker":
             client.worker = self.attach_worker(worker_id, conn)
         conn.send((m.WELCOME, self.node_id, self.store.shm_dir, self.store.spill_dir,
                    self.address))
-        if role == "driver":
-            self.head.send((m.JOB_STARTED, job_id, self.node_id))
+        if role == "driver" and not resumed:
+            self.head.send((m.JOB_STARTED, client.job_id, self.node_id))
         return client
 
     def _on_client_close(self, conn: FrameProtocol) -> None:
         client = conn.peer
-        if client is None or self.closing:
-            return
+        if client is None or self.closing or self.clients.get(client.client_id) is not client:
+            return   # not attached, or a stale connection a resumed session replaced
         self.clients.pop(client.client_id, None)
+        if client.remote:
+            if not client.bye:
+                self._session_lost(client)
+                return
+            self._session_closed(client)
         if client.role == "driver":
-            # the job is over: free what it owned, stop its actors
-            self._free_client_objects(client.client_id)
-            for key, q in self.ready.items():
-                self.ready[key] = deque(s for s in q if s.job_id != client.job_id)
-            self.waiting = [s for s in self.waiting if s.job_id != client.job_id]
-            self.head.send((m.JOB_FINISHED, client.job_id))
-            self._schedule_dispatch()
+            self._job_over(client.client_id, client.job_id)
+
+    def _job_over(self, client_id: bytes, job_id: bytes) -> None:
+        """A driver left: free what it owned, drop its queued tasks, stop its actors."""
+        self._free_client_objects(client_id)
+        for key, q in self.ready.items():
+            self.ready[key] = deque(s for s in q if s.job_id != job_id)
+        self.waiting = [s for s in self.waiting if s.job_id != job_id]
+        self.head.send((m.JOB_FINISHED, job_id))
+        self._schedule_dispatch()
 
     def on_rpc(self, client: Client, msg) -> None:
         """Answer from this agent (``_rpc_<method>``) or ask the head."""
@@ -270,6 +293,10 @@ ROUTES: dict[str, tuple[Callable, int]] = {
     m.ACTOR_CALLS: (ActorHost.on_actor_calls, CLIENT),
     m.KILL_ACTOR: (ActorHost.on_kill_actor, CLIENT),
     m.RPC: (NodeAgent.on_rpc, CLIENT),
+    # from remote drivers (the client endpoint)
+    m.SPAWN: (DurableCalls.on_spawn, CLIENT),
+    m.CANCEL_SESSION: (ClientSessions.on_cancel_session, CLIENT),
+    m.BYE: (ClientSessions.on_bye, CLIENT),
     # from workers
     m.DONE: (WorkerPool.on_done, CLIENT),
     m.BLOCKED: (WorkerPool.on_blocked, CLIENT),

@@ -88,6 +88,9 @@ class ObjectManager:
     def _deliver(self, client, oid: bytes, info: tuple) -> None:
         """Give a client an object: inline bytes, error, or once it is in the local store."""
         where = info[0]
+        if where == m.AT_NODE and client.remote:
+            self._deliver_remote(client, oid, info)
+            return
         if where == m.AT_NODE and info[1] != self.node_id:
             self._pull(oid, info[1], info[2], lambda ok, err=None: client.conn.send(
                 (m.OBJ, oid, m.LOCAL, None) if ok else (m.OBJ, oid, m.ERROR, err)))

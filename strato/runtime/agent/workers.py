@@ -54,6 +54,7 @@ class Worker:
     pid: int = 0
     pending_actor: TaskSpec | None = None   # actor to become once the process connects
     final_stop: bool = False   # its actor was killed for good: no restart follows
+    task_name: str = ""        # of the task it ran last (its output lines' prefix)
 
 
 class WorkerPool:
@@ -92,6 +93,7 @@ class WorkerPool:
         env["STRATO_AGENT_SOCKET"] = self.socket_path
         env["STRATO_WORKER_ID"] = w.worker_id.hex()
         env["STRATO_NODE_ID"] = self.node_id.hex()
+        env["STRATO_NODE_TEMP_DIR"] = self.temp_dir   # working dirs are cached under it
         env["PYTHONUNBUFFERED"] = "1"
         try:
             w.proc = await asyncio.create_subprocess_exec(
@@ -110,7 +112,7 @@ class WorkerPool:
 
     async def _pump_output(self, w: Worker) -> None:
         stream = w.proc.stdout
-        prefix = f"(pid={w.pid}, node={self.node_id.hex()[:8]})"
+        where = f"pid={w.pid}, node={self.node_id.hex()[:8]}"
         while True:
             lines = []
             line = await stream.readline()
@@ -125,6 +127,9 @@ class WorkerPool:
                 if not nxt:
                     break
                 lines.append(nxt)
+            # like Ray: "(name pid=..., node=...)", name of the actor or of a task it runs
+            name = w.actor_spec.name.split(".")[0] if w.actor_spec else w.task_name
+            prefix = f"({name} {where})" if name else f"({where})"
             text = [f"{prefix} {x.decode(errors='replace').rstrip()}" for x in lines]
             if w.job_id:
                 self._route_log(w.job_id, text)
@@ -270,6 +275,7 @@ class WorkerPool:
                 spec = queue.popleft()
                 w.inflight[spec.task_id] = spec
                 w.job_id = spec.job_id
+                w.task_name = spec.name
                 sends.setdefault(w.worker_id, []).append(spec)
         for wid, specs in sends.items():
             w = self.workers.get(wid)

@@ -2,6 +2,11 @@
 
 Each frame carries a *list* of messages, so whatever is queued goes out in one write.
 Messages are tuples whose first item names the kind (see ``strato.runtime.messages``).
+
+A *raw* frame (length with the ``RAW`` bit set) carries one chunk of an object's bytes,
+unpickled: ``(oid, offset, total size)`` then the data. Remote drivers (the serverless
+client) move large objects so: the receiver reads the data straight into its final
+buffer (a store file, a preallocated bytearray), never through pickle.
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ from collections.abc import Callable
 
 _LEN = struct.Struct("<I")
 MAX_FRAME = 1 << 31
+RAW = 1 << 31                              # length bit: a raw chunk frame
+RAW_HEAD = struct.Struct("<16sQQ")         # oid, offset, total size
+RAW_CHUNK = 4 * 1024 * 1024
+_READ_BUF = 1 << 20
 
 
 def encode(batch: list) -> bytes:
@@ -22,16 +31,56 @@ def encode(batch: list) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
+def raw_header(oid: bytes, offset: int, total: int, nbytes: int) -> bytes:
+    """The header of a raw frame carrying ``nbytes`` of object ``oid`` at ``offset``."""
+    return _LEN.pack(RAW | (RAW_HEAD.size + nbytes)) + RAW_HEAD.pack(oid, offset, total)
+
+
+def chunks(segments: list, size: int = RAW_CHUNK):
+    """Split a sequence of buffers into lists of views of at most ``size`` bytes each."""
+    out: list = []
+    room = size
+    for seg in segments:
+        view = memoryview(seg).cast("B") if not isinstance(seg, bytes) else memoryview(seg)
+        while len(view):
+            part = view[:room]
+            out.append(part)
+            view = view[len(part):]
+            room -= len(part)
+            if room == 0:
+                yield out
+                out, room = [], size
+    if out:
+        yield out
+
+
+def sendmsg_all(sock: socket.socket, buffers: list) -> None:
+    """``sendall`` for a list of buffers (scatter-gather, no joining copy)."""
+    views = [memoryview(b) for b in buffers]
+    while views:
+        sent = sock.sendmsg(views)
+        while sent and views:
+            n = len(views[0])
+            if sent >= n:
+                sent -= n
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+
+
 class FrameProtocol(asyncio.BufferedProtocol):
     """asyncio side (node agent): parses frames and hands each batch to ``on_batch``."""
 
     def __init__(self, on_batch: Callable[[FrameProtocol, list], None],
-                 on_close: Callable[[FrameProtocol], None]):
+                 on_close: Callable[[FrameProtocol], None], on_raw: Callable | None = None):
         self._on_batch = on_batch
         self._on_close = on_close
+        self._on_raw = on_raw   # (protocol, oid, offset, total, memoryview); None: refused
         self._buf = bytearray(1 << 16)
         self._start = 0
         self._end = 0
+        self._need = 0     # bytes still missing of a frame bigger than the free room
         self.transport: asyncio.Transport | None = None
         self._pending: list = []
         self._flush_scheduled = False
@@ -43,13 +92,15 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.transport = transport
 
     def get_buffer(self, sizehint):
-        if len(self._buf) - self._end < 65536:
+        # resize only here: the loop (uvloop) holds the buffer during buffer_updated
+        need = max(self._need, 65536)
+        if len(self._buf) - self._end < need:
             if self._start:
                 self._buf[: self._end - self._start] = self._buf[self._start:self._end]
                 self._end -= self._start
                 self._start = 0
-            if len(self._buf) - self._end < 65536:
-                self._buf.extend(bytes(len(self._buf)))
+            if len(self._buf) - self._end < need:
+                self._buf.extend(bytes(need - (len(self._buf) - self._end)))
         return memoryview(self._buf)[self._end:]
 
     def buffer_updated(self, nbytes):
@@ -57,17 +108,30 @@ class FrameProtocol(asyncio.BufferedProtocol):
         buf = self._buf
         while self._end - self._start >= 4:
             (n,) = _LEN.unpack_from(buf, self._start)
+            raw = n & RAW
+            n &= ~RAW
             if self._end - self._start - 4 < n:
-                if n + 4 > len(buf):
-                    need = n + 4 - (len(buf) - self._start)
-                    buf.extend(bytes(need + 65536))
+                self._need = n + 4 - (self._end - self._start)   # room get_buffer makes
                 break
+            self._need = 0
+            if raw:
+                if self._on_raw is None or n < RAW_HEAD.size:
+                    self.transport.close()
+                    return
+                oid, offset, total = RAW_HEAD.unpack_from(buf, self._start + 4)
+                with memoryview(buf) as view:
+                    self._on_raw(self, oid, offset, total,
+                                 view[self._start + 4 + RAW_HEAD.size:self._start + 4 + n])
+                self._start += 4 + n
+                if self.closed:
+                    return
+                continue
             body = bytes(buf[self._start + 4:self._start + 4 + n])
             self._start += 4 + n
             self._on_batch(self, pickle.loads(body))
         if self._start == self._end:
             self._start = self._end = 0
-            if len(buf) > (1 << 22):
+            if len(buf) > (1 << 23):
                 self._buf = bytearray(1 << 16)
 
     def connection_lost(self, exc):
@@ -91,13 +155,20 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
 
 class FrameClient:
-    """Blocking side (driver, worker): sends from any thread, a reader thread dispatches."""
+    """Blocking side (driver, worker): sends from any thread, a reader thread dispatches.
+
+    Raw frames go to ``on_raw(oid, offset, total, nbytes)``, which returns the writable
+    view to read the data into (None: discard it), then ``on_raw_done(oid, nbytes)``.
+    """
 
     def __init__(self, sock: socket.socket, on_batch: Callable[[list], None],
-                 on_close: Callable[[], None], name: str = "strato-io"):
+                 on_close: Callable[[], None], name: str = "strato-io",
+                 on_raw: Callable | None = None, on_raw_done: Callable | None = None):
         self.sock = sock
         self._on_batch = on_batch
         self._on_close = on_close
+        self._on_raw = on_raw
+        self._on_raw_done = on_raw_done
         self._send_lock = threading.Lock()
         self._queue: list = []
         self.closed = False
@@ -119,25 +190,63 @@ class FrameClient:
             except OSError:
                 self.closed = True
 
+    def send_raw(self, oid: bytes, total: int, segments: list, then=None) -> bool:
+        """Send an object's bytes (``segments``, ``total`` bytes in all) as raw frames,
+        then the message ``then``, without another thread's frame in between."""
+        with self._send_lock:
+            if self.closed:
+                return False
+            try:
+                offset = 0
+                for part in chunks(segments):
+                    n = sum(len(p) for p in part)
+                    sendmsg_all(self.sock, [raw_header(oid, offset, total, n), *part])
+                    offset += n
+                if then is not None:
+                    self.sock.sendall(encode([then]))
+            except OSError:
+                self.closed = True
+                return False
+        return True
+
     def _read_loop(self) -> None:
         sock = self.sock
-        buf = bytearray()
+        buf = bytearray(_READ_BUF)
+        view = memoryview(buf)
+        start = end = 0
         try:
             while True:
-                chunk = sock.recv(1 << 20)
-                if not chunk:
+                got = sock.recv_into(view[end:])
+                if not got:
                     break
-                buf += chunk
-                start = 0
-                while len(buf) - start >= 4:
+                end += got
+                while end - start >= 4:
                     (n,) = _LEN.unpack_from(buf, start)
-                    if len(buf) - start - 4 < n:
+                    raw = n & RAW
+                    n &= ~RAW
+                    if raw:
+                        if end - start < 4 + RAW_HEAD.size:
+                            break
+                        start, end = 0, self._read_raw(view, start, end, n)
+                        continue
+                    if end - start - 4 < n:
+                        if n + 4 > len(buf):   # bigger than the buffer: a frame of its own
+                            body = bytearray(n)
+                            have = end - start - 4
+                            body[:have] = view[start + 4:end]
+                            self._recv_exactly(memoryview(body)[have:])
+                            start = end = 0
+                            self._on_batch(pickle.loads(body))
                         break
-                    body = bytes(buf[start + 4:start + 4 + n])
+                    batch = pickle.loads(view[start + 4:start + 4 + n])
                     start += 4 + n
-                    self._on_batch(pickle.loads(body))
-                if start:
-                    del buf[:start]
+                    self._on_batch(batch)
+                if start == end:
+                    start = end = 0
+                elif len(buf) - end < 65536 or start > len(buf) // 2:
+                    view[:end - start] = view[start:end]
+                    end -= start
+                    start = 0
         except OSError:
             pass
         except Exception:
@@ -146,6 +255,34 @@ class FrameClient:
         finally:
             self.closed = True
             self._on_close()
+
+    def _read_raw(self, view: memoryview, start: int, end: int, n: int) -> int:
+        """One raw frame: its data straight into the target view. What was buffered
+        after it moves to the buffer's front; returns how many bytes that is."""
+        oid, offset, total = RAW_HEAD.unpack_from(view, start + 4)
+        size = n - RAW_HEAD.size
+        dest = self._on_raw(oid, offset, total, size) if self._on_raw else None
+        if dest is None:
+            dest = memoryview(bytearray(size))
+        pos = start + 4 + RAW_HEAD.size
+        have = min(end - pos, size)
+        dest[:have] = view[pos:pos + have]
+        if have < size:
+            self._recv_exactly(dest[have:])
+        rest = end - (pos + have)
+        if rest:
+            view[:rest] = view[pos + have:end]
+        if self._on_raw_done:
+            self._on_raw_done(oid, size)
+        return rest
+
+    def _recv_exactly(self, dest: memoryview) -> None:
+        got = 0
+        while got < len(dest):
+            n = self.sock.recv_into(dest[got:])
+            if not n:
+                raise OSError("connection closed in a frame")
+            got += n
 
     def close(self) -> None:
         self.closed = True
