@@ -106,8 +106,8 @@ def submit(config_path: str | os.PathLike, script: str | os.PathLike,
 
 def _node_losses(cluster: Cluster, head: Node, since: float | None = None) -> dict[str, Any]:
     """Node-loss events of the head's runtime at or after ``since`` (the head's clock)."""
-    cmd = (f"{cluster.runtime_python(head.node_type or '')} -m "
-           f"strato.launcher.autoscaler.events --temp-dir {cluster.temp_dir(head)}")
+    cmd = (f"{cluster.runtime_python(head.node_type or '')} -m strato.launcher.probe "
+           f"--node-losses --temp-dir {cluster.temp_dir(head)}")
     if since is not None:
         cmd += f" --since {since!r}"
     try:
