@@ -84,6 +84,7 @@ def _register_optional(module: str) -> None:
 
 _register_optional("strato.cli.cluster")
 _register_optional("strato.cli.catalog")
+_register_optional("strato.cli.client")
 
 
 def main() -> None:

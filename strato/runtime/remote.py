@@ -30,6 +30,7 @@ from strato.runtime.serialization import serialize
 from strato.runtime.spec import INLINE_MAX
 
 DEFAULT_RECONNECT_S = 60.0
+BYE_TIMEOUT_S = 2.0
 
 
 class RemoteCoreWorker(CoreWorker):
@@ -193,7 +194,10 @@ class RemoteCoreWorker(CoreWorker):
     def close(self) -> None:
         """A clean goodbye: the head ends the session now and cancels its calls."""
         self._closing = True
-        if not self.conn.closed:
-            self.conn.send((m.BYE,))
+        conn = self.conn
+        if not conn.closed:
+            conn.send((m.BYE,))
+            with self.cond:   # the head closes once the last output lines went out
+                self.cond.wait_for(lambda: conn.closed, BYE_TIMEOUT_S)
         super().close()
 

@@ -32,6 +32,7 @@ log = logging.getLogger("strato.agent")
 
 DEFAULT_GRACE_S = 60.0
 WRITE_HIGH_WATER = 8 * 1024 * 1024
+BYE_LINGER_S = 0.05
 
 
 @dataclass
@@ -213,7 +214,10 @@ class ClientSessions:
         self._drop_incoming_puts(client.client_id)
 
     def on_bye(self, client, msg) -> None:
+        """A clean goodbye: output its tasks printed just now still goes out (the pumps
+        read it within a few ms), then the connection closes."""
         client.bye = True
+        self.loop.call_later(BYE_LINGER_S, client.conn.close)
 
     def on_cancel_session(self, client, msg) -> None:
         """Cancel every call this client has in flight (durable calls are not its own)."""

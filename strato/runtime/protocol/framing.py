@@ -147,6 +147,11 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
+    def close(self) -> None:
+        """Send what is queued, then close."""
+        self._flush()
+        self.transport.close()
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self._pending and not self.closed:
