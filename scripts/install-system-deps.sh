@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the system packages the SSH test harness needs (sshd, ip, rsync).
+# Install the system packages the SSH test harness needs (sshd, ip, rsync, and iptables
+# for the serverless client's test of a head that only SSH reaches).
 # Idempotent: does nothing when every binary is present; otherwise runs
 # `apt-get update` once and installs only what is missing. Needs root (as in CI).
 set -euo pipefail
@@ -8,6 +9,7 @@ declare -A want=(
   [/usr/sbin/sshd]=openssh-server
   [ip]=iproute2
   [rsync]=rsync
+  [iptables]=iptables
 )
 
 missing=()

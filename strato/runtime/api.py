@@ -419,6 +419,8 @@ class RemoteFunction:
                         self._name, blob, deps, [task_id], self._resources, self._max_retries,
                         self._retry_exceptions, runtime_env=core.runtime_env)
         core.send((m.SPAWN, spec, self._options.get("retention_s")))
+        # the head has it once it answers for it (same stream): exiting now loses nothing
+        core.rpc("durable_call", task_id)
         return calls.FunctionCall(task_id, core.node_id, self._name)
 
 
