@@ -127,4 +127,4 @@ def test_attach_opens_an_interactive_shell_on_the_head(tmp_path, home):
         assert child.exitstatus == 0
     finally:
         down = strato(home, "down", str(config), "-y")
-        assert down.returncode == 0, down.stderr
+    assert down.returncode == 0, down.stderr

@@ -185,6 +185,22 @@ class Host:
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                               check=check)
 
+    def new_host_key(self) -> None:
+        """Give the host a fresh SSH host key and restart it: a reinstalled machine, or
+        someone else answering at its address."""
+        host_key, _ = _keypair(self.hostname)
+        _write(self._net().host_dir(self) / "ssh_host_ed25519_key", host_key)
+        self.restart()
+
+    def host_public_key(self) -> str:
+        """The host's current public key as ``type base64``."""
+        from cryptography.hazmat.primitives import serialization as s
+
+        pem = (self._net().host_dir(self) / "ssh_host_ed25519_key").read_bytes()
+        key = s.load_ssh_private_key(pem, password=None)
+        return key.public_key().public_bytes(s.Encoding.OpenSSH,
+                                             s.PublicFormat.OpenSSH).decode()
+
     def restart(self) -> None:
         """Kill everything running on the host and start a fresh sshd (new /tmp too)."""
         self.stop()
@@ -462,6 +478,47 @@ def ssh_hosts(ssh_host_network: SSHHostNetwork) -> list[Host]:
     while len(ssh_host_network.hosts) < NUM_HOSTS:
         ssh_host_network.add_host()
     return ssh_host_network.hosts[:NUM_HOSTS]
+
+
+# ------------------------------------------------------------------ what strato left on hosts
+def _refresh_init_pid(host: Host) -> None:
+    """Work around Host.restart() keeping a stale init_pid (its old init was still a zombie
+    when the new one started), which makes run_local fail."""
+    if host.init_pid and not Path(f"/proc/{host.init_pid}/ns/ipc").exists():
+        host.init_pid = _first_child(host.pid)
+
+
+def strato_processes(host: Host) -> str:
+    """Command lines of strato processes on the host (its own PID namespace)."""
+    _refresh_init_pid(host)
+    res = host.run_local("ps -eo args", timeout=15)
+    assert res.returncode == 0, res.stderr
+    return "\n".join(line for line in res.stdout.splitlines()
+                     if "strato.runtime" in line or "strato.launcher" in line)
+
+
+def stop_strato(host: Host) -> None:
+    """Stop what strato runs on a host the launcher could not clean (by pid, on the host)."""
+    _refresh_init_pid(host)
+    host.run_local(f"{sys.executable} -m strato.cli stop; pid=$(cat /tmp/strato-*/monitor/"
+                   "monitor.pid 2>/dev/null) && kill $pid", timeout=30)
+
+
+@pytest.fixture
+def no_strato_left(ssh_hosts: list[Host]) -> Iterator[None]:
+    """After the test (and its own cleanup): no strato process may remain on any running
+    host. Checked at teardown, so a leak is reported beside the test's own result rather
+    than masking it; whatever is found is stopped so later tests see idle hosts."""
+    yield
+    leftovers = {}
+    for host in ssh_hosts:
+        if not host.init_pid:  # a GCE-played host that was halted: nothing can run there
+            continue
+        found = strato_processes(host)
+        if found:
+            leftovers[host.name] = found
+            stop_strato(host)
+    assert not leftovers, f"strato processes left on test hosts: {leftovers}"
 
 
 @pytest.fixture

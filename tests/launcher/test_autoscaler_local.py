@@ -10,9 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -32,19 +30,6 @@ pytestmark = pytest.mark.timeout(150)
 
 NAME = "auto"
 TICK = 0.3
-
-
-@pytest.fixture
-def strato_home(monkeypatch: pytest.MonkeyPatch):
-    home = Path(tempfile.mkdtemp(prefix="sa-", dir="/tmp"))  # short: unix socket paths
-    monkeypatch.setenv("STRATO_HOME", str(home))
-    yield home
-    with contextlib.suppress(Exception):
-        strato.shutdown()
-    for cluster in StateDB(home).list():
-        with contextlib.suppress(Exception):
-            reconcile.down(cluster.config_path, yes=True)
-    shutil.rmtree(home, ignore_errors=True)
 
 
 def _config(path: Path, max_workers: int = 1) -> Path:
@@ -103,7 +88,7 @@ def where(seconds: float) -> tuple[str, float]:
     return labels[me].get("strato-node-id"), started
 
 
-def test_scale_up_idle_down_and_replace_dead_worker(tmp_path, strato_home):
+def test_scale_up_idle_down_and_replace_dead_worker(tmp_path, short_strato_home):
     config = _config(tmp_path / "auto.yaml")
     result = reconcile.up(config, yes=True)
     assert len(result.created) == 1 and _workers() == []  # only the head: min_workers 0
@@ -117,13 +102,13 @@ def test_scale_up_idle_down_and_replace_dead_worker(tmp_path, strato_home):
     scale_up = time.monotonic() - t0
     (worker,) = _workers()
     assert {node for node, _ in ran} == {worker.id}
-    launches = [e for e in _events(strato_home) if e["kind"] == "launch"]
+    launches = [e for e in _events(short_strato_home) if e["kind"] == "launch"]
     assert len(launches) == 1 and "demand: " in launches[0]["message"]
     assert "w: 1}" in launches[0]["message"]
 
     # idle past idle_timeout_minutes (3 s) -> terminated, with the reason logged
     idle_removal = _wait(lambda: _workers() == [], 30, "the idle worker to be removed")
-    terms = [e for e in _events(strato_home) if e["kind"] == "terminate"]
+    terms = [e for e in _events(short_strato_home) if e["kind"] == "terminate"]
     assert terms and terms[-1]["node"] == worker.id and "idle" in terms[-1]["message"]
 
     # new demand -> a new worker; kill it mid-task -> replaced, its tasks retried there
@@ -142,9 +127,9 @@ def test_scale_up_idle_down_and_replace_dead_worker(tmp_path, strato_home):
     print(f"\nFIGURE scale-up (demand -> tasks done): {scale_up:.1f}s; idle worker removed "
           f"{idle_removal:.1f}s after its tasks; worker death -> replacement accepting "
           f"tasks: {accepting:.1f}s (tick {TICK}s)")
-    kinds = [e["kind"] for e in _events(strato_home)]
+    kinds = [e["kind"] for e in _events(short_strato_home)]
     assert "terminate" in kinds[kinds.index("launch"):] and kinds.count("launch") >= 3
-    dead = [e for e in _events(strato_home) if e["kind"] == "terminate"
+    dead = [e for e in _events(short_strato_home) if e["kind"] == "terminate"
             and e["node"] == victim.id]
     assert dead and "died" in dead[0]["message"]
 
@@ -174,7 +159,7 @@ RECOVERING_JOB = textwrap.dedent("""
 """)
 
 
-def test_submit_spot_recovery_relaunches_with_resume(tmp_path, strato_home):
+def test_submit_spot_recovery_relaunches_with_resume(tmp_path, short_strato_home):
     config = _config(tmp_path / "auto.yaml")
     reconcile.up(config, yes=True)
     script = tmp_path / "job.py"

@@ -18,16 +18,9 @@ import yaml
 from strato.launcher import commands, reconcile
 from strato.launcher.state import StateDB
 from strato.providers.aws import AWSProvider
-from tests.launcher.cluster_helpers import stop_strato, strato_processes
+from tests.harness.ssh_hosts import stop_strato
 
-pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(autouse=True)
-def strato_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("STRATO_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("STRATO_MONITOR", "off")
-    return tmp_path / "home"
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("no_strato_left", "strato_home", "monitor_off")]
 
 
 @pytest.fixture
@@ -108,4 +101,3 @@ def test_aws_up_exec_replace_down(moto_endpoint, hosts_for_instances, shared_tmp
             reconcile.down(config, yes=True)
         for h in hosts[:2]:  # terminating a moto instance stops nothing on the host
             stop_strato(h)
-            assert not strato_processes(h), h.name

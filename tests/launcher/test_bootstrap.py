@@ -7,7 +7,6 @@ import re
 import stat
 import subprocess
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -15,13 +14,7 @@ from strato.launcher import bootstrap
 from strato.launcher.runner import LocalRunner, OutputSink
 from strato.launcher.state import StateDB
 
-pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(autouse=True)
-def strato_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("STRATO_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("strato_home")]
 
 
 def test_every_template_renders_and_is_valid_bash():

@@ -24,7 +24,7 @@ import yaml
 from strato.launcher import commands, reconcile
 from strato.launcher.state import StateDB
 from tests.harness.gce_hosts import GCEHostPool
-from tests.launcher.cluster_helpers import strato_processes
+from tests.harness.ssh_hosts import strato_processes
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -21,22 +20,7 @@ from strato.providers.base import TAG_STATUS
 from strato.providers.local import LocalProvider
 from strato.runtime.session import node_files
 
-pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(autouse=True)
-def strato_home(monkeypatch: pytest.MonkeyPatch):
-    # short: node sockets live under it, and unix socket paths are limited to 107 bytes
-    home = Path(tempfile.mkdtemp(prefix="sh-", dir="/tmp"))
-    monkeypatch.setenv("STRATO_HOME", str(home))
-    yield home
-    for cluster in StateDB(home).list():  # a failed test must not leave processes behind
-        try:
-            reconcile.down(cluster.config_path, yes=True)
-        except Exception:
-            pass
-    import shutil
-    shutil.rmtree(home, ignore_errors=True)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("short_strato_home")]
 
 
 def _config(path: Path, name: str, **extra) -> Path:
@@ -96,7 +80,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_local_cluster_up_exec_submit_status_down(tmp_path, strato_home):
+def test_local_cluster_up_exec_submit_status_down(tmp_path, short_strato_home):
     config = _config(tmp_path / "local.yaml", "loc")
     result = reconcile.up(config, yes=True)
     head_id = LocalProvider({}, "loc").list_nodes({"strato-node-kind": "head"})[0].id
@@ -137,12 +121,12 @@ def test_local_cluster_up_exec_submit_status_down(tmp_path, strato_home):
                        and psutil.Process(p).status() != psutil.STATUS_ZOMBIE],
           15, "every cluster process to exit")
     assert StateDB().get("loc") is None
-    assert not (strato_home / "local" / "loc").exists()
-    assert not (strato_home / "logs" / "loc").exists()
+    assert not (short_strato_home / "local" / "loc").exists()
+    assert not (short_strato_home / "logs" / "loc").exists()
     assert not StateDB().token_path("loc").exists()
 
 
-def test_setup_failure_is_retried_and_changes_are_applied(tmp_path, strato_home):
+def test_setup_failure_is_retried_and_changes_are_applied(tmp_path, short_strato_home):
     marker = tmp_path / "fail"
     marker.touch()
     # the autoscaler would retry failed setups on its own (tested elsewhere); here it is
@@ -183,14 +167,14 @@ def test_setup_failure_is_retried_and_changes_are_applied(tmp_path, strato_home)
     assert provider.list_nodes() == []
 
 
-def test_min_workers_override_and_workers_only_down(tmp_path, strato_home):
+def test_min_workers_override_and_workers_only_down(tmp_path, short_strato_home):
     config = _config(tmp_path / "c.yaml", "few")
     data = yaml.safe_load(config.read_text())
     data["provider"]["monitor"] = "off"
     config.write_text(yaml.safe_dump(data))
     result = reconcile.up(config, yes=True, min_workers_override=1)
     assert len(result.created) == 2
-    assert not (strato_home / "monitor" / "few" / "monitor.pid").exists()
+    assert not (short_strato_home / "monitor" / "few" / "monitor.pid").exists()
     reconcile.down(config, yes=True, workers_only=True)
     nodes = LocalProvider({}, "few").list_nodes()
     assert [n.kind for n in nodes] == ["head"] and StateDB().get("few") is not None

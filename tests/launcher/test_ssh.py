@@ -18,12 +18,7 @@ from strato.providers.ssh import SSHProvider
 from strato.ssh import connect
 from tests.harness.ssh_hosts import SOURCE_ROOT
 
-
-@pytest.fixture(autouse=True)
-def strato_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "strato-home"
-    monkeypatch.setenv("STRATO_HOME", str(home))
-    return home
+pytestmark = pytest.mark.usefixtures("strato_home")
 
 
 def test_runs_on_three_hosts_in_parallel_with_distinct_hostnames(ssh_hosts, capsys,

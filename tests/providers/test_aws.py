@@ -49,13 +49,6 @@ def tags_for(spec: NodeTypeSpec, kind: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def strato_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "strato-home"
-    monkeypatch.setenv("STRATO_HOME", str(home))
-    return home
-
-
-@pytest.fixture
 def provider(moto_endpoint: str, strato_home: Path) -> AWSProvider:
     return AWSProvider({"type": "aws", "region": REGION, "availability_zone": "us-east-1a",
                         "endpoint_url": moto_endpoint}, "demo")

@@ -39,12 +39,6 @@ def _tags(kind: str, node_type: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def strato_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("STRATO_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
-@pytest.fixture
 def provider(gce_provider_config: dict[str, Any], strato_home: Path) -> GCPProvider:
     """A provider that knows its SSH key (as after ``prepare``), so it may create VMs."""
     provider = GCPProvider(gce_provider_config, "demo")
