@@ -182,6 +182,21 @@ class SSHUnavailableError(LauncherError):
     """A node did not accept SSH within the timeout."""
 
 
+class HostKeyMismatchError(LauncherError):
+    """A node's SSH host key differs from the one pinned (or listed in the user's
+    known_hosts) for it: nothing was sent to it. The message names the node, the address,
+    both fingerprints and how to accept the new key if the change is expected."""
+
+    def __init__(self, message: str, *, node: str = "", address: str = "",
+                 expected: str = "", got: str = "", source: str = ""):
+        super().__init__(message)
+        self.node = node
+        self.address = address
+        self.expected = expected
+        self.got = got
+        self.source = source
+
+
 # Ray's names, so `import strato as ray` code that catches them keeps working.
 RayError = StratoError
 RayTaskError = TaskError

@@ -46,7 +46,7 @@ from strato.providers.base import (
     NodeStatus,
 )
 from strato.runtime.session import DEFAULT_TEMP_DIR
-from strato.ssh import SSHTarget
+from strato.ssh import SSHTarget, pinned_hosts_path
 
 __all__ = ["DEFAULT_HEAD_PORT", "TAG_NODE_ID_LABEL", "Cluster", "open_cluster"]
 
@@ -224,8 +224,14 @@ class Cluster:
         user = self.overrides.get("ssh_user") or self.facts.get("ssh_user") or \
             self.config.auth.ssh_user
         target = SSHTarget(host=self.provider.ssh_address(node), port=self.config.auth.ssh_port,
-                           user=user, key_path=self.key_path(), name=label, node_id=node.id)
+                           user=user, key_path=self.key_path(), name=label, node_id=node.id,
+                           known_hosts=str(self.host_keys_path()),
+                           user_known_hosts=self.provider.user_known_hosts_file)
         return SSHRunner(target, sink, connect_timeout=connect_timeout)
+
+    def host_keys_path(self) -> Path:
+        """Where this cluster's nodes' SSH host keys are pinned (``down`` forgets them)."""
+        return pinned_hosts_path(self.name)
 
     def local_runner(self, name: str, workdir: Path) -> LocalRunner:
         """A runner for this machine (the monitor when it runs locally)."""

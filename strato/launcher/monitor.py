@@ -210,6 +210,9 @@ def _prepare_head_monitor(cluster: Cluster, head: Node, runner: CommandRunner, m
         runner.put(wheel, spec["wheel"])
     for local, relative in cluster.provider.monitor_state_files().items():
         runner.put(local, f"{mdir}/home/{relative}")  # e.g. a copy of the SSH host claims
+    pins = cluster.host_keys_path()
+    if pins.exists():  # the workers' keys as pinned here: the monitor verifies them too
+        runner.put(pins, f"{mdir}/home/{pins.parent.name}/{pins.name}")
 
 
 if __name__ == "__main__":

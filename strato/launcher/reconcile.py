@@ -37,6 +37,7 @@ from strato.providers.base import (
     NodeKind,
     NodeStatus,
 )
+from strato.ssh import forget_host_keys
 
 __all__ = ["UpResult", "create_workers", "down", "up"]
 
@@ -67,7 +68,7 @@ class UpResult:
 
 def up(config_path: str | os.PathLike, yes: bool = False,
        min_workers_override: int | None = None, no_restart: bool = False,
-       restart_only: bool = False) -> UpResult:
+       restart_only: bool = False, no_config_cache: bool = False) -> UpResult:
     """Create or update the cluster: head, ``min_workers`` of each type, the monitor.
 
     Only what differs from the config is touched: a changed ``node_config`` replaces the
@@ -75,12 +76,25 @@ def up(config_path: str | os.PathLike, yes: bool = False,
     ``update-failed`` nodes are retried, missing workers are created. ``restart_only``
     skips setup and restarts every runtime. ``min_workers_override`` replaces
     ``min_workers`` of every worker node type (not the head's type).
+
+    The config cache: ``$STRATO_HOME/state.db`` remembers per cluster what the last ``up``
+    learned, the provider's facts from ``prepare`` (key pair and private key path,
+    security group, subnets, firewall rules, SSH user) and the head's address; other
+    commands and the monitor start from these instead of asking again. ``up`` re-runs
+    ``prepare`` every time anyway; ``no_config_cache`` first forgets both, so nothing an
+    earlier ``up`` learned is reused (after editing cloud resources by hand).
     """
     if no_restart and restart_only:
         raise LauncherError("--no-restart and --restart-only contradict each other")
     config_path = os.path.abspath(config_path)
     cluster = open_cluster(config_path)
     state, name = cluster.state, cluster.name
+    if no_config_cache:
+        cluster.facts = {}
+        if state.get(name) is not None:
+            state.set_facts(name, {})
+            state.set_head(name, None)
+        say("config cache not used: provider facts and the head's address are learned anew")
     cluster.prepare()
     state.upsert(name, provider=cluster.kind, config_path=config_path,
                  config_hash=cluster.config_hash())
@@ -409,4 +423,5 @@ def _forget(cluster: Cluster) -> None:
 
     cluster.state.delete(cluster.name)
     cluster.provider.cleanup()
+    forget_host_keys(cluster.host_keys_path())  # new machines may get these addresses
     shutil.rmtree(cluster.state.home / "monitor" / cluster.name, ignore_errors=True)

@@ -170,6 +170,13 @@ class NodeProvider(abc.ABC):
 
     def prepare(self, config: Mapping[str, Any]) -> Mapping[str, Any]:
         """Create one-time resources (key pair, security group, firewall) if missing.
+    @property
+    def user_known_hosts_file(self) -> str | None:
+        """An OpenSSH known_hosts of the user's that is the authority for the keys of the
+        nodes it lists (hosts the user already knows); None: keys are only pinned on
+        first contact (cloud machines are new to everyone)."""
+        return None
+
 
         ``config`` is the whole cluster config as a dict; returns provider facts the
         launcher keeps (e.g. the key pair name and the private key path). Idempotent.

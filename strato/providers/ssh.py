@@ -14,6 +14,8 @@ Provider config keys::
     ssh_user: ubuntu             # optional; the launcher copies ``auth:`` here
     ssh_private_key: ~/.ssh/id   # optional; used to stop strato on terminate
     stop_command: strato stop    # optional; run best-effort on terminate ("" = skip)
+    known_hosts_file: ~/.ssh/known_hosts  # optional; hosts listed there must present
+                                          # that key (others are pinned on first contact)
 
 Terminating a node releases its claim and runs ``stop_command`` over SSH (best effort,
 short timeout) through ``strato.ssh``, imported lazily so listing and claiming never need
@@ -93,6 +95,11 @@ class SSHProvider(RecordProvider):
         self.state_path = _state_dir() / f"{cluster_name}.json"
         self.lock_path = self.state_path.with_suffix(".lock")
 
+    @property
+    def user_known_hosts_file(self) -> str | None:
+        """On-prem hosts are often in the user's own known_hosts: honour it."""
+        return str(self.provider_config.get("known_hosts_file") or "~/.ssh/known_hosts")
+
     # ------------------------------------------------------------ state file
     def _node(self, ip: str, record: Mapping[str, Any]) -> Node:
         return Node(id=ip, state=NodeState.RUNNING, tags=dict(record.get("tags", {})),
@@ -159,6 +166,8 @@ class SSHProvider(RecordProvider):
         user = self.provider_config.get("ssh_user")
         target = ssh.SSHTarget(host=ip, port=self.ssh_port, node_id=ip, name=ip,
                                key_path=self.provider_config.get("ssh_private_key"),
+                               known_hosts=str(ssh.pinned_hosts_path(self.cluster_name)),
+                               user_known_hosts=self.user_known_hosts_file,
                                **({"user": user} if user else {}))
         try:
             ssh.run(target, self.stop_command, stream_to=ssh.silent, check=False,

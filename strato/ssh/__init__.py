@@ -1,6 +1,7 @@
 """The one SSH transport, used by providers and the launcher alike.
 
-- ``connect``: where to connect (the tests' address map), pinned host keys, the
+- ``connect``: where to connect (the tests' address map), host keys pinned per cluster
+  and node on first contact and verified after (``HostKeyMismatchError``), the
   connection pool, waiting for a booting machine's sshd;
 - ``commands``: run a command with bash, output streamed line by line, env never shown;
 - ``files``: copy files and directories both ways over SFTP (like ``cp -rT``);
@@ -28,8 +29,14 @@ from strato.ssh.connect import (
     SSHTarget,
     close_all,
     disconnect,
+    fingerprint,
+    forget_host_keys,
+    host_key_file,
     key_refused_timeout,
+    known_host_name,
     known_hosts_path,
+    pin_host_key,
+    pinned_hosts_path,
     resolve_address,
     set_address_map,
     wait_for_ssh,
@@ -52,11 +59,17 @@ __all__ = [
     "SSHTarget",
     "close_all",
     "disconnect",
+    "fingerprint",
+    "forget_host_keys",
     "get",
+    "host_key_file",
     "interactive_shell",
     "key_refused_timeout",
+    "known_host_name",
     "known_hosts_path",
     "open_tunnel",
+    "pin_host_key",
+    "pinned_hosts_path",
     "print_line",
     "put",
     "resolve_address",

@@ -14,12 +14,16 @@ With ``STRATO_SSH_ADDRESS_MAP_STRICT=1`` an unmapped address raises
 from __future__ import annotations
 
 import atexit
+import base64
+import binascii
 import contextlib
 import getpass
+import hashlib
 import json
 import logging
 import os
 import re
+import shlex
 import socket
 import threading
 import time
@@ -29,8 +33,8 @@ from pathlib import Path
 
 import paramiko
 
-from strato.exceptions import LauncherError, SSHUnavailableError
-from strato.localfiles import file_lock, strato_home
+from strato.exceptions import HostKeyMismatchError, LauncherError, SSHUnavailableError
+from strato.localfiles import atomic_write, file_lock, strato_home
 
 log = logging.getLogger(__name__)
 # paramiko logs every refused connect at ERROR with a traceback; wait_for_ssh expects
@@ -79,6 +83,12 @@ class SSHTarget:
     key_path: str | None = None
     name: str = ""
     node_id: str | None = None
+    #: the file this node's host key is pinned in (one per cluster, see
+    #: :func:`pinned_hosts_path`); None: ``$STRATO_HOME/known_hosts``
+    known_hosts: str | None = None
+    #: an OpenSSH known_hosts of the user's (e.g. ``~/.ssh/known_hosts``) that, when it
+    #: lists the node's address, is the authority for its key
+    user_known_hosts: str | None = None
 
     @property
     def label(self) -> str:
@@ -155,53 +165,203 @@ def _describe(target: SSHTarget, host: str, port: int) -> str:
 
 
 # ---------------------------------------------------------------- host keys
+# Every node's host key is pinned on first contact and verified on every later one. Pins
+# live in an OpenSSH known_hosts file per cluster (so the ``ssh`` binary of ``attach``
+# checks them too): the address really dialed, the key, and a ``strato-node=<id>`` comment.
+# A cloud gives addresses to new machines, so a pin belongs to a node id (instance id):
+# a new node at an old address is pinned afresh (the old line goes), a changed key for the
+# same node is a HostKeyMismatchError. Nodes without an id are pinned by address.
+_NODE_COMMENT = "strato-node="
+
+
 def known_hosts_path() -> Path:
+    """Where keys of targets without a cluster pin file are pinned."""
     return strato_home() / "known_hosts"
 
 
-class _RecordHostKey(paramiko.MissingHostKeyPolicy):
-    """Accept every host key and record it (replacing an old one for the same address).
+def pinned_hosts_path(cluster: str) -> Path:
+    """The pin file of one cluster's nodes (``down`` removes it)."""
+    return strato_home() / "hostkeys" / f"{cluster}.known_hosts"
 
-    Cloud and on-prem addresses are reused by new machines, so a changed key is normal
-    here; the client never loads known_hosts for checking, so nothing is ever rejected.
-    """
+
+def known_host_name(host: str, port: int) -> str:
+    """How known_hosts (and paramiko) name an address: ``h`` or ``[h]:port``."""
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH's ``SHA256:...`` fingerprint of a public key."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return f"{key.get_name()} SHA256:{base64.b64encode(digest).decode().rstrip('=')}"
+
+
+@dataclass
+class _Pin:
+    hosts: str      # known_hosts host field: the dialed address
+    key_type: str
+    key_b64: str
+    node: str       # node id (or the address, for targets without one)
+
+    def line(self) -> str:
+        return f"{self.hosts} {self.key_type} {self.key_b64} {_NODE_COMMENT}{self.node}\n"
+
+    def key(self) -> paramiko.PKey:
+        return paramiko.PKey.from_type_string(self.key_type, base64.b64decode(self.key_b64))
+
+
+def _read_pins(path: Path) -> list[_Pin]:
+    pins = []
+    with contextlib.suppress(FileNotFoundError):
+        for raw in path.read_text().splitlines():
+            fields = raw.split()
+            if len(fields) < 3 or raw.lstrip().startswith("#"):
+                continue
+            node = next((f[len(_NODE_COMMENT):] for f in fields[3:]
+                         if f.startswith(_NODE_COMMENT)), fields[0])
+            pins.append(_Pin(fields[0], fields[1], fields[2], node))
+    return pins
+
+
+def host_key_file(target: SSHTarget) -> Path:
+    """The file ``target``'s host key is pinned in."""
+    return Path(target.known_hosts).expanduser() if target.known_hosts else known_hosts_path()
+
+
+def _pin_id(target: SSHTarget, host: str, port: int) -> str:
+    return target.node_id or known_host_name(host, port)
+
+
+def _user_keys(target: SSHTarget, host: str, port: int) -> dict[str, paramiko.PKey]:
+    """The user's known_hosts keys for the node (dialed address, then configured one)."""
+    if not target.user_known_hosts:
+        return {}
+    path = Path(target.user_known_hosts).expanduser()
+    if not path.is_file():
+        return {}
+    keys = paramiko.HostKeys()
+    try:
+        keys.load(str(path))
+    except (OSError, paramiko.SSHException, ValueError) as e:
+        log.warning("cannot read known_hosts %s: %s", path, e)
+        return {}
+    for name in dict.fromkeys([known_host_name(host, port),
+                               known_host_name(target.host, target.port)]):
+        found = keys.lookup(name)
+        if found:
+            return dict(found)
+    return {}
+
+
+def _expected_keys(target: SSHTarget, host: str, port: int) -> tuple[dict[str, paramiko.PKey], str]:
+    """The keys the node must present and the file that says so (empty: first contact)."""
+    user = _user_keys(target, host, port)
+    if user:
+        return user, str(Path(str(target.user_known_hosts)).expanduser())
+    path = host_key_file(target)
+    node = _pin_id(target, host, port)
+    keys: dict[str, paramiko.PKey] = {}
+    for pin in _read_pins(path):
+        if pin.node == node:
+            with contextlib.suppress(ValueError, paramiko.SSHException, binascii.Error):
+                keys[pin.key_type] = pin.key()
+    return keys, str(path)
+
+
+def pin_host_key(target: SSHTarget, host: str, port: int, key: paramiko.PKey) -> None:
+    """Record ``key`` as the node's (first contact, or a new address of the same node);
+    a line of another node at the same address (a machine that is gone) is dropped."""
+    path = host_key_file(target)
+    node = _pin_id(target, host, port)
+    name = known_host_name(host, port)
+    new = _Pin(name, key.get_name(), key.get_base64(), node)
+    with file_lock(f"{path}.lock"):
+        pins = _read_pins(path)
+        if new in pins:
+            return
+        kept = [p for p in pins if p.node != node and p.hosts != name]
+        kept.append(new)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write(path, "".join(p.line() for p in kept).encode(), mode=0o600, fsync=False)
+
+
+def forget_host_keys(path: str | os.PathLike[str]) -> None:
+    """Remove a pin file (``down``: the cluster's nodes are gone)."""
+    for p in (Path(path), Path(f"{path}.lock")):
+        p.unlink(missing_ok=True)
+
+
+def _mismatch(target: SSHTarget, host: str, port: int, got: paramiko.PKey,
+              expected: dict[str, paramiko.PKey], source: str) -> HostKeyMismatchError:
+    name = known_host_name(host, port)
+    want = expected.get(got.get_name()) or next(iter(expected.values()))
+    node = target.node_id or target.host
+    pinned = source == str(host_key_file(target))
+    where = "pinned on first contact in" if pinned else "listed in your"
+    fix = (f"ssh-keygen -R {shlex.quote(name)} -f {shlex.quote(source)}"
+           + (" (or `strato down` the cluster, which forgets its pinned keys)" if pinned
+              else ""))
+    return HostKeyMismatchError(
+        f"node {target.label} (id {node}) at {_describe(target, host, port)}: its SSH host "
+        f"key has CHANGED: expected {fingerprint(want)} ({where} {source}), got "
+        f"{fingerprint(got)}. Nothing was sent to it. Someone may be intercepting the "
+        f"connection, or the machine was reinstalled; if you know it was, accept the new "
+        f"key by removing the old one: {fix}",
+        node=node, address=name, expected=fingerprint(want), got=fingerprint(got),
+        source=source)
+
+
+class _FirstContact(paramiko.MissingHostKeyPolicy):
+    """Called only when nothing is known of the node's keys: accept (``_open_client`` pins
+    the key once the connection is up). Known keys of another type: a mismatch."""
+
+    def __init__(self, target: SSHTarget, host: str, port: int,
+                 expected: dict[str, paramiko.PKey], source: str):
+        self.args = (target, host, port)
+        self.expected, self.source = expected, source
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str,
                          key: paramiko.PKey) -> None:
-        path = known_hosts_path()
-        try:
-            with file_lock(f"{path}.lock"):
-                keys = paramiko.HostKeys()
-                if path.exists():
-                    keys.load(str(path))
-                keys.add(hostname, key.get_name(), key)
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                keys.save(str(tmp))
-                os.chmod(tmp, 0o600)
-                os.replace(tmp, path)
-        except (OSError, paramiko.SSHException) as e:
-            log.debug("could not record host key of %s in %s: %s", hostname, path, e)
+        if self.expected:
+            raise _mismatch(*self.args, key, self.expected, self.source)
 
 
 # ---------------------------------------------------------------- connections
-_clients: dict[tuple[str, int, str, str | None], paramiko.SSHClient] = {}
-_key_locks: dict[tuple[str, int, str, str | None], threading.Lock] = {}
+_PoolKey = tuple[str, int, str, "str | None", "str | None", "str | None"]
+_clients: dict[_PoolKey, paramiko.SSHClient] = {}
+_key_locks: dict[_PoolKey, threading.Lock] = {}
 _clients_lock = threading.Lock()
+
+
+def _pool_key(target: SSHTarget, host: str, port: int) -> _PoolKey:
+    """One pooled connection per machine (node id) and login, verified against one pin file."""
+    return (host, port, target.user, target.key_path, target.node_id,
+            str(host_key_file(target)))
 
 
 def _open_client(host: str, port: int, target: SSHTarget, timeout: float) -> paramiko.SSHClient:
     key = os.path.expanduser(target.key_path) if target.key_path else None
+    expected, source = _expected_keys(target, host, port)
     client = paramiko.SSHClient()
-    client.set_missing_host_key_policy(_RecordHostKey())
+    for key_type, known in expected.items():  # paramiko prefers, then verifies, these
+        client.get_host_keys().add(known_host_name(host, port), key_type, known)
+    client.set_missing_host_key_policy(_FirstContact(target, host, port, expected, source))
     try:
         client.connect(host, port=port, username=target.user, key_filename=key,
                        timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
                        allow_agent=key is None, look_for_keys=key is None)
+    except paramiko.BadHostKeyException as e:
+        client.close()
+        raise _mismatch(target, host, port, e.key, expected, source) from e
     except BaseException:
         client.close()
         raise
     transport = client.get_transport()
     assert transport is not None
+    try:
+        pin_host_key(target, host, port, transport.get_remote_server_key())
+    except OSError as e:  # an unpinned key is re-checked as a first contact next time
+        log.warning("could not pin the host key of %s in %s: %s", target.label,
+                    host_key_file(target), e)
     transport.set_keepalive(KEEPALIVE_SECONDS)
     _detect_dead_peer(transport.sock)
     return client
@@ -225,7 +385,7 @@ def _detect_dead_peer(sock: object) -> None:
 def _client(target: SSHTarget, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> paramiko.SSHClient:
     """The cached live client for ``target``, connecting once if needed (raises raw errors)."""
     host, port = endpoint(target)
-    key = (host, port, target.user, target.key_path)
+    key = _pool_key(target, host, port)
     with _clients_lock:
         lock = _key_locks.setdefault(key, threading.Lock())
     with lock:
@@ -260,7 +420,7 @@ def disconnect(target: SSHTarget) -> None:
     with contextlib.suppress(AddressNotMappedError):
         host, port = endpoint(target)
         with _clients_lock:
-            client = _clients.pop((host, port, target.user, target.key_path), None)
+            client = _clients.pop(_pool_key(target, host, port), None)
         if client is not None:
             client.close()
 

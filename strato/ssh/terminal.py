@@ -10,16 +10,25 @@ import sys
 
 import paramiko
 
-from strato.ssh.connect import DEFAULT_CONNECT_TIMEOUT, SSHTarget, connected, endpoint
+from strato.ssh.connect import (
+    DEFAULT_CONNECT_TIMEOUT,
+    SSHTarget,
+    connected,
+    endpoint,
+    host_key_file,
+)
 
 
 # ---------------------------------------------------------------- interactive
 def ssh_command_line(target: SSHTarget, command: str | None = None, *,
                      tty: bool = True) -> list[str]:
-    """argv for the system ``ssh`` binary reaching ``target`` (address map applied)."""
+    """argv for the system ``ssh`` binary reaching ``target`` (address map applied),
+    checking the node's host key against the pin file strictly."""
     host, port = endpoint(target)
     argv = [shutil.which("ssh") or "ssh", "-t" if tty else "-T", "-p", str(port),
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", f"UserKnownHostsFile={host_key_file(target)}",
+            "-o", "GlobalKnownHostsFile=/dev/null", "-o", "CheckHostIP=no",
             "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=20"]
     if target.key_path:
         argv += ["-i", os.path.expanduser(target.key_path), "-o", "IdentitiesOnly=yes"]
@@ -33,11 +42,13 @@ def interactive_shell(target: SSHTarget, command: str | None = None) -> int:
     """Give the local terminal to a shell (or ``command``) on the node; returns its exit code.
 
     Uses the system ``ssh`` when installed (best terminal handling), else a paramiko pty.
+    Either way the host key is verified (or pinned on first contact) by a paramiko
+    connection first, so ``ssh`` finds it in the pin file.
     """
     tty = sys.stdin.isatty()
+    client = connected(target, DEFAULT_CONNECT_TIMEOUT)
     if shutil.which("ssh"):
         return subprocess.call(ssh_command_line(target, command, tty=tty))
-    client = connected(target, DEFAULT_CONNECT_TIMEOUT)
     size = shutil.get_terminal_size()
     transport = client.get_transport()
     assert transport is not None
