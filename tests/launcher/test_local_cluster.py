@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -20,7 +24,7 @@ from strato.providers.base import TAG_STATUS
 from strato.providers.local import LocalProvider
 from strato.runtime.session import node_files
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("short_strato_home")]
+pytestmark = pytest.mark.timeout(120)
 
 
 def _config(path: Path, name: str, **extra) -> Path:
@@ -80,49 +84,92 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_local_cluster_up_exec_submit_status_down(tmp_path, short_strato_home):
-    config = _config(tmp_path / "local.yaml", "loc")
-    result = reconcile.up(config, yes=True)
-    head_id = LocalProvider({}, "loc").list_nodes({"strato-node-kind": "head"})[0].id
-    workers = [i for i in result.created if i != head_id]
-    assert len(result.created) == 3 and len(workers) == 2
-    assert reconcile.up(config, yes=True).created == []  # idempotent
+@dataclass
+class LocalCluster:
+    """One `up` shared by the phase tests below, so one failing phase hides no other."""
 
-    out = tmp_path / "exec.txt"
-    assert commands.exec_(config, f"echo $STRATO_ADDRESS >> {out}", node="all") == 0
-    assert out.read_text().split() == [result.head_address] * 3
-    assert commands.exec_(config, "exit 5") == 5
+    config: Path
+    home: Path
+    tmp: Path
+    head_address: str
+    created: list[str]
+    workers: list[str]
+    pids: set[int] = field(default_factory=set)
 
-    script = tmp_path / "job.py"
+
+@pytest.fixture(scope="module")
+def loc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    tmp = tmp_path_factory.mktemp("loc")
+    home = Path(tempfile.mkdtemp(prefix="sh-", dir="/tmp"))  # short: unix socket paths
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STRATO_HOME", str(home))
+        config = _config(tmp / "local.yaml", "loc")
+        try:
+            result = reconcile.up(config, yes=True)
+            head_id = LocalProvider({}, "loc").list_nodes({"strato-node-kind": "head"})[0].id
+            yield LocalCluster(config, home, tmp, result.head_address, list(result.created),
+                               [i for i in result.created if i != head_id])
+        finally:
+            if StateDB().get("loc") is not None:
+                reconcile.down(config, yes=True)
+            shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def in_loc(loc: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> LocalCluster:
+    monkeypatch.setenv("STRATO_HOME", str(loc.home))
+    return loc
+
+
+def test_up_creates_head_and_min_workers_and_is_idempotent(in_loc):
+    assert len(in_loc.created) == 3 and len(in_loc.workers) == 2
+    assert reconcile.up(in_loc.config, yes=True).created == []
+
+
+def test_exec_runs_everywhere_and_propagates_exit_codes(in_loc):
+    out = in_loc.tmp / "exec.txt"
+    assert commands.exec_(in_loc.config, f"echo $STRATO_ADDRESS >> {out}", node="all") == 0
+    assert out.read_text().split() == [in_loc.head_address] * 3
+    assert commands.exec_(in_loc.config, "exit 5") == 5
+
+
+def test_submit_runs_the_script_on_the_workers(in_loc):
+    script = in_loc.tmp / "job.py"
     script.write_text(SCRIPT)
-    res = tmp_path / "res.json"
-    assert commands.submit(config, script, [str(res), "--lr", "3e-4"]) == 0
+    res = in_loc.tmp / "res.json"
+    assert commands.submit(in_loc.config, script, [str(res), "--lr", "3e-4"]) == 0
     ran = json.loads(res.read_text())
-    assert ran == {"nodes": sorted(workers), "args": ["--lr", "3e-4"]}
+    assert ran == {"nodes": sorted(in_loc.workers), "args": ["--lr", "3e-4"]}
 
-    info = commands.status(config)
-    assert sorted(n["id"] for n in info["nodes"]) == sorted(result.created)
+
+def test_status_shows_every_node_alive(in_loc):
+    info = commands.status(in_loc.config)
+    assert sorted(n["id"] for n in info["nodes"]) == sorted(in_loc.created)
     assert all(n["state"] == "running" and n["runtime"] == "alive" and n["ip"] == "127.0.0.1"
                for n in info["nodes"])
     assert info["runtime"]["nodes_alive"] == 3
 
-    # the monitor replaces a worker whose process died
-    pids = _cluster_pids("loc")
-    victim = workers[0]
+
+def test_monitor_replaces_a_worker_whose_process_died(in_loc):
+    in_loc.pids |= _cluster_pids("loc")
+    victim = in_loc.workers[0]
     victim_dir = LocalProvider({}, "loc").local_dir(victim)
     os.kill(node_files(str(victim_dir))[0]["pid"], signal.SIGKILL)
     _wait(lambda: victim not in {n.id for n in LocalProvider({}, "loc").list_nodes()}
-          and sum(n["runtime"] == "alive" for n in commands.status(config)["nodes"]) == 3,
-          30, "the monitor to replace the killed worker")
-    pids |= _cluster_pids("loc")
+          and sum(n["runtime"] == "alive" for n in commands.status(in_loc.config)["nodes"])
+          == 3, 30, "the monitor to replace the killed worker")
 
-    reconcile.down(config, yes=True)
+
+def test_down_stops_every_process_and_forgets_the_cluster(in_loc):
+    """Last of the phases above (pytest runs a module's tests in order)."""
+    pids = in_loc.pids | _cluster_pids("loc")
+    reconcile.down(in_loc.config, yes=True)
     _wait(lambda: not [p for p in pids if psutil.pid_exists(p)
                        and psutil.Process(p).status() != psutil.STATUS_ZOMBIE],
           15, "every cluster process to exit")
     assert StateDB().get("loc") is None
-    assert not (short_strato_home / "local" / "loc").exists()
-    assert not (short_strato_home / "logs" / "loc").exists()
+    assert not (in_loc.home / "local" / "loc").exists()
+    assert not (in_loc.home / "logs" / "loc").exists()
     assert not StateDB().token_path("loc").exists()
 
 
@@ -182,7 +229,7 @@ def test_min_workers_override_and_workers_only_down(tmp_path, short_strato_home)
     assert StateDB().get("few") is None and LocalProvider({}, "few").list_nodes() == []
 
 
-def test_file_mounts_and_setup_commands_reach_every_node(tmp_path):
+def test_file_mounts_and_setup_commands_reach_every_node(tmp_path, short_strato_home):
     """file_mounts are copied before initialization/setup commands run, on head and workers."""
     source = tmp_path / "src"
     source.mkdir()
