@@ -75,7 +75,12 @@ def connect(config_path: str, *, working_dir: str | os.PathLike | None = None,
 
 
 def _forget() -> None:
+    from strato.client import code
+
     _state["cluster"] = None
+    if code.register_local_modules in api.export_hooks:
+        api.export_hooks.remove(code.register_local_modules)
+    code.forget()
 
 
 __all__ = ["CLUSTER_ENV", "connect", "init"]

@@ -45,6 +45,21 @@ def register_local_modules(_target: object = None) -> list[str]:
     return added
 
 
+def forget() -> None:
+    """Undo the registrations (the client disconnected; this process may go on as a
+    driver of a cluster that has these modules itself)."""
+    global _modules_seen
+    for name, local in _decided.items():
+        module = sys.modules.get(name)
+        if local and module is not None:
+            try:
+                cloudpickle.unregister_pickle_by_value(module)
+            except ValueError:
+                pass
+    _decided.clear()
+    _modules_seen = 0
+
+
 def is_local(name: str, module: object) -> bool:
     """Whether ``module`` (top level) is the user's own code rather than installed."""
     if name in ("__main__", "strato") or name in sys.builtin_module_names:

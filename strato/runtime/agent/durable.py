@@ -55,8 +55,7 @@ class DurableCalls:
     # ------------------------------------------------------------------ durable calls
     def on_spawn(self, client, msg) -> None:
         _, spec, retention = msg
-        spec.owner_client = HEAD_OWNED
-        spec.job_id = self.node_id + HEAD_OWNED
+        spec.owner_client = HEAD_OWNED   # its job stays the session's: output goes there
         spec.owner_node = self.node_id
         taken = []
         for oid, _owner in spec.deps:

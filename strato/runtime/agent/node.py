@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from strato.runtime import messages as m
 from strato.runtime import scheduler
 from strato.runtime.agent.actors import ActorHost
-from strato.runtime.agent.durable import DurableCalls
+from strato.runtime.agent.durable import HEAD_OWNED, DurableCalls
 from strato.runtime.agent.objects import ObjectManager
 from strato.runtime.agent.routing import TaskRouter
 from strato.runtime.agent.sessions import ClientSessions
@@ -208,11 +208,14 @@ class NodeAgent(WorkerPool, ObjectManager, ActorHost, TaskRouter, ClientSessions
             self._job_over(client.client_id, client.job_id)
 
     def _job_over(self, client_id: bytes, job_id: bytes) -> None:
-        """A driver left: free what it owned, drop its queued tasks, stop its actors."""
+        """A driver left: free what it owned, drop its queued tasks (not its durable
+        calls, which the head owns), stop its actors."""
         self._free_client_objects(client_id)
         for key, q in self.ready.items():
-            self.ready[key] = deque(s for s in q if s.job_id != job_id)
-        self.waiting = [s for s in self.waiting if s.job_id != job_id]
+            self.ready[key] = deque(s for s in q if s.job_id != job_id
+                                    or s.owner_client == HEAD_OWNED)
+        self.waiting = [s for s in self.waiting if s.job_id != job_id
+                        or s.owner_client == HEAD_OWNED]
         self.head.send((m.JOB_FINISHED, job_id))
         self._schedule_dispatch()
 
