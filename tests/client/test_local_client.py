@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -386,3 +387,21 @@ def test_a_cluster_that_cannot_come_up_gives_the_launchers_error(home):
         assert not strato.is_initialized()
     finally:
         reconcile.down(bad, yes=True)
+
+
+def test_strato_run_attaches_a_local_script(first_client, config, tmp_path):
+    ok(first_client)
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        import strato
+        strato.init()   # `strato run` attached this process already: same session
+        @strato.remote
+        def hello(who):
+            return f"hello {who}"
+        print(strato.get(hello.remote(sys.argv[1])), sys.argv[2:])
+    """))
+    res = subprocess.run([sys.executable, "-m", "strato.cli", "run", str(config), str(script),
+                          "world", "--flag"], capture_output=True, text=True, timeout=90)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "hello world ['--flag']" in res.stdout
