@@ -254,8 +254,9 @@ def bootstrap_node(cluster: Cluster, node: Node, *, head_address: str | None,
 def _run_setup(cluster: Cluster, node: Node, runner: CommandRunner, node_type: str,
                is_head: bool) -> None:
     config = cluster.config
+    copy_filter = config.copy_filter()  # rsync_exclude / rsync_filter
     for remote, local in config.file_mounts.items():
-        runner.put(local, remote)
+        runner.put(local, remote, copy_filter=copy_filter)
     for cmd in config.initialization_commands:
         runner.run(cmd)
     if not config.runtime_python_for(node_type) and not cluster.is_local:

@@ -3,7 +3,9 @@
 Key names follow Ray's cluster YAML where the meaning is the same, so Ray users can bring
 their files; strato adds spot fields per node type. Every problem is reported as
 ``FILE:LINE: key.path: message`` (all of them at once, in one ``ConfigError``); keys only
-Ray needs become warnings on ``ClusterConfig.warnings`` instead of errors.
+Ray needs become warnings on ``ClusterConfig.warnings`` instead of errors. What strato
+translates from Ray's idioms (the legacy ``head_node``/``worker_nodes`` format, a cloud's
+own spot settings in ``node_config``) is said on ``ClusterConfig.notes``, same format.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from strato.catalog import (
 from strato.exceptions import ConfigError
 from strato.providers import PROVIDER_TYPES, provider_class
 from strato.providers.base import NodeProvider, NodeTypeSpec
+from strato.ssh.files import CopyFilter
 
 __all__ = [
     "PROVIDER_TYPES",
@@ -145,11 +148,9 @@ class ClusterConfig(_Section):
         "worker_start_ray_commands": "strato starts its own runtime",
         "docker": "strato runs on the host Python, not in a container",
         "cluster_synced_files": "use file_mounts",
-        "rsync_exclude": "file_mounts are copied whole",
-        "rsync_filter": "file_mounts are copied whole",
         "file_mounts_sync_continuously": "file_mounts are synced on `strato up` only",
-        "head_node": "legacy Ray format; use available_node_types and head_node_type",
-        "worker_nodes": "legacy Ray format; use available_node_types",
+        "head_node": "legacy Ray format, ignored beside available_node_types",
+        "worker_nodes": "legacy Ray format, ignored beside available_node_types",
         "min_workers": "set min_workers per node type",
         "initial_workers": "legacy Ray key; set min_workers per node type",
         "autoscaling_mode": "legacy Ray key",
@@ -166,6 +167,10 @@ class ClusterConfig(_Section):
     available_node_types: dict[str, NodeTypeConfig]
     head_node_type: str
     file_mounts: dict[str, str] = Field(default_factory=dict)  # remote path -> local path
+    # left out of file mounts and rsync-up/down: gitignore-style patterns, and names of
+    # pattern files (.gitignore) found in the copied tree (as Ray's rsync options)
+    rsync_exclude: list[str] = Field(default_factory=list)
+    rsync_filter: list[str] = Field(default_factory=list)
     initialization_commands: list[str] = Field(default_factory=list)
     setup_commands: list[str] = Field(default_factory=list)
     head_setup_commands: list[str] = Field(default_factory=list)
@@ -174,6 +179,7 @@ class ClusterConfig(_Section):
     autoscaler: AutoscalerConfig = Field(default_factory=AutoscalerConfig)
 
     _warnings: list[str] = PrivateAttr(default_factory=list)
+    _notes: list[str] = PrivateAttr(default_factory=list)
     _source: str = PrivateAttr(default="<dict>")
 
     @model_validator(mode="before")
@@ -186,6 +192,16 @@ class ClusterConfig(_Section):
     def warnings(self) -> list[str]:
         """Non-fatal problems (Ray-only keys, likely mistakes), ``FILE:LINE: path: text``."""
         return list(self._warnings)
+
+    @property
+    def notes(self) -> list[str]:
+        """What strato translated from Ray's idioms (legacy keys, spot settings in
+        node_config), ``FILE:LINE: path: text``."""
+        return list(self._notes)
+
+    def copy_filter(self) -> CopyFilter:
+        """What file mounts and rsync-up/down leave out (``rsync_exclude``/``rsync_filter``)."""
+        return CopyFilter(self.rsync_exclude, self.rsync_filter)
 
     @property
     def source(self) -> str:
@@ -269,9 +285,11 @@ class ClusterConfig(_Section):
         if head is None:
             head = node_type == self.head_node_type
         nt = self.node_type(node_type)
+        copy_filter = self.copy_filter()
         return _stable_hash({
-            "file_mounts": {remote: [local, _digest_path(local)]
+            "file_mounts": {remote: [local, _digest_path(local, copy_filter)]
                             for remote, local in sorted(self.file_mounts.items())},
+            **({"rsync": [self.rsync_exclude, self.rsync_filter]} if copy_filter else {}),
             "initialization_commands": self.initialization_commands,
             "setup": self.head_setup() if head else self.worker_setup(node_type),
             "runtime_python": self.runtime_python_for(node_type),
@@ -315,7 +333,9 @@ def _build(data: Any, source: str, lines: dict[KeyPath, int] | None,
         report.error((), f"the top level must be a mapping of keys, got {_describe(data)}")
         raise report.config_error()
 
-    cleaned = _check_keys(dict(data), ClusterConfig, (), report)
+    data = _translate_legacy(dict(data), report)
+    cleaned = _check_keys(data, ClusterConfig, (), report)
+    _apply_spot_idioms(cleaned, report)
     _check_semantics(cleaned, report)
     try:
         config = ClusterConfig.model_validate(cleaned)
@@ -326,6 +346,7 @@ def _build(data: Any, source: str, lines: dict[KeyPath, int] | None,
     if report.errors or config is None:
         raise report.config_error()
     config._warnings = report.sorted(report.warnings)
+    config._notes = report.sorted(report.notes)
     config._source = source
     return config
 
@@ -338,6 +359,7 @@ class _Report:
         self.lines = lines
         self.errors: list[tuple[int, str]] = []
         self.warnings: list[tuple[int, str]] = []
+        self.notes: list[tuple[int, str]] = []
         self._seen: set[str] = set()
 
     def _line(self, path: KeyPath) -> int | None:
@@ -362,6 +384,17 @@ class _Report:
 
     def warn(self, path: KeyPath, msg: str) -> None:
         self.warnings.append(self._format(path, msg))
+
+    def note(self, path: KeyPath, msg: str) -> None:
+        self.notes.append(self._format(path, msg))
+
+    def alias(self, new: KeyPath, old: KeyPath) -> None:
+        """Lines of the keys at ``old`` (and below) also for ``new`` (translated keys)."""
+        if self.lines is None:
+            return
+        for path, line in list(self.lines.items()):
+            if path[:len(old)] == old:
+                self.lines.setdefault((*new, *path[len(old):]), line)
 
     @staticmethod
     def sorted(items: list[tuple[int, str]]) -> list[str]:
@@ -471,6 +504,87 @@ def _check_keys(data: dict[Any, Any], model: type[BaseModel], path: KeyPath,
                 f"valid keys: {', '.join(fields)}"
             report.error(sub, f"unknown key; {hint}")
     return cleaned
+
+
+LEGACY_HEAD_TYPE = "head"
+LEGACY_WORKER_TYPE = "worker"
+
+
+def _translate_legacy(data: dict[Any, Any], report: _Report) -> dict[Any, Any]:
+    """Ray's legacy format (``head_node`` and ``worker_nodes`` are node_configs, the
+    top-level ``min_workers``/``max_workers`` count workers) into node types, when
+    ``available_node_types`` is absent; each translation is noted."""
+    if "available_node_types" in data or not (
+            isinstance(data.get("head_node"), dict) or isinstance(data.get("worker_nodes"),
+                                                                  dict)):
+        return data
+    data = dict(data)
+    types: dict[str, Any] = {}
+    head = data.pop("head_node", None)
+    if not isinstance(head, dict):
+        report.error(("head_node",), "the legacy Ray format needs head_node (the head's "
+                                     "node_config) beside worker_nodes")
+        head = {}
+    types[LEGACY_HEAD_TYPE] = {"node_config": head, "max_workers": 0}
+    report.alias(("available_node_types", LEGACY_HEAD_TYPE, "node_config"), ("head_node",))
+    report.alias(("available_node_types",), ("head_node",))
+    report.alias(("head_node_type",), ("head_node",))
+    report.note(("head_node",), f"legacy Ray key translated: node type {LEGACY_HEAD_TYPE!r} "
+                                f"with this node_config, head_node_type: {LEGACY_HEAD_TYPE}")
+    workers = data.pop("worker_nodes", None)
+    lo = data.pop("min_workers", 0)
+    if isinstance(workers, dict):
+        hi = data.get("max_workers", DEFAULT_GLOBAL_MAX_WORKERS)
+        types[LEGACY_WORKER_TYPE] = {"node_config": workers, "min_workers": lo,
+                                     "max_workers": hi}
+        where = ("available_node_types", LEGACY_WORKER_TYPE)
+        report.alias((*where, "node_config"), ("worker_nodes",))
+        report.alias((*where, "min_workers"), ("min_workers",))
+        report.alias((*where, "max_workers"), ("max_workers",))
+        report.alias(where, ("worker_nodes",))
+        report.note(("worker_nodes",), f"legacy Ray key translated: node type "
+                                       f"{LEGACY_WORKER_TYPE!r} with this node_config, "
+                                       f"min_workers {lo} (from min_workers), max_workers "
+                                       f"{hi} (from max_workers)")
+    elif lo:
+        report.warn(("min_workers",), "ignored: the legacy format has no worker_nodes")
+    data["available_node_types"] = types
+    data.setdefault("head_node_type", LEGACY_HEAD_TYPE)
+    return data
+
+
+def _apply_spot_idioms(data: dict[str, Any], report: _Report) -> None:
+    """A node type whose node_config asks the cloud for spot capacity in the cloud's own
+    words (as Ray's YAMLs do) is ``spot: true``; ``spot: false`` beside it is an error.
+    Which keys mean spot is the provider class's to say (``spot_idiom``)."""
+    provider = data.get("provider")
+    provider_cls = _provider_class(provider.get("type") if isinstance(provider, dict)
+                                   else None)
+    types = data.get("available_node_types")
+    if provider_cls is None or not isinstance(types, dict):
+        return
+    for name, nt in types.items():
+        config = nt.get("node_config") if isinstance(nt, dict) else None
+        idiom = provider_cls.spot_idiom(config) if isinstance(config, dict) else None
+        if idiom is None:
+            continue
+        where = ("available_node_types", name)
+        if nt.get("spot") is False:
+            report.error((*where, "spot"), f"spot: false contradicts node_config."
+                                           f"{idiom.text} (which asks for spot instances); "
+                                           "remove one of them")
+            continue
+        if nt.get("spot") is True:
+            continue
+        nt["spot"] = True
+        extra = ""
+        if idiom.max_price is not None and nt.get("max_price") is None:
+            nt["max_price"] = idiom.max_price
+            extra = f", max_price {idiom.max_price:g}"
+        report.note((*where, "node_config", *idiom.path),
+                    f"asks the cloud for spot instances, so node type {name!r} is spot "
+                    f"(spot: true{extra}): preemption notices, replacement, "
+                    "fallback_to_on_demand and status apply")
 
 
 def _check_nested(value: Any, annotation: Any, path: KeyPath, report: _Report) -> Any:
@@ -706,16 +820,22 @@ def _stable_hash(obj: Any) -> str:
     return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
 
 
-def _digest_path(local: str) -> str:
-    """Digest of a file mount's local contents, so editing a mounted file re-runs setup."""
+def _digest_path(local: str, copy_filter: CopyFilter | None = None) -> str:
+    """Digest of a file mount's local contents (what is copied), so editing a mounted
+    file re-runs setup, and files the filter leaves out do not."""
     root = Path(os.path.expanduser(local))
     h = hashlib.sha1(usedforsecurity=False)
     if root.is_file():
         h.update(root.read_bytes())
     elif root.is_dir():
+        walk = (copy_filter or CopyFilter()).walk_local(root)
         for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
+            rel = Path(dirpath).relative_to(root).as_posix()
+            prefix = "" if rel == "." else rel + "/"
+            dirnames[:] = sorted(d for d in dirnames if not walk.excluded(prefix + d, True))
             for fname in sorted(filenames):
+                if walk.excluded(prefix + fname, False):
+                    continue
                 f = Path(dirpath, fname)
                 h.update(str(f.relative_to(root)).encode() + b"\0")
                 try:

@@ -27,6 +27,7 @@ import paramiko
 from strato import ssh
 from strato.exceptions import CommandError, SSHUnavailableError
 from strato.ssh import CommandTimeoutError, SSHTarget
+from strato.ssh.files import NO_FILTER, CopyFilter
 
 __all__ = ["CommandRunner", "LocalRunner", "OutputSink", "SSHRunner", "print_plain",
            "shell_path"]
@@ -94,11 +95,14 @@ class CommandRunner(Protocol):
         """Run ``command`` with bash; returns (exit code, output tail); ``CommandError``
         on a non-zero exit when ``check``. ``quiet`` logs without echoing."""
 
-    def put(self, local: str | os.PathLike, remote: str) -> None:
-        """Copy a file or directory to the node (like ``cp -rT``)."""
+    def put(self, local: str | os.PathLike, remote: str, *,
+            copy_filter: CopyFilter = NO_FILTER) -> None:
+        """Copy a file or directory to the node (like ``cp -rT``), without what
+        ``copy_filter`` excludes (the config's ``rsync_exclude`` / ``rsync_filter``)."""
 
-    def get(self, remote: str, local: str | os.PathLike) -> None:
-        """Copy a file or directory from the node (like ``cp -rT``)."""
+    def get(self, remote: str, local: str | os.PathLike, *,
+            copy_filter: CopyFilter = NO_FILTER) -> None:
+        """Copy a file or directory from the node (like ``cp -rT``), filtered as ``put``."""
 
     def shell(self, command: str | None = None) -> int:
         """Interactive shell (or ``command`` with a tty) on the node; returns its exit code."""
@@ -133,13 +137,15 @@ class SSHRunner:
             raise CommandError(self.name, command, code, tail)
         return code, tail
 
-    def put(self, local: str | os.PathLike, remote: str) -> None:
+    def put(self, local: str | os.PathLike, remote: str, *,
+            copy_filter: CopyFilter = NO_FILTER) -> None:
         self.sink.write_log(f"put {local} -> {remote}")
-        ssh.put(self.target, local, remote)
+        ssh.put(self.target, local, remote, copy_filter=copy_filter)
 
-    def get(self, remote: str, local: str | os.PathLike) -> None:
+    def get(self, remote: str, local: str | os.PathLike, *,
+            copy_filter: CopyFilter = NO_FILTER) -> None:
         self.sink.write_log(f"get {remote} -> {local}")
-        ssh.get(self.target, remote, local)
+        ssh.get(self.target, remote, local, copy_filter=copy_filter)
 
     def shell(self, command: str | None = None) -> int:
         return ssh.interactive_shell(self.target, command)
@@ -203,28 +209,41 @@ class LocalRunner:
             raise CommandError(self.name, command, code, text)
         return code, text
 
-    def put(self, local: str | os.PathLike, remote: str) -> None:
+    def put(self, local: str | os.PathLike, remote: str, *,
+            copy_filter: CopyFilter = NO_FILTER) -> None:
         src, dst = Path(local).expanduser(), self._path(remote)
         self.sink.write_log(f"put {src} -> {dst}")
-        _copy(src, dst)
+        _copy(src, dst, copy_filter)
 
-    def get(self, remote: str, local: str | os.PathLike) -> None:
+    def get(self, remote: str, local: str | os.PathLike, *,
+            copy_filter: CopyFilter = NO_FILTER) -> None:
         src, dst = self._path(remote), Path(local).expanduser()
         self.sink.write_log(f"get {src} -> {dst}")
-        _copy(src, dst)
+        _copy(src, dst, copy_filter)
 
     def shell(self, command: str | None = None) -> int:
         argv = ["bash"] if command is None else ["bash", "-c", command]
         return subprocess.call(argv, cwd=self.workdir, env={**os.environ, **self.env})
 
 
-def _copy(src: Path, dst: Path) -> None:
-    """``cp -rT``: a directory's contents are merged into ``dst``; parents are created."""
+def _copy(src: Path, dst: Path, copy_filter: CopyFilter = NO_FILTER) -> None:
+    """``cp -rT``: a directory's contents are merged into ``dst``; parents are created;
+    what ``copy_filter`` excludes is left out."""
     if not src.exists() and not src.is_symlink():
         raise FileNotFoundError(f"no such path {src}")
     dst.parent.mkdir(parents=True, exist_ok=True)
     if src.is_dir() and not src.is_symlink():
-        shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
+        walk = copy_filter.walk_local(src)
+
+        def ignore(directory: str, names: list[str]) -> set[str]:
+            rel = Path(directory).relative_to(src).as_posix()
+            rel = "" if rel == "." else rel
+            return {n for n in names if walk.excluded(
+                f"{rel}/{n}" if rel else n,
+                os.path.isdir(os.path.join(directory, n))
+                and not os.path.islink(os.path.join(directory, n)))}
+        shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True,
+                        ignore=ignore if copy_filter else None)
     else:
         if dst.is_symlink():
             dst.unlink()

@@ -32,6 +32,7 @@ from strato.providers.base import (
     NodeProvider,
     NodeState,
     NodeTypeSpec,
+    SpotIdiom,
 )
 from strato.providers.keys import public_key_from_private
 
@@ -152,6 +153,22 @@ class AWSProvider(NodeProvider):
         if isinstance(provider, Mapping) and not provider.get("region"):
             return [ConfigProblem(("provider", "region"), "required for provider type 'aws'")]
         return []
+
+    @classmethod
+    def spot_idiom(cls, node_config: Mapping[str, Any]) -> SpotIdiom | None:
+        """``InstanceMarketOptions: {MarketType: spot}`` (with ``SpotOptions.MaxPrice``)."""
+        market = node_config.get("InstanceMarketOptions")
+        if not isinstance(market, Mapping) or \
+                str(market.get("MarketType", "")).lower() != "spot":
+            return None
+        options = market.get("SpotOptions")
+        price = options.get("MaxPrice") if isinstance(options, Mapping) else None
+        try:
+            max_price = float(price) if price not in (None, "") else None
+        except (TypeError, ValueError):
+            max_price = None
+        return SpotIdiom(("InstanceMarketOptions", "MarketType"),
+                         "InstanceMarketOptions.MarketType: spot", max_price)
 
     @property
     def spot_notice(self) -> str | None:
@@ -458,8 +475,11 @@ class AWSProvider(NodeProvider):
         params["TagSpecifications"] = _merge_tag_specs(params.get("TagSpecifications", []),
                                                        all_tags)
         if use_spot:
+            market = params.get("InstanceMarketOptions")
+            own = market.get("SpotOptions") if isinstance(market, Mapping) else None
             options: dict[str, Any] = {"SpotInstanceType": "one-time",
-                                       "InstanceInterruptionBehavior": "terminate"}
+                                       "InstanceInterruptionBehavior": "terminate",
+                                       **(own if isinstance(own, Mapping) else {})}
             if spec.max_price is not None:
                 options["MaxPrice"] = str(spec.max_price)
             params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": options}

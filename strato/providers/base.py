@@ -26,6 +26,8 @@ TAG_SETUP_HASH = "strato-setup-hash"   # hash of setup commands / file mounts
 TAG_STATUS = "strato-status"           # see NodeStatus
 TAG_GOING_DOWN = "strato-going-down"   # on the head: "all" | "workers" while `down` runs;
                                       # no autoscaler launches for such a cluster
+TAG_OWNER = "strato-owner"             # who launched it (localfiles.owner_id): `up`/`down`
+                                      # touch only their own owner's nodes
 TAG_NAME = "Name"
 
 
@@ -101,6 +103,16 @@ class NodeTypeSpec:
 
 
 @dataclass(frozen=True)
+class SpotIdiom:
+    """A cloud's own way of asking for spot capacity inside ``node_config``, as Ray's
+    cluster YAMLs write it (AWS ``InstanceMarketOptions``, GCE ``scheduling``)."""
+
+    path: tuple[str | int, ...]      # where, inside node_config
+    text: str                        # what it says, e.g. "InstanceMarketOptions.MarketType: spot"
+    max_price: float | None = None   # a price cap it sets (per hour), if any
+
+
+@dataclass(frozen=True)
 class ConfigProblem:
     """One finding of a provider's config check, at a key path of the cluster YAML."""
 
@@ -146,11 +158,26 @@ class NodeProvider(abc.ABC):
         filled, types not yet validated: guard every access). Default: none."""
         return []
 
+    @classmethod
+    def spot_idiom(cls, node_config: Mapping[str, Any]) -> SpotIdiom | None:
+        """Whether ``node_config`` asks this cloud for spot capacity in the cloud's own
+        words; the config then treats the node type as ``spot: true`` (and rejects
+        ``spot: false`` beside it). ``node_config`` is unvalidated: guard every access.
+        Default: this provider has no such idiom."""
+        return None
+
     @property
     def spot_notice(self) -> str | None:
         """The preemption notice format (``aws`` / ``gcp`` instance metadata) the node agent
         of a spot node watches; default: ``provider.spot_notice`` (rehearsing locally)."""
         return self.provider_config.get("spot_notice")
+
+    @property
+    def user_known_hosts_file(self) -> str | None:
+        """An OpenSSH known_hosts of the user's that is the authority for the keys of the
+        nodes it lists (hosts the user already knows); None: keys are only pinned on
+        first contact (cloud machines are new to everyone)."""
+        return None
 
     def local_dir(self, node_id: str) -> Path:
         """The node's own directory here (its runtime temp dir); only for providers whose
@@ -170,13 +197,6 @@ class NodeProvider(abc.ABC):
 
     def prepare(self, config: Mapping[str, Any]) -> Mapping[str, Any]:
         """Create one-time resources (key pair, security group, firewall) if missing.
-    @property
-    def user_known_hosts_file(self) -> str | None:
-        """An OpenSSH known_hosts of the user's that is the authority for the keys of the
-        nodes it lists (hosts the user already knows); None: keys are only pinned on
-        first contact (cloud machines are new to everyone)."""
-        return None
-
 
         ``config`` is the whole cluster config as a dict; returns provider facts the
         launcher keeps (e.g. the key pair name and the private key path). Idempotent.

@@ -41,6 +41,7 @@ from strato.providers.base import (
     NodeProvider,
     NodeState,
     NodeTypeSpec,
+    SpotIdiom,
 )
 from strato.providers.keys import ensure_key_pair, public_key_from_private
 
@@ -243,6 +244,18 @@ def machine_shape(machine_type: str) -> tuple[float | None, float | None, int, s
 
 # ------------------------------------------------------------------ ssh keys
 # ------------------------------------------------------------------ errors
+def _scheduling(value: Any) -> dict[str, Any]:
+    """node_config's ``scheduling`` as one mapping; Ray's examples write it as a list of
+    mappings (``- preemptible: true``), which are merged in order."""
+    if isinstance(value, list):
+        merged: dict[str, Any] = {}
+        for part in value:
+            if isinstance(part, Mapping):
+                merged.update(part)
+        return merged
+    return dict(value or {})
+
+
 def capacity_code(text: str) -> str | None:
     """The capacity code an error text amounts to, or None if it is not about capacity."""
     for marker, code in CAPACITY_MARKERS:
@@ -318,6 +331,25 @@ class GCPProvider(NodeProvider):
                     ("available_node_types", name), "node type names on gcp must be "
                     "lower-case letters, digits, '-' or '_' (they are stored in labels)"))
         return problems
+
+    @classmethod
+    def spot_idiom(cls, node_config: Mapping[str, Any]) -> SpotIdiom | None:
+        """``scheduling: {provisioningModel: SPOT}`` or ``{preemptible: true}`` (Ray's
+        examples write ``scheduling`` as a list of one mapping; both forms count)."""
+        raw = node_config.get("scheduling")
+        parts = [(None, raw)] if isinstance(raw, Mapping) else \
+            list(enumerate(raw)) if isinstance(raw, list) else []
+        for index, part in parts:
+            if not isinstance(part, Mapping):
+                continue
+            where: tuple[str | int, ...] = ("scheduling",) if index is None else \
+                ("scheduling", index)
+            if str(part.get("provisioningModel", "")).upper() == "SPOT":
+                return SpotIdiom((*where, "provisioningModel"),
+                                 "scheduling.provisioningModel: SPOT")
+            if part.get("preemptible") is True:
+                return SpotIdiom((*where, "preemptible"), "scheduling.preemptible: true")
+        return None
 
     @property
     def spot_notice(self) -> str | None:
@@ -494,7 +526,7 @@ class GCPProvider(NodeProvider):
                 nic.setdefault("subnetwork", self.provider_config["subnetwork"])
         body["networkInterfaces"] = nics
 
-        scheduling = dict(body.get("scheduling") or {})
+        scheduling = _scheduling(body.get("scheduling"))
         if has_gpu:
             scheduling.setdefault("onHostMaintenance", "TERMINATE")
         if spot:
