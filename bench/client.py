@@ -105,7 +105,7 @@ def cold_start(config: str) -> float:
 # ---------------------------------------------------------------- orchestration
 def _child(python: str, *args: str, env: dict | None = None, timeout: float = 600) -> dict:
     proc = subprocess.run([python, __file__, *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+                          timeout=timeout, env=env or dict(os.environ))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
@@ -118,29 +118,31 @@ def bench_strato(duration: float) -> tuple[dict, float]:
     config.write_text("cluster_name: bench-client\nprovider: {type: local}\n"
                       "available_node_types:\n  head: {resources: {CPU: 2}}\n"
                       "head_node_type: head\n")
-    env = {"STRATO_HOME": str(home)}
+    env = {**os.environ, "STRATO_HOME": str(home)}
     try:
         cold = _child(sys.executable, "--cold-start", str(config), env=env)["cold start"]
         return _child(sys.executable, "--backend", "strato", "--target", str(config),
                       "--duration", str(duration), env=env), cold
     finally:
         subprocess.run([sys.executable, "-m", "strato.cli", "down", str(config), "-y"],
-                       capture_output=True, env={**os.environ, **env}, timeout=120)
+                       capture_output=True, env=env, timeout=120)
         shutil.rmtree(home, ignore_errors=True)
 
 
 def bench_ray(python: str, duration: float, port: int = 10001) -> dict:
     ray = str(Path(python).with_name("ray"))
     tmp = tempfile.mkdtemp(prefix="rb-", dir="/tmp")
-    env = {"RAY_USAGE_STATS_ENABLED": "0"}
+    # Ray's own venv: a PYTHONPATH meant for strato's Python has no business there
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
     subprocess.run([ray, "start", "--head", "--num-cpus", "2", "--ray-client-server-port",
                     str(port), "--include-dashboard=false", f"--temp-dir={tmp}"],
-                   check=True, capture_output=True, env={**os.environ, **env}, timeout=180)
+                   check=True, capture_output=True, env=env, timeout=180)
     try:
         return _child(python, "--backend", "ray", "--target", f"ray://127.0.0.1:{port}",
                       "--duration", str(duration), env=env)
     finally:
-        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
