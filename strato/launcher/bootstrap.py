@@ -207,15 +207,36 @@ def start_runtime(cluster: Cluster, node: Node, runner: CommandRunner, *,
     script = render("start_node.sh", python=cluster.runtime_python(node.node_type or ""),
                     temp_dir=cluster.temp_dir(node),
                     start_args=" ".join(shlex.quote(a) for a in args))
-    _, tail = runner.run(script, env={"STRATO_TOKEN": cluster.token}, timeout=START_TIMEOUT)
-    if node.kind != NodeKind.HEAD.value:
-        return None
+    # quiet: `strato start`'s own lines (join instructions, the node file as JSON) are for
+    # a person at that machine; the log keeps them, the terminal gets one line below
+    _, tail = runner.run(script, env={"STRATO_TOKEN": cluster.token}, timeout=START_TIMEOUT,
+                         quiet=True)
+    info: dict = {}
     for line in reversed(tail.splitlines()):
         if line.startswith("{"):
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                return json.loads(line)["head_address"]
-    raise LauncherError(f"node {runner.name}: `strato start --head --json` did not report "
-                        f"the head address; output:\n{tail}")
+            with contextlib.suppress(ValueError):
+                info = json.loads(line)
+                break
+    if not isinstance(info, dict) or not info.get("head_address"):
+        raise LauncherError(f"node {runner.name}: `strato start --json` did not report its "
+                            f"node; output:\n{tail}")
+    is_head = node.kind == NodeKind.HEAD.value
+    short = str(info.get("node_id", ""))[:8]
+    where = (f"strato head {short} listening at {info['head_address']}" if is_head
+             else f"strato node {short} joined {info['head_address']}")
+    runner.sink.line(f"{where} with {_describe_resources(info.get('resources') or {})}")
+    return info["head_address"] if node.kind == NodeKind.HEAD.value else None
+
+
+def _describe_resources(resources: dict) -> str:
+    """``CPU 4, GPU 1, memory 15.0 GiB``: a node's resources as a person reads them."""
+    parts = []
+    for name, amount in resources.items():
+        if name == "memory":
+            parts.append(f"memory {float(amount) / 2**30:.1f} GiB")
+        else:
+            parts.append(f"{name} {float(amount):g}")
+    return ", ".join(parts) or "no resources"
 
 
 # ---------------------------------------------------------------- one node

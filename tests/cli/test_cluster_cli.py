@@ -64,7 +64,11 @@ def test_cli_local_cluster_round_trip(tmp_path, home):
     try:
         assert res.returncode == 0, res.stderr + res.stdout
         assert "head_start_ray_commands" in res.stderr and "warning" in res.stderr
-        assert "token: ***" in res.stdout
+        token = (home / "secrets" / "cli.token").read_text().strip()
+        assert "listening at" in res.stdout and "joined" in res.stdout
+        logs = "".join(f.read_text() for f in (home / "logs" / "cli").glob("*.log"))
+        assert "token: ***" in logs  # `strato start`'s lines are kept in the log, redacted
+        assert token and token not in res.stdout + res.stderr + logs
 
         res = strato(home, "status", str(config), "--json")
         assert res.returncode == 0, res.stderr
