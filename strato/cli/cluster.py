@@ -47,12 +47,16 @@ def _handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _warn_config(path: str) -> None:
-    """Print the config's warnings (Ray-only keys, likely mistakes) once per command."""
+def _warn_config(path: str, notes: bool = False) -> None:
+    """Print the config's warnings (Ray-only keys, likely mistakes) once per command, and
+    with ``notes`` what strato translated from Ray's idioms (legacy keys, spot settings)."""
     from strato.launcher.config import load_config
 
-    for warning in load_config(path).warnings:
+    config = load_config(path)
+    for warning in config.warnings:
         _err.print(f"strato: warning: {warning}", markup=False, style="yellow")
+    for note in config.notes if notes else ():
+        _err.print(f"strato: note: {note}", markup=False)
 
 
 def _fmt_uptime(seconds: float | None) -> str:
@@ -106,15 +110,20 @@ def register(cli: click.Group) -> None:
                   help="Do not restart runtimes that are running (setup still runs).")
     @click.option("--restart-only", is_flag=True,
                   help="Skip setup; only restart the runtime on every node.")
+    @click.option("--no-config-cache", is_flag=True,
+                  help="Do not reuse what earlier `up`s remembered in $STRATO_HOME/state.db "
+                       "(the provider's facts: key pair, security group, subnets, firewall "
+                       "rules, SSH user; the head's address): learn them anew.")
     @_handle_errors
     def up(config: str, yes: bool, min_workers: int | None, no_restart: bool,
-           restart_only: bool) -> None:
+           restart_only: bool, no_config_cache: bool) -> None:
         """Create or update a cluster (idempotent)."""
         from strato.launcher import reconcile
 
-        _warn_config(config)
+        _warn_config(config, notes=True)
         reconcile.up(config, yes=yes, min_workers_override=min_workers,
-                     no_restart=no_restart, restart_only=restart_only)
+                     no_restart=no_restart, restart_only=restart_only,
+                     no_config_cache=no_config_cache)
 
     @cli.command()
     @config_argument
@@ -197,6 +206,53 @@ def register(cli: click.Group) -> None:
         from strato.launcher import commands
 
         click.echo(commands.get_head_ip(config))
+
+    @cli.command(name="get-worker-ips")
+    @config_argument
+    @_handle_errors
+    def get_worker_ips(config: str) -> None:
+        """Print the live workers' addresses, one per line."""
+        from strato.launcher import commands
+
+        for ip in commands.get_worker_ips(config):
+            click.echo(ip)
+
+    @cli.command()
+    @config_argument
+    @click.option("-n", "--lines", default=100, show_default=True, type=click.IntRange(min=0),
+                  help="Lines of the log to show first.")
+    @click.option("--no-follow", is_flag=True, help="Print the last lines and exit.")
+    @_handle_errors
+    def monitor(config: str, lines: int, no_follow: bool) -> None:
+        """Follow the autoscaler's log (on the head, or here); Ctrl-C to stop."""
+        from strato.launcher import commands
+
+        sys.exit(commands.monitor(config, lines, follow=not no_follow))
+
+    @cli.command(name="kill-random-node")
+    @config_argument
+    @yes_option
+    @click.option("--hard", is_flag=True,
+                  help="Terminate the machine at the provider instead of stopping its runtime.")
+    @_handle_errors
+    def kill_random_node(config: str, yes: bool, hard: bool) -> None:
+        """Kill a random worker (never the head), to test fault tolerance."""
+        from strato.launcher import commands
+
+        node = commands.kill_random_node(config, hard=hard, yes=yes)
+        click.echo(f"killed {node.id} ({'machine terminated' if hard else 'runtime stopped'})")
+
+    @cli.command(name="cluster-dump")
+    @config_argument
+    @click.option("-o", "--output", type=click.Path(dir_okay=False),
+                  help="Archive to write (default: strato-dump-<cluster>-<time>.tar.gz here).")
+    @_handle_errors
+    def cluster_dump(config: str, output: str | None) -> None:
+        """Collect every node's logs, status and autoscaler events into one .tar.gz
+        (the cluster token and private keys redacted)."""
+        from strato.launcher import dump
+
+        click.echo(dump.cluster_dump(config, output))
 
     @cli.command()
     @config_argument

@@ -1,5 +1,7 @@
 """The everyday cluster commands as library functions: exec, submit, attach, rsync,
-status, logs (``up``/``down`` live in ``reconcile``); ``strato.cli.cluster`` wraps them.
+get-head-ip / get-worker-ips, status, logs, monitor (follow the autoscaler's log) and
+kill-random-node (``up``/``down`` live in ``reconcile``, cluster-dump in ``dump``);
+``strato.cli.cluster`` wraps them.
 
 Output of nodes is streamed with the node's name as prefix (``exec`` on one node: as it
 is, so it can be redirected) and kept under ``$STRATO_HOME/logs/<cluster>/``.
@@ -10,25 +12,28 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shlex
+import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from strato.exceptions import LauncherError
 from strato.launcher.cluster import TAG_NODE_ID_LABEL, Cluster, open_cluster
-from strato.launcher.console import err_console, say
+from strato.launcher.console import confirm, err_console, say
 from strato.launcher.pricing import Pricing, node_cost
 from strato.launcher.runner import shell_path
 from strato.providers.base import TAG_SETUP_HASH, TAG_STATUS, Node, NodeKind
 
-__all__ = ["attach", "exec_", "get_head_ip", "logs", "rsync_down", "rsync_up", "status",
-           "submit"]
+__all__ = ["attach", "exec_", "get_head_ip", "get_worker_ips", "kill_random_node", "logs",
+           "monitor", "monitor_log_path", "rsync_down", "rsync_up", "status", "submit"]
 
 HEAD = NodeKind.HEAD.value
+WORKER = NodeKind.WORKER.value
 PARALLEL_EXECS = 16
 STATUS_EVENTS = 20           # recent events `status` returns
 LAUNCH_PROBLEMS = ("capacity-error", "fallback", "launch-failed", "setup-failed")
@@ -130,20 +135,23 @@ def attach(config_path: str | os.PathLike) -> int:
 
 def rsync_up(config_path: str | os.PathLike, source: str, target: str,
              node: str = "head") -> None:
-    """Copy a local file or directory to ``target`` on ``node`` (head, all or an IP)."""
+    """Copy a local file or directory to ``target`` on ``node`` (head, all or an IP),
+    leaving out what ``rsync_exclude`` / ``rsync_filter`` exclude."""
     cluster = open_cluster(config_path)
+    copy_filter = cluster.config.copy_filter()
     for n in cluster.find_nodes(node):
-        cluster.runner(n).put(source, target)
+        cluster.runner(n).put(source, target, copy_filter=copy_filter)
 
 
 def rsync_down(config_path: str | os.PathLike, source: str, target: str,
                node: str = "head") -> None:
-    """Copy ``source`` from ``node`` (the head by default) to the local ``target``."""
+    """Copy ``source`` from ``node`` (the head by default) to the local ``target``,
+    leaving out what ``rsync_exclude`` / ``rsync_filter`` exclude."""
     cluster = open_cluster(config_path)
     nodes = cluster.find_nodes(node)
     if len(nodes) != 1:
         raise LauncherError("rsync-down copies from one node: pass --node head or an IP")
-    cluster.runner(nodes[0]).get(source, target)
+    cluster.runner(nodes[0]).get(source, target, copy_filter=cluster.config.copy_filter())
 
 
 def get_head_ip(config_path: str | os.PathLike) -> str:
@@ -151,6 +159,128 @@ def get_head_ip(config_path: str | os.PathLike) -> str:
     cluster = open_cluster(config_path, echo=False)
     head = cluster.require_head()
     return cluster.provider.ssh_address(head) or cluster.provider.internal_address(head)
+
+
+def get_worker_ips(config_path: str | os.PathLike) -> list[str]:
+    """The addresses of the live workers (as ``get_head_ip``: public if they have one),
+    oldest first."""
+    cluster = open_cluster(config_path, echo=False)
+    return [cluster.provider.ssh_address(n) or cluster.provider.internal_address(n)
+            for n in cluster.nodes(kind=WORKER)]
+
+
+def kill_random_node(config_path: str | os.PathLike, *, hard: bool = False,
+                     yes: bool = False, choose: Callable[[list[Node]], Node] = random.choice
+                     ) -> Node:
+    """Kill one live worker picked at random (never the head), to test fault tolerance.
+
+    By default its runtime is stopped (``strato stop`` on the node) and the machine stays:
+    the autoscaler restarts or replaces it as for any dead node. ``hard`` terminates the
+    machine at the provider instead (an SSH host is released), as a preemption would.
+    Returns the node killed."""
+    cluster = open_cluster(config_path)
+    what = "terminate the machine of" if hard else "stop the runtime of"
+    confirm(f"This will {what} a random worker of cluster {cluster.name!r}. Continue?", yes)
+    workers = cluster.nodes(kind=WORKER)
+    if not workers:
+        raise LauncherError(f"cluster {cluster.name!r} has no live workers to kill")
+    node = choose(workers)
+    label = cluster.label(node)
+    if hard:
+        say(f"terminating {label} ({node.id})")
+        cluster.provider.terminate_nodes([node.id])
+        message = "killed by kill-random-node --hard: machine terminated"
+    else:
+        say(f"stopping the runtime of {label} ({node.id})")
+        cmd = (f"{cluster.runtime_python(node.node_type or '')} -m strato.cli stop "
+               f"--temp-dir {cluster.temp_dir(node)}")
+        cluster.runner(node, echo=False).run(cmd, timeout=60)
+        message = "killed by kill-random-node: runtime stopped"
+    cluster.state.add_event(cluster.name, message, node=node.id)
+    return node
+
+
+# ---------------------------------------------------------------- the monitor's log
+MONITOR_LOG = "monitor.log"
+FOLLOW_POLL_S = 0.5
+FIRST_READ_BYTES = 1 << 20
+
+
+def monitor_log_path(cluster: Cluster, head: Node | None) -> str:
+    """Where the monitor writes its log (on the head when it runs there, else here)."""
+    return f"{cluster.monitor_dir(head)}/{MONITOR_LOG}"
+
+
+def monitor(config_path: str | os.PathLike, lines: int = 100, *, follow: bool = True,
+            write: Callable[[str], None] | None = None, poll: float = FOLLOW_POLL_S) -> int:
+    """Print the last ``lines`` lines of the autoscaler's log, then (with ``follow``) what
+    it writes next, until Ctrl-C; returns 0. The log is on the head, read over SSH
+    (``monitor: head``), or here (``monitor: local``); the token is shown as ``***``."""
+    cluster = open_cluster(config_path, echo=False)
+    if cluster.monitor_mode == "off":
+        raise LauncherError(f"cluster {cluster.name!r} runs no monitor (provider.monitor "
+                            "or STRATO_MONITOR is off)")
+    head = cluster.require_head() if cluster.monitor_mode == "head" else cluster.head()
+    path = monitor_log_path(cluster, head)
+    if cluster.monitor_mode == "head":
+        from strato.ssh.files import read_from
+
+        target = cluster.runner(head, echo=False).target  # type: ignore[attr-defined]
+
+        def read(offset: int) -> tuple[int, bytes] | None:
+            return read_from(target, path, offset)
+    else:
+        def read(offset: int) -> tuple[int, bytes] | None:
+            try:
+                with open(path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    f.seek(min(offset, size))
+                    return size, f.read(max(0, min(FIRST_READ_BYTES, size - offset)))
+            except FileNotFoundError:
+                return None
+    out = write or _write_stdout
+    secret = cluster.token
+
+    def show(text: str) -> None:
+        out(text.replace(secret, "***") if secret else text)
+
+    try:
+        first = read(1 << 62)
+        size = first[0] if first else 0
+        start = max(0, size - FIRST_READ_BYTES)
+        got = read(start) if first else None
+        data = got[1] if got else b""
+        offset = start + len(data)
+        if start:
+            data = data.partition(b"\n")[2]  # the first line read is a partial one
+        complete, _, buffer = data.rpartition(b"\n")
+        if lines > 0 and complete:
+            for raw in complete.split(b"\n")[-lines:]:
+                show(raw.decode("utf-8", errors="replace"))
+        if not first:
+            err_console.print(f"strato: no monitor log yet at {path}; waiting for it",
+                              style="yellow")
+        while follow:
+            time.sleep(poll)
+            got = read(offset)
+            if got is None:
+                continue
+            if got[0] < offset:  # rotated or truncated: from the start again
+                offset, buffer = 0, b""
+                continue
+            offset += len(got[1])
+            buffer += got[1]
+            *done, buffer = buffer.split(b"\n")
+            for raw in done:
+                show(raw.decode("utf-8", errors="replace"))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _write_stdout(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 # ---------------------------------------------------------------- status and logs
