@@ -4,7 +4,8 @@ Each host is a network namespace behind one bridge (``10.200.K.1/24``, K picked 
 session so parallel sessions never clash) running sshd under
 ``unshare --uts --pid --ipc --mount --fork --mount-proc``: its own hostname
 (``strato-hN``), PID table, IPC, ``/tmp``, ``/dev/shm``, ``/etc/hosts`` (every host's
-name) and ``/etc/resolv.conf`` (no DNS: nothing outside may be contacted). The rest of
+name) and ``/etc/resolv.conf`` (no DNS), and no route beyond the test subnet: nothing
+outside may be contacted. The rest of
 the filesystem is shared, like NFS homes, so this machine's ``sys.executable`` (with
 strato installed) runs on every host; sessions get ``PATH`` starting with its directory.
 
@@ -171,8 +172,7 @@ class Host:
 
     def link_up(self) -> None:
         _sh("ip", "-n", self.netns, "link", "set", "eth0", "up")
-        _sh("ip", "-n", self.netns, "route", "replace", "default", "via",
-            self._net().bridge_ip)
+        _sh("ip", "-n", self.netns, "route", "replace", "unreachable", "default")
 
     def run_local(self, cmd: str, *, timeout: float = 30.0,
                   check: bool = False) -> subprocess.CompletedProcess[str]:
@@ -310,7 +310,10 @@ class SSHHostNetwork:
         _sh("ip", "-n", host.netns, "link", "set", "lo", "up")
         _sh("ip", "-n", host.netns, "addr", "add", f"{host.ip}/24", "dev", "eth0")
         _sh("ip", "-n", host.netns, "link", "set", "eth0", "up")
-        _sh("ip", "-n", host.netns, "route", "add", "default", "via", self.bridge_ip)
+        # only the test subnet is reachable: anything else (a cloud metadata address such
+        # as 169.254.169.254 that a spot watcher polls, a made-up instance IP) fails at
+        # once inside the namespace instead of leaving through this machine
+        _sh("ip", "-n", host.netns, "route", "add", "unreachable", "default")
 
         host_key, _ = _keypair(host.hostname)
         _write(hdir / "ssh_host_ed25519_key", host_key)
