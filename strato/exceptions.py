@@ -120,7 +120,12 @@ class ActorError(StratoError):
 
 
 class ActorDiedError(ActorError):
-    """The actor is dead (killed, crashed past max_restarts, or its node died)."""
+    """The actor is dead (killed, crashed past max_restarts, or its node died), or its
+    constructor raised: then ``cause`` is that exception and ``traceback_str`` its
+    traceback (both in the message too)."""
+
+    cause: BaseException | None = None
+    traceback_str: str = ""
 
 
 class ActorUnavailableError(ActorError):

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import cloudpickle
 
-from strato.exceptions import TaskCancelledError, TaskError
+from strato.exceptions import ActorDiedError, TaskCancelledError, TaskError
 from strato.runtime import context
 from strato.runtime import messages as m
 from strato.runtime.core import CoreWorker, ObjectRef, set_current
@@ -246,8 +246,13 @@ class Executor:
             args, kwargs = self.resolve_args(spec)
             self.actor = cls(*args, **kwargs)
         except BaseException as exc:
+            # like Ray's RayActorError: every call to this actor raises ActorDiedError,
+            # which carries the constructor's exception and traceback
             tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            err = TaskError(f"{spec.name}.__init__", tb, exc if _picklable(exc) else None)
+            err = ActorDiedError(f"actor {spec.name} died: its constructor raised "
+                                 f"{type(exc).__name__}: {exc}\n{tb}")
+            err.cause = exc if _picklable(exc) else None
+            err.traceback_str = tb
             self.core.send((m.ACTOR_READY, spec.actor_id, serialize(err).to_bytes()))
             return
         finally:

@@ -106,8 +106,15 @@ def test_actor_constructor_error(strato_local):
             return "pong"
 
     a = BadInit.remote()
-    with pytest.raises((exc.ActorDiedError, MyError)):
-        strato.get(a.ping.remote(), timeout=30)
+    for _ in range(2):  # every call, not just the first
+        with pytest.raises(exc.ActorDiedError) as info:
+            strato.get(a.ping.remote(), timeout=30)
+        assert not isinstance(info.value, MyError)
+        assert isinstance(info.value, exc.RayActorError)
+        text = str(info.value)
+        assert "MyError: no init" in text and "Traceback" in text and "__init__" in text
+        assert isinstance(info.value.cause, MyError)
+        assert "in __init__" in info.value.traceback_str
 
 
 def test_actor_handle_passed_to_tasks(strato_local):
