@@ -333,3 +333,48 @@ def test_actor_without_restarts_dies(strato_local):
         strato.get(m.die.remote(), timeout=30)
     with pytest.raises(exc.ActorDiedError):
         strato.get(m.ping.remote(), timeout=30)
+
+
+def test_actor_crash_mid_call_is_rerun_on_the_restarted_process(strato_local, tmp_path):
+    strato = strato_local
+    marker = str(tmp_path / "crashed-once")
+
+    @strato.remote(max_restarts=1, max_task_retries=1)
+    class Flaky:
+        def work(self, marker):
+            if not os.path.exists(marker):
+                with open(marker, "w") as f:
+                    f.write(str(os.getpid()))
+                os._exit(1)   # the process dies during the call, the first time only
+            return os.getpid()
+
+    f = Flaky.remote()
+    pid = strato.get(f.work.remote(marker), timeout=30)   # re-run, not an error
+    with open(marker) as fh:
+        first_pid = int(fh.read())
+    assert pid != first_pid
+    assert strato.get(f.work.remote(marker), timeout=30) == pid   # the new process serves
+
+
+def test_actor_crash_mid_call_retries_run_out(strato_local):
+    strato = strato_local
+
+    @strato.remote(max_restarts=3, max_task_retries=1)
+    class AlwaysDies:
+        def die(self):
+            os._exit(1)
+
+        def ping(self):
+            return "pong"
+
+    a = AlwaysDies.remote()
+    # first run and one re-run both kill the process: then the caller is told
+    with pytest.raises(exc.ActorUnavailableError, match="restarting"):
+        strato.get(a.die.remote(), timeout=30)
+
+    def alive():
+        try:
+            return strato.get(a.ping.remote(), timeout=10)
+        except exc.ActorUnavailableError:
+            return None
+    assert wait_until(alive, 30, 0.2, "the actor to come back") == "pong"

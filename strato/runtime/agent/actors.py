@@ -160,11 +160,14 @@ class ActorHost:
         err = ActorDiedError(f"actor {name} died: {how}")
         # the head restarts it unless its restarts are used up or it was killed for good
         call_err: BaseException = err
-        if _will_restart(w):
+        restart = _will_restart(w)
+        if restart:
             call_err = ActorUnavailableError(f"actor {name} is restarting ({how}); this call "
                                              "was running and did not finish")
         for spec in w.inflight.values():
-            self._complete_with_error(spec, call_err, crashed=False)
+            # with a restart coming, the owner re-runs the call on the new process while
+            # max_task_retries allows (crashed=True: retryable), else it gets call_err
+            self._complete_with_error(spec, call_err, crashed=restart)
         w.inflight.clear()
         self.head.send((m.ACTOR_STATE, w.actor_id, ActorState.DEAD, self.node_id, error_bytes(err)))
 
