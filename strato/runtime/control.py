@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import psutil
 
 from strato.exceptions import StratoError
-from strato.runtime.session import node_files, read_token
+from strato.runtime.session import ForeignDirError, ensure_private_dir, node_files, read_token
 
 
 class StartError(StratoError, ConnectionError):
@@ -54,6 +54,10 @@ def start_node(*, head: bool, temp_dir: str, address: str | None = None, port: i
     With ``parent_pid`` the node stops when that process exits (a driver's own node).
     """
     temp_dir = os.path.abspath(temp_dir)
+    try:
+        ensure_private_dir(temp_dir)
+    except ForeignDirError as exc:
+        raise StartError(str(exc).removeprefix("strato: ")) from None
     os.makedirs(os.path.join(temp_dir, "logs"), exist_ok=True)
     if resources:
         try:

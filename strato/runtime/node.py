@@ -30,7 +30,7 @@ from strato.runtime import messages as m
 from strato.runtime import resources as resource_detection
 from strato.runtime.agent import NodeAgent
 from strato.runtime.head import HeadService
-from strato.runtime.session import DEFAULT_TEMP_DIR
+from strato.runtime.session import DEFAULT_TEMP_DIR, ForeignDirError, ensure_private_dir
 from strato.runtime.transport import HeadLink, PeerLinks, RuntimeServer, connect_in_process
 
 DEFAULT_PORT = 6380
@@ -64,6 +64,11 @@ async def run_node(args) -> int:
     node_id = os.urandom(16)
     short = node_id.hex()[:8]
     session_dir = os.path.join(temp_dir, "session")
+    try:
+        ensure_private_dir(temp_dir)
+    except ForeignDirError as exc:
+        print(exc, file=sys.stderr, flush=True)
+        return 1
     os.makedirs(os.path.join(temp_dir, "nodes"), exist_ok=True)
     os.makedirs(session_dir, exist_ok=True)
     os.makedirs(os.path.join(temp_dir, "logs"), exist_ok=True)
@@ -71,6 +76,7 @@ async def run_node(args) -> int:
     shm_dir = os.path.join(shm_root, f"strato-{os.getpid()}-{short}")
 
     token = args.token or os.environ.get("STRATO_TOKEN") or (secrets.token_hex(16) if args.head else None)
+    os.environ.pop("STRATO_TOKEN", None)  # no child (workers: user code) inherits it
     if not token:
         print("strato: a cluster token is needed to join: pass --token or set STRATO_TOKEN",
               file=sys.stderr)

@@ -98,8 +98,13 @@ class NodeAgent(WorkerPool, ObjectManager, ActorHost, TaskRouter, ClientSessions
     # ------------------------------------------------------------------ lifecycle
     async def start(self, prestart_workers: int = 0) -> None:
         self.loop = asyncio.get_running_loop()
-        self._server = await self.loop.create_unix_server(
-            lambda: FrameProtocol(self._on_client_batch, self._on_client_close), self.socket_path)
+        old_umask = os.umask(0o077)  # the socket is 0600 from the moment it exists
+        try:
+            self._server = await self.loop.create_unix_server(
+                lambda: FrameProtocol(self._on_client_batch, self._on_client_close),
+                self.socket_path)
+        finally:
+            os.umask(old_umask)
         os.chmod(self.socket_path, 0o600)
         for _ in range(prestart_workers):
             self._start_worker()

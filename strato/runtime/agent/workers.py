@@ -90,6 +90,7 @@ class WorkerPool:
     async def _spawn(self, w: Worker) -> None:
         env = dict(os.environ)
         env.update(self.worker_env)
+        env.pop("STRATO_TOKEN", None)  # user code talks to its agent's socket, never needs it
         env["STRATO_AGENT_SOCKET"] = self.socket_path
         env["STRATO_WORKER_ID"] = w.worker_id.hex()
         env["STRATO_NODE_ID"] = self.node_id.hex()
