@@ -202,6 +202,11 @@ class HostKeyMismatchError(LauncherError):
         self.source = source
 
 
+class OwnerConflictError(LauncherError):
+    """Nodes with the cluster's name belong to another owner (another user or another
+    ``$STRATO_HOME``): ``up``/``down`` refuse to touch them without ``--force``."""
+
+
 # Ray's names, so `import strato as ray` code that catches them keeps working.
 RayError = StratoError
 RayTaskError = TaskError

@@ -1,13 +1,17 @@
 """Small file habits shared across strato, each written once: where local state lives,
-atomic writes, secret files (0600 from the first byte), an advisory file lock, and a JSON
-record file guarded by that lock (provider claims, local nodes)."""
+who owns it (the owner id), atomic writes, secret files (0600 from the first byte), an
+advisory file lock, and a JSON record file guarded by that lock (provider claims, local
+nodes)."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import getpass
 import json
 import os
+import re
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,28 @@ from typing import Any
 def strato_home() -> Path:
     """Where strato keeps local state: ``$STRATO_HOME``, default ``~/.strato``."""
     return Path(os.environ.get("STRATO_HOME") or Path.home() / ".strato").expanduser()
+
+
+OWNER_FILE = "owner"
+_OWNER_RE = re.compile(r"[a-z0-9_-]{1,63}")
+
+
+def owner_id() -> str:
+    """Who owns the clusters this ``$STRATO_HOME`` launches: ``<user>-<12 hex>``, random
+    once and stable after (file ``owner``, 0600), lower-case ``[a-z0-9_-]`` so it is a
+    valid tag and GCE label value. Nodes carry it beside the cluster name, so two users
+    (or two homes) with the same cluster name never touch each other's nodes."""
+    home = strato_home()
+    path = home / OWNER_FILE
+    with file_lock(home / f"{OWNER_FILE}.lock"):
+        with contextlib.suppress(FileNotFoundError):
+            value = path.read_text().strip()
+            if _OWNER_RE.fullmatch(value):
+                return value
+        user = re.sub(r"[^a-z0-9_-]+", "-", getpass.getuser().lower()).strip("-")[:24]
+        value = f"{user or 'user'}-{secrets.token_hex(6)}"
+        write_secret(path, value + "\n")
+        return value
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600,

@@ -28,6 +28,12 @@ config_argument = click.argument("config", type=click.Path(dir_okay=False))
 yes_option = click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 
 
+def force_option(what: str) -> Callable[[F], F]:
+    """``--force``: go on although another owner's nodes carry the cluster's name."""
+    return click.option("--force", is_flag=True,
+                        help=f"When nodes of another owner have this cluster name: {what}.")
+
+
 def _handle_errors(fn: F) -> F:
     """Print launcher errors as one message (exit 1); config errors list every problem."""
     @functools.wraps(fn)
@@ -114,28 +120,30 @@ def register(cli: click.Group) -> None:
                   help="Do not reuse what earlier `up`s remembered in $STRATO_HOME/state.db "
                        "(the provider's facts: key pair, security group, subnets, firewall "
                        "rules, SSH user; the head's address): learn them anew.")
+    @force_option("create this owner's nodes beside them, leaving theirs alone")
     @_handle_errors
     def up(config: str, yes: bool, min_workers: int | None, no_restart: bool,
-           restart_only: bool, no_config_cache: bool) -> None:
+           restart_only: bool, no_config_cache: bool, force: bool) -> None:
         """Create or update a cluster (idempotent)."""
         from strato.launcher import reconcile
 
         _warn_config(config, notes=True)
         reconcile.up(config, yes=yes, min_workers_override=min_workers,
                      no_restart=no_restart, restart_only=restart_only,
-                     no_config_cache=no_config_cache)
+                     no_config_cache=no_config_cache, force=force)
 
     @cli.command()
     @config_argument
     @yes_option
     @click.option("--workers-only", is_flag=True, help="Keep the head node.")
+    @force_option("terminate them too")
     @_handle_errors
-    def down(config: str, yes: bool, workers_only: bool) -> None:
+    def down(config: str, yes: bool, workers_only: bool, force: bool) -> None:
         """Terminate every node of the cluster (found by tags) and forget it."""
         from strato.launcher import reconcile
 
         _warn_config(config)
-        reconcile.down(config, yes=yes, workers_only=workers_only)
+        reconcile.down(config, yes=yes, workers_only=workers_only, force=force)
 
     @cli.command(name="exec")
     @config_argument

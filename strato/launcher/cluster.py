@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from strato.exceptions import LauncherError
+from strato.exceptions import LauncherError, OwnerConflictError
 from strato.launcher.bootstrap import TAG_NODE_ID_LABEL, render, venv_dir
 from strato.launcher.config import ClusterConfig, load_config
 from strato.launcher.console import say
@@ -32,6 +32,7 @@ from strato.launcher.runner import (
     shell_path,
 )
 from strato.launcher.state import StateDB
+from strato.localfiles import OWNER_FILE, owner_id, strato_home
 from strato.providers import provider_class
 from strato.providers.base import (
     TAG_CLUSTER,
@@ -39,13 +40,14 @@ from strato.providers.base import (
     TAG_LAUNCH_HASH,
     TAG_NAME,
     TAG_NODE_TYPE,
+    TAG_OWNER,
     TAG_STATUS,
     Node,
     NodeKind,
     NodeProvider,
     NodeStatus,
 )
-from strato.runtime.session import DEFAULT_TEMP_DIR
+from strato.runtime.session import user_temp_dir
 from strato.ssh import SSHTarget, pinned_hosts_path
 
 __all__ = ["DEFAULT_HEAD_PORT", "TAG_NODE_ID_LABEL", "Cluster", "open_cluster"]
@@ -67,11 +69,14 @@ class Cluster:
         self.echo = echo
         # Set by the monitor: hashes, key and wheel paths as the launcher computed them.
         self.overrides = dict(overrides or {})
+        #: whose nodes these are (tag TAG_OWNER); the monitor gets the launcher's in its spec
+        self.owner: str = self.overrides.get("owner") or owner_id()
+        self._adopts_untagged: bool | None = None
+        self._facts: dict[str, Any] = {}
         # what the provider is (class facts) is known before the provider is built
         self.provider_type = type(provider) if provider is not None else \
             provider_class(self.kind)
         self.provider = provider or self.provider_type(self.provider_config(), self.name)
-        self._facts: dict[str, Any] = {}
         # The monitor gets them in its spec: nodes it creates carry the key `up` chose.
         self.facts = self.overrides.get("facts") or {}
         self.token: str | None = None
@@ -92,6 +97,7 @@ class Cluster:
         """The ``provider:`` section plus what the launcher decides for the provider."""
         pc = self.config.provider.model_dump(exclude_none=True)
         pc.update(self.config.provider.extras)
+        pc.setdefault("owner", self.overrides.get("owner") or owner_id())
         if self.provider_type.stops_strato_on_terminate:
             auth = self.config.auth
             pc.setdefault("ssh_user", auth.ssh_user)
@@ -145,18 +151,52 @@ class Cluster:
             self.config.setup_hash(node_type, head=head)
 
     # ------------------------------------------------------------ nodes
+    def owns(self, node: Node) -> bool:
+        """Whether ``node`` is this owner's. A node from before owner tags counts as ours
+        only where this ``$STRATO_HOME`` remembers the cluster (``up`` then tags it)."""
+        tag = node.tags.get(TAG_OWNER)
+        if tag:
+            return tag == self.owner
+        if self._adopts_untagged is None:
+            self._adopts_untagged = self.state.get(self.name) is not None
+        return self._adopts_untagged
+
+    def machines(self, tags: Mapping[str, str] | None = None, *,
+                 include_terminated: bool = False) -> list[Node]:
+        """The provider's listing of this owner's nodes of the cluster matching ``tags``."""
+        found = self.provider.list_nodes({**(tags or {}), TAG_CLUSTER: self.name},
+                                         include_terminated=include_terminated)
+        return [n for n in found if self.owns(n)]
+
     def nodes(self, *, kind: str | None = None, node_type: str | None = None,
               alive_only: bool = True) -> list[Node]:
-        """This cluster's nodes, found by tags, oldest first."""
-        tags = {TAG_CLUSTER: self.name}
+        """This owner's nodes of the cluster, found by tags, oldest first."""
+        tags = {}
         if kind:
             tags[TAG_KIND] = kind
         if node_type:
             tags[TAG_NODE_TYPE] = node_type
-        found = self.provider.list_nodes(tags)
+        found = self.machines(tags)
         if alive_only:
             found = [n for n in found if n.is_alive]
         return sorted(found, key=lambda n: (n.launch_time or 0.0, n.id))
+
+    def foreign_nodes(self) -> list[Node]:
+        """Live nodes with this cluster's name that belong to another owner."""
+        return [n for n in self.provider.list_nodes({TAG_CLUSTER: self.name})
+                if n.is_alive and not self.owns(n)]
+
+    def owner_conflict(self, foreign: Sequence[Node], action: str,
+                       force_does: str) -> OwnerConflictError:
+        """The error ``up``/``down`` raise when another owner's nodes carry this name."""
+        owners = sorted({n.tags.get(TAG_OWNER) or "(no owner tag)" for n in foreign})
+        return OwnerConflictError(
+            f"cluster {self.name!r} ({self.kind}): {len(foreign)} node(s) with this name "
+            f"belong to another owner: {', '.join(owners)} ({', '.join(n.id for n in foreign)}); "
+            f"you are {self.owner} ({strato_home() / OWNER_FILE}). Refusing to {action}: "
+            "the same cluster_name in one account would make the two clusters manage each "
+            f"other's nodes. Use another cluster_name, or pass --force to {force_does}.")
+
 
     def head(self) -> Node | None:
         heads = self.nodes(kind=NodeKind.HEAD.value)
@@ -165,12 +205,17 @@ class Cluster:
     def require_head(self) -> Node:
         head = self.head()
         if head is None:
-            raise LauncherError(f"cluster {self.name!r} has no head node; run `strato up` first")
+            theirs = [n for n in self.foreign_nodes() if n.kind == NodeKind.HEAD.value]
+            other = (f" (a head of another owner, {theirs[0].tags.get(TAG_OWNER) or '?'}, "
+                     "has this cluster name)") if theirs else ""
+            raise LauncherError(f"cluster {self.name!r} has no head node{other}; run "
+                                "`strato up` first")
         return head
+
 
     def new_tags(self, kind: str, node_type: str) -> dict[str, str]:
         """Tags of a node about to be created (``up`` and the autoscaler alike)."""
-        return {TAG_KIND: kind, TAG_NODE_TYPE: node_type,
+        return {TAG_KIND: kind, TAG_NODE_TYPE: node_type, TAG_OWNER: self.owner,
                 TAG_LAUNCH_HASH: self.launch_hash(node_type),
                 TAG_STATUS: NodeStatus.PENDING.value, TAG_NAME: f"strato-{self.name}-{kind}"}
 
@@ -221,13 +266,17 @@ class Cluster:
         if self.is_local:
             temp_dir = self.provider.local_dir(node.id)
             return LocalRunner(label, temp_dir, sink, env={"STRATO_TEMP_DIR": str(temp_dir)})
-        user = self.overrides.get("ssh_user") or self.facts.get("ssh_user") or \
-            self.config.auth.ssh_user
+        user = self.ssh_user()
         target = SSHTarget(host=self.provider.ssh_address(node), port=self.config.auth.ssh_port,
                            user=user, key_path=self.key_path(), name=label, node_id=node.id,
                            known_hosts=str(self.host_keys_path()),
                            user_known_hosts=self.provider.user_known_hosts_file)
         return SSHRunner(target, sink, connect_timeout=connect_timeout)
+
+    def ssh_user(self) -> str:
+        """The login user on the nodes."""
+        return self.overrides.get("ssh_user") or self.facts.get("ssh_user") or \
+            self.config.auth.ssh_user
 
     def host_keys_path(self) -> Path:
         """Where this cluster's nodes' SSH host keys are pinned (``down`` forgets them)."""
@@ -254,7 +303,7 @@ class Cluster:
         """The node's runtime temp dir (its node files, sockets and logs)."""
         if self.is_local:
             return str(self.provider.local_dir(node.id))
-        return DEFAULT_TEMP_DIR
+        return user_temp_dir(self.ssh_user())  # the login user's own, as on any machine
 
     def temp_dir(self, node: Node) -> str:
         """The node's runtime temp dir as a shell word."""
@@ -286,7 +335,7 @@ class Cluster:
             "stop_node.sh",
             stop_monitor=render("stop_monitor.sh",
                                          pid_file=shlex.quote(scratch + "/monitor/monitor.pid")),
-            pythons=" ".join(pythons), temp_dir=shlex.quote(DEFAULT_TEMP_DIR),
+            pythons=" ".join(pythons), temp_dir=shlex.quote(user_temp_dir(self.ssh_user())),
             cleanup_dirs=shlex.quote(scratch))
 
     # ------------------------------------------------------------ runtime

@@ -137,6 +137,8 @@ def rsync_up(config_path: str | os.PathLike, source: str, target: str,
              node: str = "head") -> None:
     """Copy a local file or directory to ``target`` on ``node`` (head, all or an IP),
     leaving out what ``rsync_exclude`` / ``rsync_filter`` exclude."""
+    if not os.path.lexists(os.path.expanduser(source)):
+        raise LauncherError(f"rsync-up: no such local path {source!r}")
     cluster = open_cluster(config_path)
     copy_filter = cluster.config.copy_filter()
     for n in cluster.find_nodes(node):

@@ -144,6 +144,7 @@ def start_monitor(cluster: Cluster, head: Node, head_address: str,
                        for t in cluster.config.available_node_types for k in (HEAD, WORKER)},
         "venv": bootstrap.venv_dir() if not cluster.is_local else None,
         "key_path": cluster.key_path(),
+        "owner": cluster.owner,  # the nodes it creates are this owner's too
         "ssh_user": cluster.facts.get("ssh_user") or cluster.config.auth.ssh_user,
         # prepare()'s facts (the SSH public key among them): every node the monitor
         # creates must let the head in, like those `up` created (the monitor never prepares)

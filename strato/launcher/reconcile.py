@@ -28,8 +28,10 @@ from strato.launcher.cluster import TAG_NODE_ID_LABEL, Cluster, open_cluster
 from strato.launcher.console import confirm, say
 from strato.launcher.monitor import start_monitor, stop_monitor
 from strato.launcher.pricing import Pricing
+from strato.launcher.runner import abort_running
 from strato.providers.base import (
     TAG_GOING_DOWN,
+    TAG_OWNER,
     TAG_SETUP_HASH,
     TAG_STATUS,
     GoingDown,
@@ -68,7 +70,8 @@ class UpResult:
 
 def up(config_path: str | os.PathLike, yes: bool = False,
        min_workers_override: int | None = None, no_restart: bool = False,
-       restart_only: bool = False, no_config_cache: bool = False) -> UpResult:
+       restart_only: bool = False, no_config_cache: bool = False,
+       force: bool = False) -> UpResult:
     """Create or update the cluster: head, ``min_workers`` of each type, the monitor.
 
     Only what differs from the config is touched: a changed ``node_config`` replaces the
@@ -83,12 +86,29 @@ def up(config_path: str | os.PathLike, yes: bool = False,
     commands and the monitor start from these instead of asking again. ``up`` re-runs
     ``prepare`` every time anyway; ``no_config_cache`` first forgets both, so nothing an
     earlier ``up`` learned is reused (after editing cloud resources by hand).
+
+    Nodes of the same cluster name that another owner launched (another user, another
+    ``$STRATO_HOME``) make ``up`` refuse (``OwnerConflictError``); ``force`` goes on
+    beside them, never touching them.
     """
     if no_restart and restart_only:
         raise LauncherError("--no-restart and --restart-only contradict each other")
     config_path = os.path.abspath(config_path)
     cluster = open_cluster(config_path)
     state, name = cluster.state, cluster.name
+    missing = [f"file_mounts: {remote!r}: no such local path {local!r}"
+               for remote, local in cluster.config.file_mounts.items()
+               if not os.path.lexists(os.path.expanduser(local))]
+    if missing:  # before anything is created, not a traceback half-way through setup
+        raise LauncherError(f"cluster {name!r}: " + "; ".join(missing))
+    foreign = cluster.foreign_nodes()
+    if foreign and not force:
+        raise cluster.owner_conflict(foreign, "create or change nodes",
+                                     "create this owner's nodes beside theirs (left alone)")
+    if foreign:
+        say(f"[yellow]{len(foreign)} node(s) named {name!r} of another owner are left "
+            "alone (--force)[/]")
+    _tag_owner(cluster)
     if no_config_cache:
         cluster.facts = {}
         if state.get(name) is not None:
@@ -305,8 +325,14 @@ def _bootstrap_all(cluster: Cluster, jobs: Sequence[tuple[Node, bool, bool]],
             return f"{cluster.label(node)}: {e}"
         return None
 
-    with ThreadPoolExecutor(min(PARALLEL_BOOTSTRAPS, len(jobs))) as pool:
+    pool = ThreadPoolExecutor(min(PARALLEL_BOOTSTRAPS, len(jobs)))
+    try:
         return [e for e in pool.map(one, jobs) if e]
+    except BaseException:  # Ctrl-C: end the setups in flight instead of waiting for them
+        abort_running()    # (their nodes stay tagged setting-up: the next `up` redoes them)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------- down
@@ -317,7 +343,7 @@ DOWN_SWEEP_LIMIT_S = 300.0  # give up (with an error) if nodes keep appearing th
 
 
 def down(config_path: str | os.PathLike, yes: bool = False,
-         workers_only: bool = False) -> list[str]:
+         workers_only: bool = False, force: bool = False) -> list[str]:
     """Terminate the cluster's nodes (found by tags) and forget it; returns node ids.
 
     Nothing may be launched behind ``down``'s back, so the order is: tag the head as
@@ -328,13 +354,27 @@ def down(config_path: str | os.PathLike, yes: bool = False,
     the provider (SSH hosts: their claim is released, stopping strato there is best
     effort). ``workers_only`` keeps the head and the local state, and starts the monitor
     again with ``min_workers`` 0 until the next ``up``.
+
+    Only this owner's nodes are touched. When the cluster name has only another owner's
+    nodes ``down`` refuses (``OwnerConflictError``); ``force`` terminates those too (e.g.
+    after losing the ``$STRATO_HOME`` that launched them).
     """
     cluster = open_cluster(config_path)
     if workers_only and cluster.provider.needs_prepare_to_reach_nodes and not cluster.facts:
         cluster.prepare()  # the key to reach the head (to stop its monitor)
     name = cluster.name
     nodes = cluster.nodes(alive_only=False)
+    foreign = cluster.foreign_nodes()
+    if foreign and force:
+        say(f"[yellow]--force: also terminating {len(foreign)} node(s) of another owner[/]")
+        nodes += foreign
+    elif foreign and not any(n.is_alive for n in nodes):
+        raise cluster.owner_conflict(foreign, "terminate them", "terminate them anyway")
+    elif foreign:
+        say(f"[yellow]{len(foreign)} node(s) named {name!r} of another owner are left "
+            "alone (`down --force` terminates them too)[/]")
     targets = [n for n in nodes if not workers_only or n.kind != HEAD]
+
     what = "the workers of" if workers_only else "every node of"
     confirm(f"Terminate {what} cluster {name!r} ({len(targets)} node(s))?", yes)
     heads = [n for n in nodes if n.kind == HEAD]
@@ -375,6 +415,13 @@ def down(config_path: str | os.PathLike, yes: bool = False,
     _forget(cluster)
     say(f"cluster [bold]{name}[/] is down")
     return ids
+
+
+def _tag_owner(cluster: Cluster) -> None:
+    """Give this owner's nodes from before owner tags the tag (``Cluster.owns``)."""
+    for node in cluster.nodes(alive_only=False):
+        if not node.tags.get(TAG_OWNER):
+            cluster.provider.set_tags(node.id, {TAG_OWNER: cluster.owner})
 
 
 def _mark_going_down(cluster: Cluster, head: Node, value: str) -> None:

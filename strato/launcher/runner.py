@@ -29,8 +29,8 @@ from strato.exceptions import CommandError, SSHUnavailableError
 from strato.ssh import CommandTimeoutError, SSHTarget
 from strato.ssh.files import NO_FILTER, CopyFilter
 
-__all__ = ["CommandRunner", "LocalRunner", "OutputSink", "SSHRunner", "print_plain",
-           "shell_path"]
+__all__ = ["CommandRunner", "LocalRunner", "OutputSink", "SSHRunner", "abort_running",
+           "print_plain", "shell_path"]
 
 REDACTED = "***"
 _print_lock = threading.Lock()
@@ -179,6 +179,8 @@ class LocalRunner:
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         assert proc.stdout is not None
+        with _running_lock:
+            _running.add(proc)
         tail: deque[str] = deque(maxlen=ssh.TAIL_LINES)
         timer = None
         timed_out = threading.Event()
@@ -196,10 +198,15 @@ class LocalRunner:
                 tail.append(self.sink.redact(line))
                 self.sink.line(line, echo=not quiet)
             code = proc.wait()
+        except BaseException:  # Ctrl-C: the command (its own session) must not run on
+            _kill_group(proc)
+            raise
         finally:
             if timer is not None:
                 timer.cancel()
             proc.stdout.close()
+            with _running_lock:
+                _running.discard(proc)
         text = "\n".join(tail)
         if timed_out.is_set():
             raise CommandTimeoutError(self.name, command, timeout or 0.0, text)
@@ -224,6 +231,25 @@ class LocalRunner:
     def shell(self, command: str | None = None) -> int:
         argv = ["bash"] if command is None else ["bash", "-c", command]
         return subprocess.call(argv, cwd=self.workdir, env={**os.environ, **self.env})
+
+
+_running: set[subprocess.Popen] = set()   # LocalRunner commands in flight, any thread
+_running_lock = threading.Lock()
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def abort_running() -> None:
+    """Stop every command in flight (Ctrl-C): local ones are killed, SSH connections are
+    closed, so threads waiting on them return at once instead of when the command ends."""
+    with _running_lock:
+        procs = list(_running)
+    for proc in procs:
+        _kill_group(proc)
+    ssh.close_all()
 
 
 def _copy(src: Path, dst: Path, copy_filter: CopyFilter = NO_FILTER) -> None:

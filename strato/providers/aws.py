@@ -15,8 +15,10 @@ Amazon-owned image (the last two exist so moto, which has only old images, works
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from strato.providers.base import (
     TAG_CLUSTER,
     TAG_KIND,
     TAG_NAME,
+    TAG_OWNER,
     ConfigProblem,
     Node,
     NodeProvider,
@@ -141,6 +144,11 @@ def _key_body(public_key: str) -> str:
     return " ".join(public_key.split()[:2])
 
 
+def _key_digest(public_key: str) -> str:
+    """A short digest naming a key pair after its key."""
+    return hashlib.sha256(_key_body(public_key).encode()).hexdigest()[:12]
+
+
 class AWSProvider(NodeProvider):
     """Nodes are EC2 instances tagged with the cluster name; state lives only in AWS tags."""
 
@@ -225,6 +233,17 @@ class AWSProvider(NodeProvider):
         }
         return dict(self._prepared)
 
+    def adopt_facts(self, facts: Mapping[str, Any]) -> None:
+        """Launch with the key pair and security group ``prepare`` chose (the key pair's
+        name may be qualified: another owner's pair holds the plain one)."""
+        if facts.get("key_name") and facts.get("security_group_id") and self._prepared is None:
+            self._prepared = {"key_name": facts["key_name"],
+                              "security_group_id": facts["security_group_id"],
+                              "vpc_id": facts.get("vpc_id"),
+                              "subnets": dict(facts.get("subnets") or {})}
+            if facts.get("head_instance_profile"):
+                self._prepared["head_instance_profile"] = dict(facts["head_instance_profile"])
+
     def _ensure_key_pair(self, auth: Mapping[str, Any]) -> tuple[str, str]:
         name = self.resource_name
         existing = self._describe_key_pair(name)
@@ -234,30 +253,60 @@ class AWSProvider(NodeProvider):
                 public = Path(auth["ssh_public_key"]).expanduser().read_text().strip()
             else:
                 public = public_key_from_private(private_path)
-            if existing is not None:
-                if _key_body(existing.get("PublicKey", "")) == _key_body(public):
-                    return name, private_path
-                # A different key under our name (the user changed auth): replace it.
-                # Running instances keep the key they booted with.
-                self._call("delete_key_pair", KeyName=name)
-            self._call("import_key_pair", KeyName=name, PublicKeyMaterial=public.encode(),
-                       TagSpecifications=[{"ResourceType": "key-pair", "Tags": _aws_tags(
-                           {TAG_CLUSTER: self.cluster_name})}])
+            if existing is not None and \
+                    _key_body(existing.get("PublicKey", "")) != _key_body(public):
+                # A different key under our name: another owner's cluster of this name
+                # (or an earlier auth key). Never replace it: use a name of this key's own.
+                name = f"{name}-{_key_digest(public)}"
+                existing = self._describe_key_pair(name)
+            if existing is None:
+                self._call("import_key_pair", KeyName=name, PublicKeyMaterial=public.encode(),
+                           TagSpecifications=[{"ResourceType": "key-pair",
+                                               "Tags": _aws_tags(self._resource_tags())}])
+            elif _key_body(existing.get("PublicKey", "")) != _key_body(public):
+                raise ProviderError(f"key pair {name!r} holds another key than "
+                                    f"{auth.get('ssh_private_key')}; refusing to replace it")
             return name, private_path
 
         pem = strato_home() / "keys" / f"{name}.pem"
+        if existing is not None and not self._holds(existing, pem):
+            # Not the key we made (another owner's, or our private key is lost): never
+            # replace it; this owner's key pair gets a name of its own.
+            name = f"{name}-{self.provider_config.get('owner') or 'owner'}"
+            pem = strato_home() / "keys" / f"{name}.pem"
+            existing = self._describe_key_pair(name)
         if existing is not None:
-            if pem.exists():
+            if self._holds(existing, pem):
                 return name, str(pem)
             raise ProviderError(
-                f"key pair {name!r} exists in AWS but its private key {pem} is missing; "
-                f"delete the key pair (aws ec2 delete-key-pair --key-name {name}) or set "
-                "auth.ssh_private_key")
+                f"key pair {name!r} exists in AWS but this machine does not hold its private "
+                f"key ({pem}); set auth.ssh_private_key, or delete that key pair if it is "
+                f"yours (aws ec2 delete-key-pair --key-name {name})")
         created = self._call("create_key_pair", KeyName=name,
-                             TagSpecifications=[{"ResourceType": "key-pair", "Tags": _aws_tags(
-                                 {TAG_CLUSTER: self.cluster_name})}])
+                             TagSpecifications=[{"ResourceType": "key-pair",
+                                                 "Tags": _aws_tags(self._resource_tags())}])
         write_secret(pem, created["KeyMaterial"])
         return name, str(pem)
+
+    def _resource_tags(self) -> dict[str, str]:
+        tags = {TAG_CLUSTER: self.cluster_name}
+        if self.provider_config.get("owner"):
+            tags[TAG_OWNER] = str(self.provider_config["owner"])
+        return tags
+
+    @staticmethod
+    def _holds(existing: Mapping[str, Any], pem: Path) -> bool:
+        """Whether ``pem`` is the private key of the key pair ``existing``."""
+        if not pem.exists():
+            return False
+        public = existing.get("PublicKey")
+        if not public:  # not reported: trust the file we wrote when we created it
+            return True
+        try:
+            return _key_body(public_key_from_private(pem)) == _key_body(public)
+        except Exception:
+            return False
+
 
     def _describe_key_pair(self, name: str) -> dict[str, Any] | None:
         try:
@@ -461,7 +510,9 @@ class AWSProvider(NodeProvider):
         all_tags = {TAG_NAME: f"strato-{self.cluster_name}-{tags.get(TAG_KIND, 'worker')}",
                     **tags, TAG_CLUSTER: self.cluster_name}
         params: dict[str, Any] = dict(spec.node_config)
-        params.update(MinCount=count, MaxCount=count)
+        # One token per logical launch: botocore's retries of a request whose answer was
+        # lost resend it, and EC2 answers them with the same instances, not new ones.
+        params.update(MinCount=count, MaxCount=count, ClientToken=uuid.uuid4().hex)
         params.setdefault("KeyName", resources["key_name"])
         if "ImageId" not in params:
             params["ImageId"] = self.default_image(params.get("InstanceType"))

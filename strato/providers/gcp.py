@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import re
 import secrets
 import time
+import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -172,9 +174,17 @@ def _api_errors() -> Any:
 
 
 # ------------------------------------------------------------------ names and labels
+def _short_hash(text: str) -> str:
+    return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:6]
+
+
 def label_value(value: Any) -> str:
-    """A tag value as a valid label value: lower-case ``[a-z0-9_-]``, at most 63 chars."""
-    return re.sub(r"[^a-z0-9_-]", "-", str(value).lower())[:63]
+    """A tag value as a valid label value: lower-case ``[a-z0-9_-]``, at most 63 chars (a
+    longer one keeps 56 and a hash of the whole, so long values never collide)."""
+    text = re.sub(r"[^a-z0-9_-]", "-", str(value).lower())
+    return text if len(text) <= 63 else f"{text[:56]}-{_short_hash(str(value))}"
+
+
 
 
 def label_key(key: str) -> str:
@@ -189,6 +199,20 @@ def resource_name(text: str, max_len: int = 63) -> str:
     if not name[:1].isalpha():
         name = f"s-{name}"
     return name[:max_len].rstrip("-")
+
+
+def cluster_prefix(cluster_name: str, max_len: int = 40) -> str:
+    """``strato-<cluster>``: the start of instance names, the network tag and firewall
+    rule names. A name that had to be shortened or rewritten ends in a hash of the
+    cluster name, so two clusters never share a prefix (``a_b`` vs ``a-b``, or long
+    names alike in their first 40 characters)."""
+    plain = f"strato-{cluster_name}"
+    name = resource_name(plain, max_len=max_len)
+    if name == plain:
+        return name
+    return f"{resource_name(plain, max_len=max_len - 7)}-{_short_hash(cluster_name)}"
+
+
 
 
 def _short(url: str) -> str:
@@ -363,7 +387,7 @@ class GCPProvider(NodeProvider):
         self.project: str = self.provider_config["project_id"]
         self.default_zone: str | None = self.provider_config.get("availability_zone")
         self.network: str = self.provider_config.get("network") or DEFAULT_NETWORK
-        self.prefix = resource_name(f"strato-{cluster_name}", max_len=40)
+        self.prefix = cluster_prefix(cluster_name)
         self.network_tag = self.prefix
         # Our instance names; recognises this cluster's preempted-and-deleted instances
         # even in a fresh process (kinds have no "-", so "demo" never matches "demo-2").
@@ -598,8 +622,11 @@ class GCPProvider(NodeProvider):
         failures: list[_Failure] = []
         for name, resource in bodies:
             try:
+                # requestId: a retried insert whose answer was lost returns the same
+                # operation instead of failing or creating another instance
                 op = self.clients.instances.insert_unary(
-                    project=self.project, zone=zone, instance_resource=resource)
+                    request={"project": self.project, "zone": zone,
+                             "instance_resource": resource, "request_id": str(uuid.uuid4())})
             except errors.GoogleAPICallError as e:
                 failures.append(_Failure(code=str(e.code), message=_http_error_text(e)))
                 break  # the rest would fail the same way

@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple, Protocol
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit
 
 import pytest
 
@@ -228,6 +228,7 @@ class GCEFake:
             self._project_ssh_keys: dict[str, str] = {}
             self._timeline: list[tuple[float, int, Callable[[], None]]] = []
             self.requests: list[FakeRequest] = []
+            self.request_ids: list[str] = []   # requestId of every call that sent one
             self.machines: Machines | None = None
             self.op_seconds = 0.2
             self.delete_seconds = 0.3
@@ -437,6 +438,13 @@ class GCEFake:
         query = {k: v[-1] for k, v in parse_qs(split.query).items()}
         parts = [unquote(p) for p in split.path.strip("/").split("/")]
         with self._lock:
+            # requestId (an idempotency token, unique per call) is kept apart, so that
+            # paths of the same call compare equal
+            if "requestId" in query:
+                self.request_ids.append(query["requestId"])
+                rest = "&".join(f"{k}={v}" for k, v in parse_qsl(split.query)
+                                if k != "requestId")
+                raw_path = split.path + (f"?{rest}" if rest else "")
             self.requests.append(FakeRequest(method, unquote(raw_path), body))
             try:
                 return 200, self._route(method, parts, query, body)

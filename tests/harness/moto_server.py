@@ -117,6 +117,27 @@ def map_instances_to_hosts(monkeypatch: pytest.MonkeyPatch, address_map: Any,
     return created
 
 
+def honour_client_tokens() -> Callable[[], None]:
+    """Make moto answer a RunInstances whose ClientToken it has seen with that launch's
+    reservation, as EC2 does (moto 5.2 launches again). Returns the undo."""
+    from moto.ec2.models.instances import InstanceBackend
+
+    original = InstanceBackend.run_instances
+    seen: dict[str, Any] = {}
+
+    def run_instances(self: Any, *args: Any, **kwargs: Any) -> Any:
+        token = kwargs.get("client_token")
+        if token and token != "ABCDE" and token in seen:  # moto's default when absent
+            return seen[token]
+        reservation = original(self, *args, **kwargs)
+        if token and token != "ABCDE":
+            seen[token] = reservation
+        return reservation
+
+    InstanceBackend.run_instances = run_instances  # type: ignore[method-assign]
+    return lambda: setattr(InstanceBackend, "run_instances", original)
+
+
 @pytest.fixture
 def moto_endpoint(moto_server: str, monkeypatch: pytest.MonkeyPatch,
                   tmp_path_factory: pytest.TempPathFactory) -> str:

@@ -16,7 +16,6 @@ from strato import ssh
 from strato.exceptions import HostKeyMismatchError
 from strato.launcher import commands, reconcile
 from strato.launcher.cluster import open_cluster
-from strato.providers.base import TAG_KIND, TAG_NODE_TYPE
 from tests.harness.ssh_hosts import _refresh_init_pid
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("strato_home", "monitor_off")]
@@ -93,7 +92,7 @@ def _claim_head(config: Path):
 
     cluster = open_cluster(config)
     spec = load_config(config).node_type_spec("head")
-    [head] = cluster.provider.create_nodes(spec, 1, {TAG_KIND: "head", TAG_NODE_TYPE: "head"})
+    [head] = cluster.provider.create_nodes(spec, 1, cluster.new_tags("head", "head"))
     return cluster, head
 
 

@@ -22,7 +22,11 @@ from strato.providers.base import (
     NodeState,
     NodeTypeSpec,
 )
-from tests.harness.moto_server import inject_capacity_error, interrupt_spot_instance
+from tests.harness.moto_server import (
+    honour_client_tokens,
+    inject_capacity_error,
+    interrupt_spot_instance,
+)
 
 REGION = "us-east-1"
 HEAD = NodeTypeSpec(name="head", node_config={"InstanceType": "m5.large"})
@@ -131,20 +135,83 @@ def test_prepare_imports_the_users_key(provider: AWSProvider, tmp_path: Path,
     stored = provider.ec2.describe_key_pairs(KeyNames=["strato-demo"], IncludePublicKey=True)
     assert stored["KeyPairs"][0]["PublicKey"].split()[:2] == public.split()[:2]
 
-    # A changed key under the same name is replaced, an unchanged one left alone.
+    # A changed key is never put in place of the pair (another owner's cluster of this
+    # name may use it): it gets a pair named after itself, reused by the next prepare.
     public2 = write_ed25519_key(key_path, fmt)
-    provider.prepare(cluster_config(ssh_private_key=str(key_path)))
-    provider.prepare(cluster_config(ssh_private_key=str(key_path)))
+    second = provider.prepare(cluster_config(ssh_private_key=str(key_path)))
+    assert provider.prepare(cluster_config(ssh_private_key=str(key_path))) == second
+    assert second["key_name"].startswith("strato-demo-")
     stored = provider.ec2.describe_key_pairs(KeyNames=["strato-demo"], IncludePublicKey=True)
+    assert stored["KeyPairs"][0]["PublicKey"].split()[:2] == public.split()[:2]
+    stored = provider.ec2.describe_key_pairs(KeyNames=[second["key_name"]],
+                                             IncludePublicKey=True)
     assert stored["KeyPairs"][0]["PublicKey"].split()[:2] == public2.split()[:2]
 
 
-def test_prepare_refuses_a_key_pair_whose_private_key_is_lost(
-        provider: AWSProvider, strato_home: Path) -> None:
-    result = provider.prepare(cluster_config())
-    Path(result["private_key_path"]).unlink()
-    with pytest.raises(ProviderError, match="private key"):
-        provider.prepare(cluster_config())
+def test_a_key_pair_of_another_owner_is_never_replaced(
+        moto_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def owner(name: str) -> AWSProvider:
+        monkeypatch.setenv("STRATO_HOME", str(tmp_path / name))
+        return AWSProvider({"type": "aws", "region": REGION, "availability_zone": "us-east-1a",
+                            "endpoint_url": moto_endpoint, "owner": f"{name}-0123"}, "demo")
+
+    alice = owner("alice").prepare(cluster_config())
+    pairs = owner("alice").ec2.describe_key_pairs()["KeyPairs"]
+    bob_provider = owner("bob")
+    bob = bob_provider.prepare(cluster_config())  # bob has no private key of alice's pair
+    assert alice["key_name"] == "strato-demo" and bob["key_name"] == "strato-demo-bob-0123"
+    assert Path(bob["private_key_path"]).parent == tmp_path / "bob" / "keys"
+    after = {p["KeyName"]: p for p in bob_provider.ec2.describe_key_pairs()["KeyPairs"]}
+    assert after["strato-demo"]["KeyFingerprint"] == pairs[0]["KeyFingerprint"]
+    assert bob_provider.prepare(cluster_config()) == bob
+
+    # bob's nodes (also those a monitor creates from the facts) boot with bob's key
+    [node] = bob_provider.create_nodes(HEAD, 1, tags_for(HEAD, "head"))
+    fresh = owner("bob")
+    fresh.adopt_facts(bob)
+    [other] = fresh.create_nodes(HEAD, 1, tags_for(HEAD, "head"))
+    assert {describe(fresh, n.id)["KeyName"] for n in (node, other)} == {"strato-demo-bob-0123"}
+
+    # a lost private key is never "fixed" by replacing a pair: the error names the way out
+    Path(bob["private_key_path"]).unlink()
+    with pytest.raises(ProviderError, match="does not hold its private key"):
+        owner("bob").prepare(cluster_config())
+
+
+def test_a_retried_run_instances_whose_answer_was_lost_creates_no_duplicates(
+        prepared: AWSProvider) -> None:
+    """botocore resends a request whose answer it never got; EC2 (here moto taught to
+    honour ClientToken as EC2 does) answers a resent token with the same instances."""
+    import urllib.request
+
+    from botocore.exceptions import ConnectionClosedError
+
+    sent: list[str] = []
+    real_reservations = honour_client_tokens()
+
+    def lose_first_answer(request: Any, **_: Any) -> None:
+        body = request.body.decode() if isinstance(request.body, bytes) else request.body
+        sent.append(body)
+        if len(sent) == 1:  # the request reaches EC2, its answer is lost on the way back
+            urllib.request.urlopen(urllib.request.Request(
+                request.url, data=body.encode(), headers=dict(request.headers),
+                method="POST"), timeout=30).read()
+            raise ConnectionClosedError(endpoint_url=request.url)
+
+    prepared.ec2.meta.events.register("before-send.ec2.RunInstances", lose_first_answer)
+    try:
+        nodes = prepared.create_nodes(HEAD, 2, tags_for(HEAD, "head"))
+    finally:
+        real_reservations()
+    tokens = [dict(p.split("=", 1) for p in b.split("&"))["ClientToken"] for b in sent]
+    assert len(sent) == 2 and tokens[0] == tokens[1] and len(tokens[0]) >= 32
+    running = [n for n in prepared.list_nodes() if n.is_alive]
+    assert sorted(n.id for n in running) == sorted(n.id for n in nodes) and len(nodes) == 2
+
+    # another logical launch gets another token
+    prepared.create_nodes(HEAD, 1, tags_for(HEAD, "head"))
+    assert len({dict(p.split("=", 1) for p in b.split("&"))["ClientToken"]
+                for b in sent}) == 2
 
 
 def test_create_on_demand_head_and_spot_workers(prepared: AWSProvider) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -357,3 +358,43 @@ def test_the_fake_runs_operations_and_deletes_over_time(provider: GCPProvider, g
     assert gce_fake.instances[node.id]["status"] == "STOPPING"
     gce_fake.settle()
     assert node.id not in gce_fake.instances
+
+
+def test_long_or_rewritten_cluster_names_never_share_a_prefix_or_label(
+        gce_provider_config: dict[str, Any], gce_fake) -> None:
+    """Two clusters whose names differ only past 40 characters, or only by ``_`` vs ``-``,
+    would otherwise share instance name prefixes, the network tag (so firewall rules)
+    and, past 63 characters, the cluster label that finds their nodes."""
+    from strato.providers.gcp import label_value
+
+    base = "team-research-experiment-with-a-very-long-name"
+    names = [f"{base}-a", f"{base}-b", "a_b", "a-b", "short"]
+    providers = [GCPProvider(_keyed(gce_provider_config), n) for n in names]
+    prefixes = [p.prefix for p in providers]
+    assert len(set(prefixes)) == len(names) and all(len(p) <= 40 for p in prefixes)
+    assert providers[-1].prefix == "strato-short" == providers[-1].network_tag
+    assert len({p.network_tag for p in providers}) == len(names)
+    long_a, long_b = f"{'x' * 70}-a", f"{'x' * 70}-b"
+    assert label_value(long_a) != label_value(long_b)
+    assert all(re.fullmatch(r"[a-z0-9_-]{1,63}", label_value(v)) for v in (long_a, long_b))
+
+    # both clusters' nodes are created (valid names and labels) and each sees only its own
+    made = {}
+    for p in providers[:2]:
+        [made[p.cluster_name]] = p.create_nodes(HEAD, 1, _tags("head", "head"))
+    for p in providers[:2]:
+        assert [n.id for n in p.list_nodes()] == [made[p.cluster_name].id]
+        assert made[p.cluster_name].id.startswith(p.prefix + "-head-")
+
+
+def test_every_insert_carries_its_own_request_id(gce_provider_config: dict[str, Any],
+                                                 gce_fake) -> None:
+    """A retried insert with the same requestId is answered with the first operation by
+    GCE instead of creating another VM: each instance gets one id of its own."""
+    provider = GCPProvider(_keyed(gce_provider_config), "demo")
+    provider.create_nodes(HEAD, 3, _tags("head", "head"))
+    inserts = [r for r in gce_fake.requests if r.method == "POST" and r.path.endswith(
+        "/instances")]
+    ids = gce_fake.request_ids
+    assert len(inserts) == 3 and len(ids) == 3 and len(set(ids)) == 3
+    assert all(re.fullmatch(r"[0-9a-f-]{36}", i) for i in ids)

@@ -61,7 +61,6 @@ from strato.launcher.autoscaler.plan import (
 from strato.launcher.bootstrap import TAG_NODE_ID_LABEL
 from strato.launcher.pricing import Pricing
 from strato.providers.base import (
-    TAG_CLUSTER,
     TAG_GOING_DOWN,
     TAG_KIND,
     TAG_STATUS,
@@ -304,8 +303,7 @@ class Autoscaler:
         now = self.clock()
         view = self.runtime.view()
         runtime_nodes = self._runtime_nodes(view)
-        machines = self.provider.list_nodes({TAG_CLUSTER: self.cluster.name},
-                                            include_terminated=True)
+        machines = self.cluster.machines(include_terminated=True)
         dead: list[tuple[Node, str]] = []
         infos = []
         for m in machines:
@@ -351,8 +349,7 @@ class Autoscaler:
         (the last check right before a launch).
         """
         if machines is None:
-            machines = self.provider.list_nodes({TAG_CLUSTER: self.cluster.name,
-                                                 TAG_KIND: HEAD})
+            machines = self.cluster.machines({TAG_KIND: HEAD})
         heads = [m for m in machines if m.kind == HEAD and m.is_alive]
         mark = next((m.tags.get(TAG_GOING_DOWN) for m in heads
                      if m.tags.get(TAG_GOING_DOWN)), None)
