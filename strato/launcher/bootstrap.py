@@ -43,6 +43,7 @@ from strato.providers.base import (
     NodeKind,
     NodeStatus,
 )
+from strato.runtime import tls
 from strato.ssh import resolve_address
 
 if TYPE_CHECKING:
@@ -198,6 +199,17 @@ def start_args(cluster: Cluster, node: Node, head_address: str | None) -> list[s
     return [*args, "--labels", json.dumps(labels, sort_keys=True)]
 
 
+def node_credentials(cluster: Cluster, node: Node) -> str:
+    """``node``'s TLS credentials as JSON (``STRATO_TLS``; travels over SSH like the
+    token): a certificate from the cluster CA, and for the head the CA key too, so that
+    it can write a join bundle and the monitor beside it can issue certificates."""
+    ca_key, ca_cert = cluster.state.ensure_ca(cluster.name)
+    creds = tls.issue(ca_key, ca_cert, f"strato {node.kind or 'node'} {node.id}")
+    if node.kind == NodeKind.HEAD.value:
+        creds = tls.Credentials(creds.ca_cert, creds.cert, creds.key, ca_key)
+    return json.dumps(creds.to_json(with_ca_key=True))
+
+
 def start_runtime(cluster: Cluster, node: Node, runner: CommandRunner, *,
                   head_address: str | None) -> str | None:
     """(Re)start the runtime on ``node``; returns the head's address for the head."""
@@ -209,8 +221,9 @@ def start_runtime(cluster: Cluster, node: Node, runner: CommandRunner, *,
                     start_args=" ".join(shlex.quote(a) for a in args))
     # quiet: `strato start`'s own lines (join instructions, the node file as JSON) are for
     # a person at that machine; the log keeps them, the terminal gets one line below
-    _, tail = runner.run(script, env={"STRATO_TOKEN": cluster.token}, timeout=START_TIMEOUT,
-                         quiet=True)
+    _, tail = runner.run(script, env={"STRATO_TOKEN": cluster.token,
+                                      "STRATO_TLS": node_credentials(cluster, node)},
+                         timeout=START_TIMEOUT, quiet=True)
     info: dict = {}
     for line in reversed(tail.splitlines()):
         if line.startswith("{"):

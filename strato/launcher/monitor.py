@@ -214,6 +214,9 @@ def _prepare_head_monitor(cluster: Cluster, head: Node, runner: CommandRunner, m
     pins = cluster.host_keys_path()
     if pins.exists():  # the workers' keys as pinned here: the monitor verifies them too
         runner.put(pins, f"{mdir}/home/{pins.parent.name}/{pins.name}")
+    for path in cluster.state.ca_paths(cluster.name):
+        if path.exists():  # the cluster CA: workers the monitor starts get certificates from it
+            runner.put(path, f"{mdir}/home/{path.parent.name}/{path.name}")
 
 
 if __name__ == "__main__":

@@ -137,6 +137,11 @@ class StateDB:
     def token_path(self, cluster: str) -> Path:
         return self.home / "secrets" / f"{cluster}.token"
 
+    def ca_paths(self, cluster: str) -> tuple[Path, Path]:
+        """The cluster CA's key and certificate (0600, beside the token)."""
+        return (self.home / "secrets" / f"{cluster}.ca.key",
+                self.home / "secrets" / f"{cluster}.ca.crt")
+
     # ------------------------------------------------------------ clusters
     def get(self, name: str) -> ClusterRecord | None:
         if not self.path.exists():  # reading never creates the database
@@ -206,14 +211,30 @@ class StateDB:
         with self._db() as db:
             db.execute("UPDATE clusters SET token_path = ? WHERE name = ?", (str(path), name))
 
+    def ensure_ca(self, name: str) -> tuple[bytes, bytes]:
+        """The cluster CA (key PEM, cert PEM), made (and saved 0600) on first use: every
+        node certificate of the cluster is issued from it at bootstrap."""
+        from strato.runtime import tls
+
+        key_path, cert_path = self.ca_paths(name)
+        try:
+            return key_path.read_bytes(), cert_path.read_bytes()
+        except FileNotFoundError:
+            pass
+        key, cert = tls.make_ca(name)
+        write_secret(key_path, key)
+        write_secret(cert_path, cert)
+        return key, cert
+
     def delete(self, name: str) -> None:
         """Forget ``name``: its row, events, token file and logs (its cost history stays,
         for ``cost-report``)."""
         with self._db() as db:
             db.execute("DELETE FROM clusters WHERE name = ?", (name,))
             db.execute("DELETE FROM events WHERE cluster = ?", (name,))
-        with contextlib.suppress(FileNotFoundError):
-            self.token_path(name).unlink()
+        for path in (self.token_path(name), *self.ca_paths(name)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
         shutil.rmtree(self.home / "logs" / name, ignore_errors=True)
 
     # ------------------------------------------------------------ cost history

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import psutil
 
 from strato.exceptions import StratoError
+from strato.runtime import tls
 from strato.runtime.session import ForeignDirError, ensure_private_dir, node_files, read_token
 
 
@@ -41,6 +42,11 @@ class StartedNode:
     def token(self) -> str:
         return read_token(self.info)
 
+    @property
+    def join_bundle(self) -> str | None:
+        """The join bundle a head wrote (``strato start --address A --join-bundle F``)."""
+        return self.info.get("join_bundle")
+
 
 def start_node(*, head: bool, temp_dir: str, address: str | None = None, port: int | None = None,
                token: str | None = None, num_cpus: float | None = None,
@@ -48,10 +54,14 @@ def start_node(*, head: bool, temp_dir: str, address: str | None = None, port: i
                labels: str | None = None, node_ip: str | None = None,
                object_store_memory: int | None = None, spot_notice: str | None = None,
                env: dict | None = None, parent_pid: int | None = None,
-               timeout: float = 60.0) -> StartedNode:
+               join_bundle: str | None = None, timeout: float = 60.0) -> StartedNode:
     """Launch a node process and return once it is up (or raise StartError).
 
     With ``parent_pid`` the node stops when that process exits (a driver's own node).
+    TLS credentials come from ``join_bundle`` (default ``$STRATO_JOIN_BUNDLE``; it also
+    gives the address and token when they are not passed), or from ``$STRATO_TLS`` (JSON,
+    how the launcher hands them over SSH), or are already in ``TEMP_DIR/tls``; a head
+    without any makes a new cluster CA there.
     """
     temp_dir = os.path.abspath(temp_dir)
     try:
@@ -72,8 +82,14 @@ def start_node(*, head: bool, temp_dir: str, address: str | None = None, port: i
     for name, value in (("--num-cpus", num_cpus), ("--num-gpus", num_gpus)):
         if value is not None and value < 0:
             raise StartError(f"{name} must be >= 0, got {value}")
+    _install_tls(temp_dir, env, head, join_bundle or os.environ.get("STRATO_JOIN_BUNDLE"))
     if not head and not address:
-        raise StartError("pass --head to start a head node, or --address HEAD:PORT to join one")
+        address = _bundle_fields(join_bundle)[0]
+    if not head and not token:
+        token = _bundle_fields(join_bundle)[1]
+    if not head and not address:
+        raise StartError("pass --head to start a head node, or --address HEAD:PORT (or "
+                         "--join-bundle FILE) to join one")
     fd, ready = tempfile.mkstemp(prefix="ready-", dir=temp_dir)
     os.close(fd)
     os.unlink(ready)
@@ -89,6 +105,8 @@ def start_node(*, head: bool, temp_dir: str, address: str | None = None, port: i
         if value is not None:
             cmd += [flag, str(value)]
     env = {**os.environ, **(env or {})}
+    for name in ("STRATO_TLS", "STRATO_JOIN_BUNDLE"):   # written to TEMP_DIR/tls above
+        env.pop(name, None)
     if token:
         env["STRATO_TOKEN"] = token  # never on the command line, where `ps` shows it
     log_path = os.path.join(temp_dir, "logs", f"node-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
@@ -107,6 +125,33 @@ def start_node(*, head: bool, temp_dir: str, address: str | None = None, port: i
         info = json.load(f)
     os.unlink(ready)
     return StartedNode(info, log_path, proc)
+
+
+def _install_tls(temp_dir: str, env: dict | None, head: bool, join_bundle: str | None) -> None:
+    """Put this node's TLS credentials in ``TEMP_DIR/tls`` (0600) from the launcher's
+    ``STRATO_TLS`` or a join bundle; nothing to do when neither is given."""
+    raw = (env or {}).get("STRATO_TLS") or os.environ.get("STRATO_TLS")
+    try:
+        if raw:
+            creds = tls.Credentials.from_json(json.loads(raw))
+        elif join_bundle and not head:
+            creds = tls.read_join_bundle(join_bundle)[2]
+        else:
+            return
+    except ValueError as exc:
+        raise StartError(f"bad TLS credentials: {exc}") from None
+    tls.save(os.path.join(temp_dir, "tls"), creds)
+
+
+def _bundle_fields(join_bundle: str | None) -> tuple[str | None, str | None]:
+    path = join_bundle or os.environ.get("STRATO_JOIN_BUNDLE")
+    if not path:
+        return None, None
+    try:
+        address, token, _ = tls.read_join_bundle(path)
+    except ValueError as exc:
+        raise StartError(str(exc)) from None
+    return address, token
 
 
 def _failure_message(log_path: str, code: int) -> str:

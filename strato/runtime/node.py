@@ -28,6 +28,7 @@ import psutil
 from strato.exceptions import AuthenticationError
 from strato.runtime import messages as m
 from strato.runtime import resources as resource_detection
+from strato.runtime import tls
 from strato.runtime.agent import NodeAgent
 from strato.runtime.head import HeadService
 from strato.runtime.session import DEFAULT_TEMP_DIR, ForeignDirError, ensure_private_dir
@@ -84,6 +85,15 @@ async def run_node(args) -> int:
     resources = resource_detection.node_resources(
         num_cpus=args.num_cpus, num_gpus=args.num_gpus, memory=args.memory,
         custom=json.loads(args.resources) if args.resources else None)
+    tls_dir = os.path.abspath(args.tls_dir or os.path.join(temp_dir, "tls"))
+    creds = tls.load(tls_dir)
+    if creds is None and args.head:   # a head started by hand: its cluster's CA is born here
+        creds = tls.new_cluster(short)
+        tls.save(tls_dir, creds)
+    if creds is None:
+        print("strato: joining a cluster needs its TLS credentials: pass --join-bundle FILE "
+              "(the file `strato start --head` wrote on the head)", file=sys.stderr)
+        return 2
     node_ip = args.node_ip or guess_node_ip(args.address)
     bind_host = "0.0.0.0" if node_ip != "127.0.0.1" else "127.0.0.1"
     store_memory = args.object_store_memory or int(psutil.virtual_memory().total * 0.3)
@@ -95,10 +105,10 @@ async def run_node(args) -> int:
     agent = NodeAgent(node_id=node_id, resources=resources, temp_dir=temp_dir,
                       session_dir=session_dir, shm_dir=shm_dir,
                       object_store_memory=store_memory, address="", labels=labels)
-    server = RuntimeServer(token, head=head, agent=agent)
+    server = RuntimeServer(token, creds, head=head, agent=agent)
     port = await server.start(bind_host, args.port if args.head else 0)
     agent.address = f"{node_ip}:{port}"
-    agent.peers = PeerLinks(agent, token)
+    agent.peers = PeerLinks(agent, token, creds)
     head_link = None
     client_port = None
     if head is not None:
@@ -115,16 +125,22 @@ async def run_node(args) -> int:
     else:
         await agent.start(prestart_workers=min(2, int(resources.get("CPU", 0))))
         head_address = args.address
-        head_link = HeadLink(head_address, token, agent)
+        head_link = HeadLink(head_address, token, agent, creds)
         agent.head = head_link
         try:
-            await head_link.connect((m.REGISTER, node_id, agent.address, resources, labels))
+            await head_link.connect((m.REGISTER, node_id, agent.address, resources, labels),
+                                    timeout=float(os.environ.get("STRATO_JOIN_TIMEOUT", "15")))
         except (AuthenticationError, ConnectionError) as exc:
             print(f"strato: {exc}", file=sys.stderr)
             await agent.stop()
             await server.stop()
             return 3
 
+    join_bundle = None
+    if head is not None and creds.ca_key is not None:
+        # what `strato start --address A --join-bundle F` needs on another machine
+        join_bundle = os.path.join(temp_dir, "join-bundle.json")
+        tls.write_join_bundle(join_bundle, address=head_address, token=token, creds=creds)
     token_file = os.path.join(temp_dir, "nodes", f"{short}.token")
     fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -132,7 +148,7 @@ async def run_node(args) -> int:
     info = {"node_id": node_id.hex(), "pid": os.getpid(), "head": bool(args.head),
             "head_address": head_address, "agent_address": agent.address,
             "socket": agent.socket_path, "token_file": token_file, "started": time.time(),
-            "client_port": client_port,
+            "client_port": client_port, "join_bundle": join_bundle, "tls_dir": tls_dir,
             "resources": resources, "temp_dir": temp_dir, "shm_dir": shm_dir}
     node_file = os.path.join(temp_dir, "nodes", f"{short}.json")
     with open(node_file + ".tmp", "w") as f:
@@ -204,6 +220,9 @@ def parse_args(argv=None):
     p.add_argument("--object-store-memory", type=int, default=None)
     p.add_argument("--node-ip", default=None)
     p.add_argument("--temp-dir", default=DEFAULT_TEMP_DIR)
+    p.add_argument("--tls-dir", default=None,
+                   help="this node's TLS credentials (default: TEMP_DIR/tls; a head without "
+                        "any makes a cluster CA there)")
     p.add_argument("--ready-file", default=None)
     p.add_argument("--parent-pid", type=int, default=None)
     p.add_argument("--spot-notice", choices=["none", "aws", "gcp"], default="none",

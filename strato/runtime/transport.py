@@ -1,13 +1,16 @@
 """Links between the head and node agents: in-process calls, or gRPC bidi streams.
 
 Every link has ``send(msg)``; messages queued while a write is in flight leave together
-in one Frame. gRPC calls carry the cluster token; a wrong token is refused with
-UNAUTHENTICATED and a message saying so.
+in one Frame. gRPC links are mutual TLS against the cluster CA (``tls``), the only mode:
+a plaintext client or one whose certificate another CA signed fails the handshake, so
+nothing it sends is ever parsed. Calls also carry the cluster token (compared in
+constant time); a wrong one is refused with UNAUTHENTICATED, before any frame is read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import logging
 import pickle
@@ -17,6 +20,7 @@ import grpc
 from strato.exceptions import AuthenticationError
 from strato.runtime import messages as m
 from strato.runtime.protocol.runtime_pb2 import Frame
+from strato.runtime.tls import CHANNEL_OPTIONS, Credentials
 
 log = logging.getLogger("strato.transport")
 
@@ -88,8 +92,9 @@ def connect_in_process(head, agent) -> None:
 class RuntimeServer:
     """The gRPC server of a node: ``Head`` (on the head node) and ``Peer`` streams."""
 
-    def __init__(self, token: str, head=None, agent=None):
+    def __init__(self, token: str, tls: Credentials, head=None, agent=None):
         self.token = token
+        self.tls = tls
         self.head = head
         self.agent = agent
         self.server: grpc.aio.Server | None = None
@@ -109,7 +114,7 @@ class RuntimeServer:
                 response_serializer=Frame.SerializeToString),
         }
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self.port = self.server.add_secure_port(f"{host}:{port}", self.tls.server())
         if self.port == 0:
             raise OSError(f"cannot listen on {host}:{port} (address in use?)")
         await self.server.start()
@@ -121,7 +126,9 @@ class RuntimeServer:
 
     async def _check_token(self, context) -> None:
         md = dict(context.invocation_metadata() or ())
-        if md.get(TOKEN_KEY) != self.token:
+        given = md.get(TOKEN_KEY)
+        if not isinstance(given, str) or not hmac.compare_digest(given.encode(),
+                                                                 self.token.encode()):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 "wrong cluster token: this cluster refused the connection "
                                 "(pass the token printed by `strato start --head`)")
@@ -159,17 +166,22 @@ class RuntimeServer:
 
 
 # ---------------------------------------------------------------------- clients
-async def open_stream(address: str, method: str, token: str):
-    channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+def secure_channel(address: str, tls: Credentials):
+    return grpc.aio.secure_channel(address, tls.channel(), options=GRPC_OPTIONS + CHANNEL_OPTIONS)
+
+
+async def open_stream(address: str, method: str, token: str, tls: Credentials):
+    channel = secure_channel(address, tls)
     call = channel.stream_stream(f"/{SERVICE}/{method}", request_serializer=Frame.SerializeToString,
                                  response_deserializer=Frame.FromString)(
         metadata=((TOKEN_KEY, token),))
     return channel, call
 
 
-async def check_auth(address: str, token: str, timeout: float) -> None:
-    """Raise AuthenticationError for a wrong token, ConnectionError if nobody answers."""
-    async with grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+async def check_auth(address: str, token: str, tls: Credentials, timeout: float) -> None:
+    """Raise AuthenticationError for a wrong token, ConnectionError if nobody answers
+    (a head whose certificate our CA did not sign never answers: the handshake fails)."""
+    async with secure_channel(address, tls) as channel:
         auth = channel.unary_unary(f"/{SERVICE}/Auth", request_serializer=Frame.SerializeToString,
                                    response_deserializer=Frame.FromString)
         try:
@@ -181,7 +193,8 @@ async def check_auth(address: str, token: str, timeout: float) -> None:
                                           f"{exc.details()}") from None
             raise ConnectionError(f"cannot reach the head at {address}: no answer within "
                                   f"{timeout:.0f}s ({exc.details()}); is `strato start --head` "
-                                  "running there and the port open?") from None
+                                  "running there, the port open, and this node's TLS "
+                                  "credentials (join bundle) from that cluster?") from None
     if reply.payload != b"head":
         raise ConnectionError(f"{address} is a strato node, not the head; pass the head's address")
 
@@ -189,9 +202,10 @@ async def check_auth(address: str, token: str, timeout: float) -> None:
 class HeadLink:
     """An agent's stream to the head; the head's replies and broadcasts come back on it."""
 
-    def __init__(self, address: str, token: str, agent):
+    def __init__(self, address: str, token: str, agent, tls: Credentials):
         self.address = address
         self.token = token
+        self.tls = tls
         self.agent = agent
         self.channel = None
         self.call = None
@@ -200,8 +214,8 @@ class HeadLink:
 
     async def connect(self, register_msg, timeout: float = 15.0) -> None:
         """Open the stream and register; raises AuthenticationError on a wrong token."""
-        await check_auth(self.address, self.token, timeout)
-        self.channel, self.call = await open_stream(self.address, "Head", self.token)
+        await check_auth(self.address, self.token, self.tls, timeout)
+        self.channel, self.call = await open_stream(self.address, "Head", self.token, self.tls)
         self.batcher = _Batcher(self.call.write)
         self.batcher.send(register_msg)
         try:
@@ -254,9 +268,10 @@ class HeadLink:
 class PeerLinks:
     """An agent's outbound streams to other agents, opened on first use."""
 
-    def __init__(self, agent, token: str):
+    def __init__(self, agent, token: str, tls: Credentials):
         self.agent = agent
         self.token = token
+        self.tls = tls
         self.links: dict[bytes, tuple] = {}   # node -> (channel, call, batcher)
         self.addresses: dict[bytes, str] = {}
         self._rid = itertools.count(1)
@@ -287,7 +302,7 @@ class PeerLinks:
 
     async def _open(self, node: bytes, address: str, queue: list) -> None:
         try:
-            channel, call = await open_stream(address, "Peer", self.token)
+            channel, call = await open_stream(address, "Peer", self.token, self.tls)
             batcher = _Batcher(call.write)
             batcher.send((m.PEER_HELLO, self.agent.node_id))
             for msg in queue:

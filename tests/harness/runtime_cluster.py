@@ -183,6 +183,7 @@ def _start_multinode() -> MultiNode:
         for name in "BC":
             nodes[name] = start_node(head=False, address=nodes["A"].address,
                                      token=nodes["A"].token, temp_dir=dirs[name], num_cpus=1,
+                                     join_bundle=nodes["A"].join_bundle,
                                      node_ip="127.0.0.1",
                                      resources=f'{{"node_{name.lower()}": 1}}')
         strato.init(address="auto", temp_dir=dirs["A"])

@@ -160,6 +160,26 @@ def test_monitor_replaces_a_worker_whose_process_died(in_loc):
           == 3, 30, "the monitor to replace the killed worker")
 
 
+def test_every_node_links_with_a_certificate_from_the_cluster_ca(in_loc):
+    """The CA made at the first up (in STRATO_HOME, 0600) signed every node's certificate,
+    the monitor's replacement worker's too; only the head holds the CA key."""
+    from cryptography import x509
+
+    key_path, cert_path = StateDB().ca_paths("loc")
+    assert key_path.stat().st_mode & 0o777 == 0o600
+    ca = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    nodes = LocalProvider({}, "loc").list_nodes()
+    assert len(nodes) == 3
+    for node in nodes:
+        info = node_files(str(LocalProvider({}, "loc").local_dir(node.id)))[0]
+        tls_dir = Path(info["tls_dir"])
+        assert (tls_dir / "ca.crt").read_bytes() == cert_path.read_bytes()
+        x509.load_pem_x509_certificate((tls_dir / "node.crt").read_bytes()) \
+            .verify_directly_issued_by(ca)
+        assert (tls_dir / "ca.key").exists() == info["head"]
+        assert all((tls_dir / n).stat().st_mode & 0o777 == 0o600 for n in os.listdir(tls_dir))
+
+
 def test_down_stops_every_process_and_forgets_the_cluster(in_loc):
     """Last of the phases above (pytest runs a module's tests in order)."""
     pids = in_loc.pids | _cluster_pids("loc")
@@ -171,6 +191,7 @@ def test_down_stops_every_process_and_forgets_the_cluster(in_loc):
     assert not (in_loc.home / "local" / "loc").exists()
     assert not (in_loc.home / "logs" / "loc").exists()
     assert not StateDB().token_path("loc").exists()
+    assert not any(p.exists() for p in StateDB().ca_paths("loc"))
 
 
 def test_setup_failure_is_retried_and_changes_are_applied(tmp_path, short_strato_home):

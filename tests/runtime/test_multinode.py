@@ -170,7 +170,9 @@ def test_wrong_token_join_is_refused(multinode):
     leaked = []
     try:
         with pytest.raises(StartError) as info:
+            # TLS credentials of this cluster, but the wrong token: the token still counts
             start_node(head=False, address=multinode.address, token="not-the-token-4f2a9",
+                       join_bundle=multinode.nodes["A"].join_bundle,
                        temp_dir=temp_dir, num_cpus=1, node_ip="127.0.0.1", timeout=30)
         assert "token" in str(info.value).lower()
         assert "not-the-token-4f2a9" not in str(info.value)  # a token is never echoed

@@ -80,6 +80,7 @@ def spot_cluster():
         head = start_node(head=True, port=0, node_ip="127.0.0.1", temp_dir=dirs[0], num_cpus=1,
                           env=env)
         spot = start_node(head=False, address=head.address, token=head.token, temp_dir=dirs[1],
+                          join_bundle=head.join_bundle,
                           num_cpus=1, resources=json.dumps({"spot": 2}), spot_notice="aws", env=env)
         strato.init(address="auto", temp_dir=dirs[0])
         yield meta, head, spot

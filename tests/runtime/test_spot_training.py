@@ -55,7 +55,7 @@ def test_training_resumes_after_preemption_with_identical_weights():
         head = start_node(head=True, port=0, node_ip="127.0.0.1", temp_dir=dirs["head"],
                           num_cpus=1, env=env)
         spot1 = start_node(head=False, address=head.address, token=head.token,
-                           temp_dir=dirs["spot1"], num_cpus=1, resources=json.dumps({"spot": 1}),
+                           join_bundle=head.join_bundle, temp_dir=dirs["spot1"], num_cpus=1, resources=json.dumps({"spot": 1}),
                            spot_notice="aws", env=env)
         strato.init(address="auto", temp_dir=dirs["head"])
         trainer = example.Trainer.remote("job-1", every, 0.05)
@@ -71,7 +71,7 @@ def test_training_resumes_after_preemption_with_identical_weights():
         _kill_node(spot1.info["pid"])
 
         spot2 = start_node(head=False, address=head.address, token=head.token,
-                           temp_dir=dirs["spot2"], num_cpus=1, resources=json.dumps({"spot": 1}),
+                           join_bundle=head.join_bundle, temp_dir=dirs["spot2"], num_cpus=1, resources=json.dumps({"spot": 1}),
                            env=env)
         result = strato.get(result_ref, timeout=90)
 
