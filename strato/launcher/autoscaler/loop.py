@@ -45,7 +45,6 @@ from strato.launcher.autoscaler.lifecycle import NodeState, check_transition
 from strato.launcher.autoscaler.plan import (
     HEAD,
     WORKER,
-    Demand,
     Launch,
     NodeInfo,
     NodeTypeInfo,
@@ -54,6 +53,7 @@ from strato.launcher.autoscaler.plan import (
     TypeBackoff,
     backoff_delay,
     clear_backoff,
+    demand_from_head,
     next_option,
     plan,
     record_capacity_failure,
@@ -311,11 +311,10 @@ class Autoscaler:
             if info is not None:
                 infos.append(info)
         self._gone_unlisted({m.id for m in machines})
-        demand = [Demand(dict(d.get("shape") or {}), int(d.get("count") or 0),
-                         bool(d.get("infeasible"))) for d in (view or {}).get("demand", [])]
+        demand, gangs = demand_from_head((view or {}).get("demand", []))
         config = self.config
         snap = Snapshot(
-            now=now, node_types=self.node_types(), nodes=infos, demand=demand,
+            now=now, node_types=self.node_types(), nodes=infos, demand=demand, gangs=gangs,
             max_workers=config.max_workers, upscaling_speed=config.upscaling_speed,
             idle_timeout_s=config.idle_timeout_minutes * 60.0, backoffs=list(self.backoffs),
             max_setup_failures=config.autoscaler.max_launch_failures)

@@ -23,6 +23,12 @@ Rules, in the order `plan` applies them:
    type fits it, even if that type is at its limit: the demand then waits rather than
    buying GPUs or keeping GPU nodes busy. Each new node takes as many copies of a shape as
    fit (100 x {CPU: 1} on 4-CPU nodes -> 25 nodes).
+   Placement groups (`Snapshot.gangs`) come first, each all or nothing: its bundles go
+   onto existing and pending nodes where they fit, the rest onto new nodes of the
+   cheapest fitting type; STRICT_SPREAD puts one bundle per node (existing or new),
+   STRICT_PACK needs one node that fits the sum of its bundles, PACK and SPREAD pack the
+   rest onto as few new nodes as possible. If the limits (rule 4) do not allow every
+   node the group needs, none is launched for it and a warning says why.
 4. Limits on every launch: per-type and global `max_workers` (workers only), and
    `upscaling_speed` as in Ray: a type may have at most
    `max(5, int(upscaling_speed * max(running, 1)))` nodes pending, counting those already
@@ -123,6 +129,30 @@ class Demand:
 
 
 @dataclass(frozen=True)
+class GangDemand:
+    """A pending placement group: its `bundles` need room together, per `strategy`
+    (PACK, SPREAD, STRICT_PACK, STRICT_SPREAD)."""
+
+    bundles: tuple[Resources, ...]
+    strategy: str = "PACK"
+
+
+def demand_from_head(entries: Iterable[Mapping]) -> tuple[list[Demand], list[GangDemand]]:
+    """`HeadClient.demand()` entries as Demand (shapes) and GangDemand (entries with
+    `bundles`: pending placement groups)."""
+    shapes: list[Demand] = []
+    gangs: list[GangDemand] = []
+    for d in entries:
+        if d.get("bundles"):
+            gangs.append(GangDemand(tuple(dict(b) for b in d["bundles"]),
+                                    str(d.get("strategy") or "PACK")))
+        else:
+            shapes.append(Demand(dict(d.get("shape") or {}), int(d.get("count") or 0),
+                                 bool(d.get("infeasible"))))
+    return shapes, gangs
+
+
+@dataclass(frozen=True)
 class TypeBackoff:
     """No launches of `node_type` (in `zone`, or any zone if None, as spot or not) until `until`."""
 
@@ -147,6 +177,7 @@ class Snapshot:
     idle_timeout_s: float = 300.0
     backoffs: Sequence[TypeBackoff] = ()
     max_setup_failures: int = 3
+    gangs: Sequence[GangDemand] = ()  # pending placement groups
 
 
 # --- outputs ------------------------------------------------------------------------
@@ -542,6 +573,107 @@ class _Planner:
                     f"min_workers: {t} needs {need} more, launching {n} ({self.blocker(t)})"
                 )
 
+    def place_gangs(self) -> None:
+        for gang in self.s.gangs:
+            self._place_gang(gang)
+
+    def _place_gang(self, gang: GangDemand) -> None:
+        """All of a placement group's bundles, or nothing: see rule 3."""
+        bundles = [{k: float(v) for k, v in b.items() if v > 0} for b in gang.bundles]
+        bundles = [b for b in bundles if b]
+        if not bundles:
+            return
+        strict_spread = gang.strategy == "STRICT_SPREAD"
+        units = [_sum_shapes(bundles)] if gang.strategy == "STRICT_PACK" else bundles
+        units.sort(key=_ffd_key, reverse=True)
+        text = f"placement group {gang.strategy} of {len(bundles)} x " + ", ".join(
+            sorted({format_shape(b) for b in bundles}))
+        trial = {id(b): dict(b.free) for b in self.bins}
+        on_bins: list[tuple[_Bin, Resources]] = []
+        rest: list[Resources] = []
+        used: set[int] = set()
+        for shape in units:
+            avoid_gpu = self._avoid_gpu(shape)
+            b = next((b for b in self.bins
+                      if not (strict_spread and id(b) in used)
+                      and not (avoid_gpu and self._is_gpu_bin(b))
+                      and fit_count(trial[id(b)], shape) > 0), None)
+            if b is None:
+                rest.append(shape)
+                continue
+            for key, need in shape.items():
+                trial[id(b)][key] = trial[id(b)].get(key, 0.0) - need
+            used.add(id(b))
+            on_bins.append((b, shape))
+        new: list[tuple[str, dict[str, float], list[Resources]]] = []
+        for shape in rest:
+            if not strict_spread:
+                spot = next((n for n in new if fit_count(n[1], shape) > 0), None)
+                if spot is not None:
+                    for key, need in shape.items():
+                        spot[1][key] = spot[1].get(key, 0.0) - need
+                    spot[2].append(shape)
+                    continue
+            fitting = self._fitting_types(shape)
+            if not fitting:
+                self.out.warnings.append(f"infeasible: {text}: {format_shape(shape)} fits "
+                                         "no node type")
+                return
+            chosen = Counter(t for t, _, _ in new)
+            # the cheapest type with room left for one more; else the cheapest (to say why)
+            info = next((i for i in fitting if self.headroom(i.name) > chosen[i.name]),
+                        fitting[0])
+            free = dict(info.resources)
+            for key, need in shape.items():
+                free[key] = free.get(key, 0.0) - need
+            new.append((info.name, free, [shape]))
+        need = Counter(t for t, _, _ in new)
+        short = [t for t, n in need.items() if self.headroom(t) < n]
+        s = self.s
+        if not short and s.max_workers is not None:
+            total = sum(self.counted.values()) + sum(self.launched.values())
+            if total + sum(need.values()) > s.max_workers:
+                short = list(need)
+        if short:
+            self.out.warnings.append(
+                f"waiting: {text} needs {', '.join(f'{n} x {t}' for t, n in need.items())} "
+                f"together ({'; '.join(self._gang_blocker(t, need[t]) for t in short)})")
+            return
+        for b, shape in on_bins:
+            b.take(shape, 1)
+            if b.node_id is None:
+                self._note_demand(b.node_type, shape, 1)
+        for t, _free, shapes in new:
+            self.launched[t] += 1
+            self.launch_demand_nodes[t] += 1
+            b = _Bin(t, dict(self.s.node_types[t].resources))
+            for shape in shapes:
+                b.take(shape, 1)
+                self._note_demand(t, shape, 1)
+            self.bins.append(b)
+
+    def _gang_blocker(self, t: str, n: int) -> str:
+        info, s = self.s.node_types[t], self.s
+        have = self.counted[t] + self.launched[t]
+        if info.max_workers is not None and have + n > info.max_workers:
+            return f"{t} at max_workers {info.max_workers} with {have}"
+        total = sum(self.counted.values()) + sum(self.launched.values())
+        if s.max_workers is not None and total + n > s.max_workers:
+            return f"global max_workers {s.max_workers} with {total}"
+        return self.blocker(t)
+
+    def _fitting_types(self, shape: Resources) -> list[NodeTypeInfo]:
+        """Types one node of which fits `shape`, cheapest first (as `_launch_for`)."""
+        fitting = [i for i in self.s.node_types.values() if fit_count(i.resources, shape) > 0
+                   and self.modes.get(i.name) is not None]
+        if self._avoid_gpu(shape):
+            fitting = [i for i in fitting if not i.has_gpu]
+        if fitting and all(i.price_per_hour is not None for i in fitting):
+            fitting.sort(key=lambda i: (i.price_per_hour, i.name))
+        else:
+            fitting.sort(key=lambda i: (i.cost_rank, i.name))
+        return fitting
+
     def place_demand(self) -> None:
         for group in self._groups():
             if group.count > 0:
@@ -689,6 +821,14 @@ class _Planner:
         return True
 
 
+def _sum_shapes(shapes: Iterable[Resources]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for shape in shapes:
+        for key, value in shape.items():
+            out[key] = out.get(key, 0.0) + value
+    return out
+
+
 def _protected(node: NodeInfo) -> bool:
     """Terminating this node would lose actors or the only copy of objects."""
     return node.has_actors or node.holds_primary_objects
@@ -699,6 +839,7 @@ def plan(snapshot: Snapshot) -> Plan:
     p = _Planner(snapshot)
     p.classify()
     p.launch_min_workers()
+    p.place_gangs()
     p.place_demand()
     p.emit_launches()
     p.scale_down()
