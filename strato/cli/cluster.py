@@ -104,6 +104,20 @@ def cost_line(cost: dict[str, Any] | None) -> str | None:
             f"{mark}{extra}")
 
 
+def autostop_line(auto: dict[str, Any] | None) -> str | None:
+    """``autostop in 7m (terminate)``, or when it would start counting."""
+    if not auto:
+        return None
+    from strato.launcher.autoscaler.autostop import describe
+
+    how = "terminate" if auto.get("down") else "stop"
+    after = describe(auto["idle_minutes"] * 60)
+    if auto.get("in_seconds") is not None:
+        return f"autostop in {describe(auto['in_seconds'])} ({how}; after {after} idle)"
+    why = "active now" if auto.get("active") else "idleness unknown"
+    return f"autostop after {after} idle ({how}; {why})"
+
+
 def register(cli: click.Group) -> None:
     """Add the cluster commands to the `strato` group."""
 
@@ -283,6 +297,9 @@ def register(cli: click.Group) -> None:
         rt = info["runtime"]
         _out.print(f"runtime: {'reachable' if rt['reachable'] else 'not reachable'}, "
                    f"{rt['nodes_alive']} node(s) alive; monitor: {info['monitor']}")
+        line = autostop_line(info.get("autostop"))
+        if line:
+            _out.print(line, markup=False)
         for d in rt.get("demand") or []:
             _out.print(f"  pending: {d.get('count')} x {d.get('shape')}"
                        + (" (infeasible)" if d.get("infeasible") else ""))

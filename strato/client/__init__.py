@@ -7,6 +7,9 @@ changed (``endpoint``); versions are checked at connect (``protocol.handshake``)
 from ``__main__`` and local modules travels by value (``code``); ``working_dir`` is
 synced by content (``workdir``). Everything else is the ordinary API on a
 ``RemoteCoreWorker``: the same ``remote``/``get``/``put``, ``.map``, ``spawn``.
+``autostop=`` sets how long the cluster may stay idle before the head's monitor tears
+it down (minutes, ``{"idle_minutes": ..., "down": ...}`` or False), instead of the
+config's ``autostop:``, until the next ``up``.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ CLUSTER_ENV = "STRATO_CLUSTER"     # `strato run` sets it: init() attaches to th
 #: ``init`` keywords that configure a node this process would start; a client starts none
 _NODE_ONLY = ("num_cpus", "num_gpus", "resources", "object_store_memory", "temp_dir", "token")
 _state: dict[str, Any] = {"cluster": None}
+_UNSET: Any = object()
 
 
 def init(address: str | None = None, *, cluster: str | os.PathLike | None = None,
-         working_dir: str | os.PathLike | None = None, **kwargs: Any) -> dict:
+         working_dir: str | os.PathLike | None = None, autostop: Any = _UNSET,
+         **kwargs: Any) -> dict:
     """``strato.init``: with ``cluster=`` (or ``$STRATO_CLUSTER``) a serverless client of
     that cluster; otherwise the runtime's ``init`` (a local cluster, or ``address=``)."""
     if cluster is None and address is None:
@@ -35,22 +40,32 @@ def init(address: str | None = None, *, cluster: str | os.PathLike | None = None
         if working_dir is not None:
             raise TypeError("init(working_dir=...) needs cluster=...: the directory is "
                             "synced to that cluster's head")
+        if autostop is not _UNSET:
+            raise TypeError("init(autostop=...) needs cluster=...: it sets when that "
+                            "cluster's head tears the cluster down")
         return api.init(address, **kwargs)
     if address is not None:
         raise TypeError("init(): pass address= (a cluster this machine is part of) or "
                         "cluster= (a cluster config, as a client), not both")
-    return connect(os.fspath(cluster), working_dir=working_dir, **kwargs)
+    return connect(os.fspath(cluster), working_dir=working_dir, autostop=autostop, **kwargs)
 
 
 def connect(config_path: str, *, working_dir: str | os.PathLike | None = None,
             namespace: str | None = None, ignore_reinit_error: bool = False,
-            log_to_driver: bool = True, **kwargs: Any) -> dict:
+            log_to_driver: bool = True, autostop: Any = _UNSET, **kwargs: Any) -> dict:
     """Attach this process to the cluster of ``config_path`` as a remote driver."""
     for key in _NODE_ONLY:
         if kwargs.get(key) is not None:
             raise TypeError(f"init(cluster=...): {key}= configures a node this process would "
                             "start; a client starts none (set it in the cluster config)")
     api._check_init_kwargs({k: v for k, v in kwargs.items() if k not in _NODE_ONLY}, None)
+    if autostop is not _UNSET:
+        from strato.launcher.config import AutostopConfig
+
+        try:
+            autostop = AutostopConfig.parse(autostop)  # checked before anything starts
+        except Exception as e:
+            raise TypeError(f"init(autostop=...): {e}") from None
     path = os.path.abspath(config_path)
     if current() is not None:
         if ignore_reinit_error or _state["cluster"] == path:
@@ -61,6 +76,12 @@ def connect(config_path: str, *, working_dir: str | os.PathLike | None = None,
 
     session = uuid.uuid4().hex
     ep, sock, answer = endpoint.open_endpoint(path, session)
+    if autostop is not _UNSET:
+        try:
+            endpoint.set_autostop(path, autostop)
+        except BaseException:
+            sock.close()
+            raise
     core = RemoteCoreWorker(sock, reconnect=lambda: ep.connect(session)[0],
                             reconnect_for=float(answer.get("grace_s", 60.0)))
     api.attach(core, ep.head_address, namespace=namespace, log_to_driver=log_to_driver)

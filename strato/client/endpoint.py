@@ -13,12 +13,15 @@ from __future__ import annotations
 import json
 import shlex
 import socket
+import time
 from dataclasses import dataclass
 
 from strato import ssh
 from strato.exceptions import LauncherError, SSHUnavailableError
 from strato.launcher.cluster import Cluster, open_cluster
+from strato.launcher.config import AutostopConfig
 from strato.launcher.console import say
+from strato.providers.base import TAG_AUTOSTOPPED, NodeKind, NodeState
 from strato.runtime.protocol.handshake import client_handshake
 from strato.runtime.session import node_files
 
@@ -86,8 +89,38 @@ def _why_not_attach(cluster: Cluster) -> str | None:
     if record.config_hash != cluster.config_hash():
         return "its config changed since the last `strato up`"
     if cluster.head() is None:
-        return "it has no head node"
+        return gone_reason(cluster)
     return None
+
+
+def gone_reason(cluster: Cluster) -> str:
+    """Why a cluster this machine remembers has no running head (autostopped, or gone)."""
+    heads = [n for n in cluster.machines(include_terminated=True)
+             if n.kind == NodeKind.HEAD.value]
+    stopped = next((n for n in heads if n.tags.get(TAG_AUTOSTOPPED)), None)
+    if stopped is not None:
+        try:
+            when = time.strftime("%H:%M", time.localtime(int(stopped.tags[TAG_AUTOSTOPPED])))
+        except ValueError:
+            when = "?"
+        how = "stopped" if stopped.state == NodeState.STOPPED else "terminated"
+        return f"the head's monitor autostopped it at {when} (idle; {how}): cold start"
+    last = next((e for e in reversed(cluster.state.events(cluster.name, limit=5))
+                 if str(e.get("message", "")).startswith("autostopped")), None)
+    if last is not None:
+        return f"{last['message']}: cold start"
+    if any(n.state == NodeState.STOPPED for n in heads):
+        return "its head is stopped"
+    return "its head node is gone"
+
+
+def set_autostop(config_path: str, setting: AutostopConfig | None) -> None:
+    """``init(autostop=...)``: make the cluster's monitor use ``setting`` until the next
+    ``up`` (None: no autostop)."""
+    from strato.launcher.monitor import set_autostop as set_on_monitor
+
+    cluster = open_cluster(config_path, echo=False)
+    set_on_monitor(cluster, cluster.require_head(), setting)
 
 
 def find_endpoint(cluster: Cluster) -> Endpoint | None:
@@ -116,4 +149,4 @@ def find_endpoint(cluster: Cluster) -> Endpoint | None:
                     int(info["client_port"]), target)
 
 
-__all__ = ["Endpoint", "find_endpoint", "open_endpoint"]
+__all__ = ["Endpoint", "find_endpoint", "gone_reason", "open_endpoint", "set_autostop"]

@@ -98,6 +98,9 @@ class Cluster:
         pc = self.config.provider.model_dump(exclude_none=True)
         pc.update(self.config.provider.extras)
         pc.setdefault("owner", self.overrides.get("owner") or owner_id())
+        # cloud credentials of the head's own (instance profile, service account): only
+        # where the monitor runs on the head
+        pc.setdefault("head_credentials", self.monitor_mode == "head")
         if self.provider_type.stops_strato_on_terminate:
             auth = self.config.auth
             pc.setdefault("ssh_user", auth.ssh_user)

@@ -340,6 +340,7 @@ def status(config_path: str | os.PathLike) -> dict[str, Any]:
                     "nodes_alive": sum(1 for n in (info or {}).get("nodes", []) if n.get("alive")),
                     "demand": (info or {}).get("demand", [])},
         "events": _merge_events(cluster.state.events(cluster.name), auto_events),
+        "autostop": _autostop_status(cluster, head, (info or {}).get("activity")),
         "autoscaler": {
             "events": auto_events[-STATUS_EVENTS:],
             # why nodes are missing: capacity errors, fallbacks, failed launches and setups
@@ -347,6 +348,35 @@ def status(config_path: str | os.PathLike) -> dict[str, Any]:
                                 ][-STATUS_EVENTS:],
         },
     }
+
+
+def _autostop_status(cluster: Cluster, head: Node | None,
+                     activity: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The autostop in effect (``init(autostop=...)``'s or the config's) and how long until
+    it fires by the head's idleness (``in_seconds`` None: the cluster is active now, or
+    the head could not be asked); None when there is no autostop."""
+    from strato.launcher.autoscaler import autostop
+
+    setting = cluster.config.autostop
+    if head is not None and cluster.monitor_mode != "off":
+        path = Path(cluster.monitor_dir(head)) / autostop.OVERRIDE_FILE
+        with tempfile.TemporaryDirectory(prefix="strato-autostop-") as tmp:
+            if cluster.monitor_mode == "head":
+                try:
+                    cluster.runner(head, echo=False, connect_timeout=10).get(
+                        str(path), f"{tmp}/{autostop.OVERRIDE_FILE}")
+                    path = Path(tmp) / autostop.OVERRIDE_FILE
+                except (LauncherError, OSError):
+                    path = None
+            setting = autostop.read_override(path, setting)
+    if setting is None or cluster.monitor_mode == "off":
+        return None
+    idle = autostop.idle_seconds(activity, 0.0, float("inf")) if head is not None else None
+    active = bool(activity and activity.get("active"))
+    return {"idle_minutes": setting.idle_minutes, "down": setting.down,
+            "idle_seconds": None if idle is None else round(idle, 1), "active": active,
+            "in_seconds": None if idle is None or active
+            else round(autostop.remaining(setting, idle), 1)}
 
 
 def _cost_summary(out_nodes: list[dict[str, Any]], nodes: Sequence[Node]) -> dict[str, Any]:

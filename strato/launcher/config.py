@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from strato.catalog import (
     AcceleratorRequest,
@@ -40,6 +48,7 @@ __all__ = [
     "PROVIDER_TYPES",
     "AuthConfig",
     "AutoscalerConfig",
+    "AutostopConfig",
     "ClusterConfig",
     "NodeTypeConfig",
     "ProviderConfig",
@@ -140,6 +149,35 @@ class AutoscalerConfig(_Section):
     max_launch_failures: int = Field(3, ge=1)
 
 
+class AutostopConfig(_Section):
+    """``autostop:``; the head's monitor tears the whole cluster down once nothing (task,
+    actor, durable call, client session) has been active for ``idle_minutes``. ``down``:
+    terminate every node (default); false: stop them where the cloud can (AWS, GCE; the
+    next ``up`` starts them again), terminate elsewhere. ``autostop: 10`` is short for
+    ``{idle_minutes: 10}``; absent or ``false``: off."""
+
+    idle_minutes: float = Field(gt=0)
+    down: bool = True
+
+    @classmethod
+    def parse(cls, value: Any) -> AutostopConfig | None:
+        """A setting from minutes, a mapping, an ``AutostopConfig``, or None/False (off)."""
+        if value is None or value is False:
+            return None
+        if isinstance(value, AutostopConfig):
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float, Mapping)):
+            raise ConfigError(f"autostop: expected minutes (a number), a mapping "
+                              f"{{idle_minutes, down}} or false, got {_describe(value)}")
+        try:
+            return cls.model_validate(
+                {"idle_minutes": value} if isinstance(value, (int, float)) else dict(value))
+        except ValidationError as e:
+            raise ConfigError("autostop: " + "; ".join(
+                f"{'.'.join(map(str, err['loc']))}: {_pydantic_message(err)}"
+                for err in e.errors(include_url=False))) from None
+
+
 class ClusterConfig(_Section):
     """The whole cluster YAML. Build it with ``load_config`` / ``load_config_from_dict``."""
 
@@ -177,6 +215,7 @@ class ClusterConfig(_Section):
     worker_setup_commands: list[str] = Field(default_factory=list)
     runtime_python: str | None = None  # an existing Python with strato: no wheel install
     autoscaler: AutoscalerConfig = Field(default_factory=AutoscalerConfig)
+    autostop: AutostopConfig | None = None
 
     _warnings: list[str] = PrivateAttr(default_factory=list)
     _notes: list[str] = PrivateAttr(default_factory=list)
@@ -186,6 +225,16 @@ class ClusterConfig(_Section):
     @classmethod
     def _defaults(cls, data: Any) -> Any:
         return _fill_defaults(data) if isinstance(data, dict) else data
+
+    @field_validator("autostop", mode="before")
+    @classmethod
+    def _autostop_short(cls, value: Any) -> Any:
+        """``autostop: 10`` means ``{idle_minutes: 10}``; ``autostop: false`` means off."""
+        if value is False:
+            return None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return {"idle_minutes": value}
+        return value
 
     # ------------------------------------------------------------ facts
     @property
@@ -589,6 +638,9 @@ def _apply_spot_idioms(data: dict[str, Any], report: _Report) -> None:
 
 def _check_nested(value: Any, annotation: Any, path: KeyPath, report: _Report) -> Any:
     """Recurse into sub-sections (``auth``) and mappings of them (node types)."""
+    optional = [a for a in get_args(annotation) if a is not type(None)]
+    if len(optional) == 1 and type(None) in get_args(annotation):  # X | None
+        annotation = optional[0]
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return _check_keys(value, annotation, path, report) if isinstance(value, dict) \
             else value
@@ -618,6 +670,14 @@ def _check_semantics(raw: dict[str, Any], report: _Report) -> None:
     provider_cls = _provider_class(ptype)
     for problem in provider_cls.check_config(data) if provider_cls else ():
         (report.warn if problem.warning else report.error)(problem.path, problem.message)
+    if data.get("autostop") not in (None, False) and provider_cls is not None and \
+            not provider_cls.can_create_nodes:
+        report.warn(("autostop",), f"ignored: provider type {ptype!r} claims existing hosts "
+                                   "instead of creating machines, so there is nothing to stop")
+    if isinstance(provider.get("monitor"), str) and provider["monitor"] == "off" and \
+            data.get("autostop") not in (None, False):
+        report.warn(("autostop",), "ignored: the monitor, which autostops, is off "
+                                   "(provider.monitor: off)")
 
     name = data.get("cluster_name")
     if isinstance(name, str) and not _NAME_RE.match(name):

@@ -13,14 +13,16 @@ Where it runs (``provider.monitor`` or env ``STRATO_MONITOR``):
 - ``head`` (default otherwise): on the head, started by ``up`` with a spec file, the SSH
   key and ``STRATO_TOKEN`` in its environment, and copies of the provider's local state
   (``monitor_state_files``). On a fixed pool (SSH hosts) it only restarts runtimes (it
-  never claims hosts the launcher does not know). On a cloud the head needs credentials
-  of its own (an AWS instance profile allowed to run/describe/terminate/tag instances; a
-  GCP service account with compute.instances.*); tests against moto or the GCE fake use
+  never claims hosts the launcher does not know). On a cloud the head uses credentials
+  of its own that ``up`` set up (``prepare``): an AWS instance profile allowed only the
+  EC2 calls the monitor makes, a GCP service account with the compute scope; tests
+  against moto or the GCE fake hand it an endpoint (``STRATO_MONITOR_ENV``) or use
   ``local`` or ``off``.
 - ``off``: no monitor.
 
 ``start_monitor`` / ``stop_monitor`` below are the launcher's side: ``up`` and ``down``
-deploy and stop this process with them.
+deploy and stop this process with them; ``set_autostop`` changes a running monitor's
+autostop (``strato.init(cluster=..., autostop=...)``).
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ from typing import Any
 
 from strato.exceptions import LauncherError
 from strato.launcher import bootstrap
+from strato.launcher.autoscaler import autostop
 from strato.launcher.autoscaler.events import EventLog
 from strato.launcher.autoscaler.loop import Autoscaler, HeadRuntime
 from strato.launcher.cluster import Cluster
-from strato.launcher.config import load_config_from_dict
+from strato.launcher.config import AutostopConfig, load_config_from_dict
 from strato.launcher.console import say
 from strato.launcher.runner import CommandRunner, shell_path
 from strato.localfiles import write_secret
@@ -52,8 +55,9 @@ HEAD = NodeKind.HEAD.value
 WORKER = NodeKind.WORKER.value
 
 
-def build(cluster: Cluster, spec: dict) -> Autoscaler:
-    """The autoscaler for the cluster ``up`` described in ``spec``, attached to its head."""
+def build(cluster: Cluster, spec: dict, autostop_file: Path | None = None) -> Autoscaler:
+    """The autoscaler for the cluster ``up`` described in ``spec``, attached to its head;
+    ``autostop_file``: where ``set_autostop`` overrides the config's autostop."""
     def head_temp_dir() -> str:
         return cluster.temp_dir_path(cluster.require_head())
 
@@ -61,7 +65,8 @@ def build(cluster: Cluster, spec: dict) -> Autoscaler:
                       echo=lambda line: print(line, flush=True))
     return Autoscaler(cluster, runtime=HeadRuntime(head_temp_dir, cluster.token),
                       events=events, head_address=spec["head_address"],
-                      min_workers=dict(spec.get("min_workers") or {}))
+                      min_workers=dict(spec.get("min_workers") or {}),
+                      autostop_file=autostop_file)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,15 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config_from_dict(spec["config"], source=args.spec)
     cluster = Cluster(config, echo=True, overrides=spec)
     cluster.token = os.environ.get("STRATO_TOKEN") or None
-    autoscaler = build(cluster, spec)
+    autoscaler = build(cluster, spec, Path(args.spec).parent / autostop.OVERRIDE_FILE)
     signal.signal(signal.SIGTERM, lambda *_: autoscaler.stop.set())
     signal.signal(signal.SIGINT, lambda *_: autoscaler.stop.set())
     pid_file = Path(args.pid_file)
     tmp = pid_file.with_suffix(".tmp")
     tmp.write_text(f"{os.getpid()}\n")
     tmp.replace(pid_file)
+    setting = autoscaler.autostop_setting()
     print(f"{time.strftime('%H:%M:%S')} monitor of cluster {cluster.name!r} started "
-          f"(autoscaler, pid {os.getpid()}, tick {autoscaler.tick_seconds:g}s)", flush=True)
+          f"(autoscaler, pid {os.getpid()}, tick {autoscaler.tick_seconds:g}s, autostop "
+          f"{autostop.describe(setting.idle_minutes * 60) + ' idle' if setting else 'off'})",
+          flush=True)
     try:
         autoscaler.run()
     finally:
@@ -166,12 +174,31 @@ def start_monitor(cluster: Cluster, head: Node, head_address: str,
         spec_file = Path(tmp) / "spec.json"
         write_secret(spec_file, json.dumps(spec, indent=1, default=str))
         runner.put(spec_file, f"{mdir}/spec.json")
+        # an earlier init(autostop=...) no longer applies: the config's autostop does
+        autostop.write_override(Path(tmp) / autostop.OVERRIDE_FILE, cluster.config.autostop)
+        runner.put(Path(tmp) / autostop.OVERRIDE_FILE, f"{mdir}/{autostop.OVERRIDE_FILE}")
     script = bootstrap.render(
         "start_monitor.sh", monitor_dir=shell_path(mdir), python=python,
         stop_monitor=bootstrap.render("stop_monitor.sh",
                                       pid_file=shell_path(f"{mdir}/monitor.pid")))
     _, tail = runner.run(script, env=env, quiet=True, timeout=60)
     say(f"monitor started ({mode}): {tail.splitlines()[-1] if tail else ''}")
+
+
+def set_autostop(cluster: Cluster, head: Node, setting: AutostopConfig | None) -> None:
+    """Make the running monitor use ``setting`` (None: off) instead of the config's
+    autostop, from its next tick until the next ``up``."""
+    if cluster.monitor_mode == "off":
+        raise LauncherError(f"cluster {cluster.name!r}: autostop needs the monitor, which is "
+                            "off (provider.monitor / STRATO_MONITOR)")
+    if setting is not None and not cluster.provider.can_create_nodes:
+        say(f"[yellow]autostop ignored: {cluster.kind} hosts are claimed, not created[/]")
+        return
+    runner, mdir = monitor_runner(cluster, head)
+    with tempfile.TemporaryDirectory(prefix="strato-autostop-") as tmp:
+        path = Path(tmp) / autostop.OVERRIDE_FILE
+        autostop.write_override(path, setting)
+        runner.put(path, f"{mdir}/{autostop.OVERRIDE_FILE}")
 
 
 MONITOR_ENV = "STRATO_MONITOR_ENV"
@@ -200,6 +227,9 @@ def _prepare_head_monitor(cluster: Cluster, head: Node, runner: CommandRunner, m
     config = spec["config"]
     # file mounts were copied to the head at their remote paths: sync workers from there
     config["file_mounts"] = {remote: remote for remote in config.get("file_mounts", {})}
+    # the head's own cloud credentials (instance profile / service account), not a key
+    # file of this machine's
+    config.get("provider", {}).pop("credentials_file", None)
     key = cluster.key_path()
     if key:
         runner.put(Path(key).expanduser(), f"{mdir}/key")

@@ -1,7 +1,8 @@
 """``python -m strato.launcher.probe``: what the launcher asks a head over SSH.
 
 Prints one JSON line: ``{"running": false}`` when no runtime runs from ``--temp-dir``,
-else ``{"running": true, "head_address", "nodes": [...], "demand": [...]}`` read through
+else ``{"running": true, "head_address", "nodes": [...], "demand": [...], "activity":
+{...}}`` (activity: what autostop judges idleness by) read through
 a ``HeadClient`` attached to the local node (nodes in the head's one node schema:
 ``node_id``, ``alive``, ``labels``, ``resources``, ``idle_seconds``...).
 
@@ -32,6 +33,10 @@ def probe(temp_dir: str) -> dict:
     with HeadClient(temp_dir) as head:
         info["nodes"] = head.nodes()
         info["demand"] = head.demand()
+        try:
+            info["activity"] = head.activity()
+        except Exception:  # a head older than the activity RPC
+            info["activity"] = None
     return info
 
 

@@ -37,6 +37,7 @@ from strato.providers.base import (
     GoingDown,
     Node,
     NodeKind,
+    NodeState,
     NodeStatus,
 )
 from strato.ssh import forget_host_keys
@@ -122,6 +123,7 @@ def up(config_path: str | os.PathLike, yes: bool = False,
     cluster.token = state.ensure_token(name)
     say(f"cluster [bold]{name}[/] ({cluster.kind})")
 
+    _start_stopped(cluster)
     old_head = cluster.head()
     if old_head is not None:  # `up` below may replace nodes: the monitor must not race it
         stop_monitor(cluster, old_head)
@@ -181,6 +183,22 @@ def up(config_path: str | os.PathLike, yes: bool = False,
     cluster.record_costs(cluster.nodes(alive_only=False))
     say(f"cluster [bold]{name}[/] is up; head at {result.head_address}")
     return result
+
+
+def _start_stopped(cluster: Cluster) -> None:
+    """Start the nodes an autostop (``down: false``) stopped, so ``up`` goes on with
+    them (their runtimes restart below) instead of creating new ones beside them."""
+    if not cluster.provider.can_stop_nodes:
+        return
+    stopped = [n for n in cluster.machines(include_terminated=True)
+               if n.state in (NodeState.STOPPED, NodeState.STOPPING) and not n.preempted]
+    if not stopped:
+        return
+    say(f"starting {len(stopped)} stopped node(s): "
+        f"{', '.join(cluster.label(n) for n in stopped)}")
+    cluster.provider.start_nodes([n.id for n in stopped])
+    for n in stopped:  # (the head's going-down mark is cleared below, as after `down`)
+        cluster.state.add_event(cluster.name, "started (was stopped)", node=n.id)
 
 
 def create_workers(cluster: Cluster, node_type: str, count: int,

@@ -10,12 +10,23 @@ matching the instance type's architecture) of the first of these searches that f
 is used: the AWS Deep Learning Base GPU AMI (Ubuntu 22.04, owner ``amazon``), Canonical's
 Ubuntu 22.04 server image, any Canonical/Amazon Ubuntu server image, then any
 Amazon-owned image (the last two exist so moto, which has only old images, works).
+
+The head's credentials: the monitor beside the head launches, tags, stops and terminates
+instances with the head's own IAM role, never the laptop's keys. ``prepare`` creates
+(when absent) a role ``strato-head-<cluster>`` that only EC2 may assume, with an inline
+policy of exactly the EC2 calls the monitor makes (state-changing ones limited to
+instances tagged with this cluster), and an instance profile of the same name; the head
+is launched with it (``IamInstanceProfile``). Workers get none: they never call AWS.
+``provider.iam_instance_profile`` names an existing profile to use instead;
+``provider.head_credentials`` (set by the launcher: true where the monitor runs on the
+head) must be true for any of this.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import time
 import uuid
@@ -107,6 +118,58 @@ def make_ec2_client(provider_config: Mapping[str, Any]) -> Any:
     )
 
 
+def make_iam_client(provider_config: Mapping[str, Any]) -> Any:
+    """The IAM client ``prepare`` uses for the head's role (endpoint override:
+    ``provider.iam_endpoint_url``, else ``AWS_ENDPOINT_URL_IAM`` / ``AWS_ENDPOINT_URL``)."""
+    import boto3
+    from botocore.config import Config
+
+    endpoint = (provider_config.get("iam_endpoint_url")
+                or os.environ.get("AWS_ENDPOINT_URL_IAM")
+                or os.environ.get("AWS_ENDPOINT_URL")
+                or None)
+    return boto3.client("iam", region_name=provider_config.get("region"),
+                        endpoint_url=endpoint,
+                        config=Config(retries={"max_attempts": 5, "mode": "standard"}))
+
+
+# What the monitor on the head calls (strato.launcher.autoscaler through this provider):
+# reads everywhere (EC2 has no resource-level permissions for Describe*), launches, and
+# changes only to instances tagged with its own cluster.
+HEAD_READ_ACTIONS = (
+    "ec2:DescribeInstances", "ec2:DescribeInstanceTypes", "ec2:DescribeInstanceTypeOfferings",
+    "ec2:DescribeSpotPriceHistory", "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups",
+    "ec2:DescribeImages", "ec2:DescribeKeyPairs", "ec2:DescribeVpcs",
+)
+HEAD_CHANGE_ACTIONS = ("ec2:CreateTags", "ec2:TerminateInstances", "ec2:StopInstances",
+                       "ec2:StartInstances")
+_EC2_TRUST = {"Version": "2012-10-17", "Statement": [{
+    "Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"},
+    "Action": "sts:AssumeRole"}]}
+PROFILE_PROPAGATION_S = 60.0  # a new instance profile may be unknown to EC2 this long
+
+
+def head_policy(cluster_name: str) -> dict[str, Any]:
+    """The head role's inline policy: only what the monitor does, on its own cluster."""
+    return {"Version": "2012-10-17", "Statement": [
+        {"Sid": "Read", "Effect": "Allow", "Action": list(HEAD_READ_ACTIONS), "Resource": "*"},
+        {"Sid": "Launch", "Effect": "Allow", "Action": "ec2:RunInstances", "Resource": "*"},
+        {"Sid": "TagAtLaunch", "Effect": "Allow", "Action": "ec2:CreateTags", "Resource": "*",
+         "Condition": {"StringEquals": {"ec2:CreateAction": "RunInstances"}}},
+        {"Sid": "OwnCluster", "Effect": "Allow", "Action": list(HEAD_CHANGE_ACTIONS),
+         "Resource": "*",
+         "Condition": {"StringEquals": {f"ec2:ResourceTag/{TAG_CLUSTER}": cluster_name}}},
+    ]}
+
+
+def head_role_name(cluster_name: str) -> str:
+    """``strato-head-<cluster>`` (IAM allows 64 characters: a long name keeps a hash)."""
+    name = f"strato-head-{cluster_name}"
+    if len(name) <= 64:
+        return name
+    return f"{name[:55]}-{hashlib.sha256(cluster_name.encode()).hexdigest()[:8]}"
+
+
 def _error_code(exc: BaseException) -> str:
     return getattr(exc, "response", {}).get("Error", {}).get("Code", "") or ""
 
@@ -154,6 +217,7 @@ class AWSProvider(NodeProvider):
 
     needs_prepare_to_reach_nodes = True
     default_ssh_user = "ubuntu"
+    can_stop_nodes = True
 
     @classmethod
     def check_config(cls, config: Mapping[str, Any]) -> list[ConfigProblem]:
@@ -231,7 +295,61 @@ class AWSProvider(NodeProvider):
             "vpc_id": vpc_id,
             "subnets": subnets,
         }
+        profile = self._head_instance_profile(config)
+        if profile:
+            self._prepared["head_instance_profile"] = profile
         return dict(self._prepared)
+
+    # ------------------------------------------------------------------ head credentials
+    def _head_instance_profile(self, config: Mapping[str, Any]) -> dict[str, str] | None:
+        """The ``IamInstanceProfile`` the head is launched with (see the module docstring)."""
+        named = self.provider_config.get("iam_instance_profile")
+        if named:
+            key = "Arn" if str(named).startswith("arn:") else "Name"
+            return {key: str(named)}
+        if not self.provider_config.get("head_credentials"):
+            return None
+        head_type = config.get("head_node_type")
+        head_config = ((config.get("available_node_types") or {}).get(head_type) or {}) \
+            .get("node_config") or {}
+        if head_config.get("IamInstanceProfile"):
+            return None  # the user's node_config names one: it wins
+        try:
+            return {"Arn": self._ensure_head_role()}
+        except _sdk_errors() as e:
+            raise ProviderError(
+                f"AWS IAM {_error_code(e) or type(e).__name__}: could not set up the head's "
+                f"role and instance profile {head_role_name(self.cluster_name)!r} (the "
+                f"monitor on the head needs them to launch workers and autostop): "
+                f"{_error_message(e)}. Set provider.iam_instance_profile to an existing "
+                "profile, or provider.monitor: local") from e
+
+    def _ensure_head_role(self) -> str:
+        """Role + inline policy + instance profile, each created when absent; its ARN."""
+        iam = make_iam_client(self.provider_config)
+        name = head_role_name(self.cluster_name)
+        tags = [{"Key": TAG_CLUSTER, "Value": self.cluster_name}]
+        try:
+            iam.get_role(RoleName=name)
+        except _sdk_errors() as e:
+            if _error_code(e) != "NoSuchEntity":
+                raise
+            iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(_EC2_TRUST),
+                            Description=f"strato: the head of cluster {self.cluster_name} "
+                                        "(its monitor's EC2 calls)", Tags=tags)
+        # kept current: a newer strato may call one more action
+        iam.put_role_policy(RoleName=name, PolicyName="strato-monitor",
+                            PolicyDocument=json.dumps(head_policy(self.cluster_name)))
+        try:
+            profile = iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
+        except _sdk_errors() as e:
+            if _error_code(e) != "NoSuchEntity":
+                raise
+            profile = iam.create_instance_profile(InstanceProfileName=name,
+                                                  Tags=tags)["InstanceProfile"]
+        if name not in {r.get("RoleName") for r in profile.get("Roles", [])}:
+            iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=name)
+        return str(profile["Arn"])
 
     def adopt_facts(self, facts: Mapping[str, Any]) -> None:
         """Launch with the key pair and security group ``prepare`` chose (the key pair's
@@ -525,6 +643,8 @@ class AWSProvider(NodeProvider):
                 params["SubnetId"] = resources["subnets"].get(zone) or self._subnet_for_zone(zone)
         params["TagSpecifications"] = _merge_tag_specs(params.get("TagSpecifications", []),
                                                        all_tags)
+        if tags.get(TAG_KIND) == "head" and resources.get("head_instance_profile"):
+            params.setdefault("IamInstanceProfile", dict(resources["head_instance_profile"]))
         if use_spot:
             market = params.get("InstanceMarketOptions")
             own = market.get("SpotOptions") if isinstance(market, Mapping) else None
@@ -538,7 +658,7 @@ class AWSProvider(NodeProvider):
             params.pop("InstanceMarketOptions", None)
 
         try:
-            reply = self.ec2.run_instances(**params)
+            reply = self._run_instances(params)
         except _sdk_errors() as e:
             code = _error_code(e)
             what = (f"{count}x {params.get('InstanceType', spec.name)} "
@@ -550,6 +670,21 @@ class AWSProvider(NodeProvider):
             raise ProviderError(f"launching {what} failed ({code or type(e).__name__}): "
                                 f"{_error_message(e)}") from e
         return [_to_node(inst, fallback_tags=all_tags) for inst in reply["Instances"]]
+
+    def _run_instances(self, params: Mapping[str, Any]) -> Any:
+        """run_instances, waiting out a just-created instance profile that EC2 does not
+        know yet (IAM is eventually consistent: seconds, sometimes a minute)."""
+        deadline = time.monotonic() + PROFILE_PROPAGATION_S
+        while True:
+            try:
+                return self.ec2.run_instances(**params)
+            except _sdk_errors() as e:
+                unknown_profile = _error_code(e) == "InvalidParameterValue" and \
+                    "iaminstanceprofile" in _error_message(e).lower()
+                if not (unknown_profile and "IamInstanceProfile" in params) or \
+                        time.monotonic() > deadline:
+                    raise
+                time.sleep(3.0)
 
     def list_nodes(self, tag_filters: Mapping[str, str] | None = None, *,
                    include_terminated: bool = False) -> list[Node]:
@@ -586,6 +721,45 @@ class AWSProvider(NodeProvider):
                         if _error_code(e1) != "InvalidInstanceID.NotFound":
                             raise ProviderError(f"AWS terminate_instances failed for "
                                                 f"{node_id}: {_error_message(e1)}") from e1
+
+    def stop_nodes(self, node_ids: Sequence[str]) -> None:
+        """stop_instances (spot instances, which EC2 cannot stop, are terminated)."""
+        ids = list(dict.fromkeys(node_ids))
+        if not ids:
+            return
+        spot = {n.id for n in self.list_nodes(include_terminated=True)
+                if n.id in ids and n.spot}
+        if spot:
+            self.terminate_nodes(sorted(spot))
+        rest = [i for i in ids if i not in spot]
+        if rest:
+            self._call("stop_instances", InstanceIds=rest)
+
+    def start_nodes(self, node_ids: Sequence[str], timeout: float = 600.0) -> None:
+        """start_instances once they are stopped (not still stopping), then wait for
+        running."""
+        ids = list(dict.fromkeys(node_ids))
+        deadline = time.monotonic() + timeout
+        while ids:
+            states = {n.id: n.state for n in self.list_nodes() if n.id in ids}
+            if not any(s == NodeState.STOPPING for s in states.values()):
+                break
+            if time.monotonic() > deadline:
+                raise ProviderError(f"AWS: {', '.join(ids)} still stopping after {timeout:.0f}s")
+            time.sleep(2.0)
+        if not ids:
+            return
+        self._call("start_instances", InstanceIds=ids)
+        while True:
+            states = {n.id: n.state for n in self.list_nodes(include_terminated=True)
+                      if n.id in ids}
+            if all(s == NodeState.RUNNING for s in states.values()):
+                return
+            if any(s == NodeState.TERMINATED for s in states.values()) or \
+                    time.monotonic() > deadline:
+                raise ProviderError(f"AWS: started {', '.join(ids)} but they are "
+                                    f"{', '.join(sorted({s.value for s in states.values()}))}")
+            time.sleep(2.0)
 
     def set_tags(self, node_id: str, tags: Mapping[str, str]) -> None:
         """Add or overwrite tags on one instance."""

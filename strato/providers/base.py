@@ -28,6 +28,8 @@ TAG_GOING_DOWN = "strato-going-down"   # on the head: "all" | "workers" while `d
                                       # no autoscaler launches for such a cluster
 TAG_OWNER = "strato-owner"             # who launched it (localfiles.owner_id): `up`/`down`
                                       # touch only their own owner's nodes
+TAG_AUTOSTOPPED = "strato-autostopped"  # on the head: epoch seconds when the head's monitor
+                                      # autostopped the cluster (the laptop reads it later)
 TAG_NAME = "Name"
 
 
@@ -151,6 +153,9 @@ class NodeProvider(abc.ABC):
     #: itself over SSH: the launcher then hands it ``auth`` (``ssh_user``,
     #: ``ssh_private_key``, ``ssh_port``) and a ``stop_command`` in its config
     stops_strato_on_terminate: bool = False
+    #: whether nodes can be stopped (kept, disks and all, not billed for compute) and
+    #: started again: ``stop_nodes``/``start_nodes`` (autostop with ``down: false``)
+    can_stop_nodes: bool = False
 
     @classmethod
     def check_config(cls, config: Mapping[str, Any]) -> list[ConfigProblem]:
@@ -232,6 +237,14 @@ class NodeProvider(abc.ABC):
         With ``include_terminated`` also nodes the cloud has stopped or removed recently,
         so the autoscaler can see which were preempted.
         """
+
+    def stop_nodes(self, node_ids: Sequence[str]) -> None:
+        """Stop these nodes (only where ``can_stop_nodes``); ids already gone are ignored."""
+        raise NotImplementedError(f"{type(self).__name__} cannot stop nodes")
+
+    def start_nodes(self, node_ids: Sequence[str]) -> None:
+        """Start stopped nodes again and wait until they run (only where ``can_stop_nodes``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot start stopped nodes")
 
     @abc.abstractmethod
     def set_tags(self, node_id: str, tags: Mapping[str, str]) -> None:

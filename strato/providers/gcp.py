@@ -13,6 +13,13 @@ a label; the instance name (``strato-<cluster>-<kind>-<6 hex>``) plays its part 
 reported as ``Node.tags[TAG_NAME]``. ``Node.id`` is the instance name; instances are
 listed across all zones with one aggregated call, so nodes in any zone are found by a
 fresh process too.
+
+The head's credentials: the head VM is created with a service account and the compute
+scope (``serviceAccounts``), so the monitor beside it calls Compute as that account:
+``provider.service_account`` (an email) if set, else the project's default compute
+service account. Creating a dedicated account needs the IAM API, which strato does not
+call. Only with ``provider.head_credentials`` (set by the launcher: true where the
+monitor runs on the head).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from strato.providers.keys import ensure_key_pair, public_key_from_private
 
 COMPUTE_URL = "https://www.googleapis.com/compute/v1/"
 DEFAULT_NETWORK = "global/networks/default"
+COMPUTE_SCOPE = "https://www.googleapis.com/auth/compute"
 DEFAULT_IMAGE = "projects/ubuntu-os-cloud/global/images/family/ubuntu-2204-lts"
 # Deep Learning VM image: NVIDIA driver, CUDA and docker preinstalled.
 DEFAULT_GPU_IMAGE = ("projects/deeplearning-platform-release/global/images/family/"
@@ -574,6 +582,13 @@ class GCPProvider(NodeProvider):
         if self.network_tag not in items:
             items.append(self.network_tag)
         body["tags"] = {**net_tags, "items": items}
+
+        if tags.get(TAG_KIND) == "head" and not body.get("serviceAccounts") and \
+                self.provider_config.get("head_credentials"):
+            # the monitor on the head calls Compute with the VM's own service account
+            body["serviceAccounts"] = [{
+                "email": self.provider_config.get("service_account") or "default",
+                "scopes": [COMPUTE_SCOPE]}]
 
         if self._ssh_entry:
             metadata = dict(body.get("metadata") or {})

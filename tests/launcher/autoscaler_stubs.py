@@ -19,6 +19,13 @@ class StubHead:
         self.started: set[str] = set()
         self.demand: list[dict[str, Any]] = []
         self.drained: list[tuple[str, str]] = []
+        # what the head's activity() says (autostop); busy unless a test says otherwise
+        self.idle_seconds: float | None = None
+
+    def activity(self) -> Mapping[str, Any]:
+        idle = self.idle_seconds
+        return {"active": idle is None, "idle_seconds": idle or 0.0, "jobs": 0,
+                "sessions": 0 if idle is not None else 1}
 
     def view(self) -> Mapping[str, Any]:
         # a STOPPING machine still runs its processes (a spot VM's shutdown grace)

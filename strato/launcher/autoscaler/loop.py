@@ -27,6 +27,9 @@ their status tag. A tick reads records; it never re-derives them.
 The head's view, the bootstrapper and the clock are injected, so tests run ``tick()``
 against moto with a stub head and no SSH. Events go to an ``EventLog`` (JSON lines) that
 ``strato status`` shows as recent events.
+
+With ``autostop`` set, a tick that finds the cluster idle for that long (``activity()``,
+see ``autostop``) tears the whole cluster down instead of planning, and the loop ends.
 """
 
 from __future__ import annotations
@@ -37,11 +40,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from strato.exceptions import CapacityError, HeadUnreachableError, LauncherError
+from strato.launcher.autoscaler import autostop
 from strato.launcher.autoscaler.events import EventLog
-from strato.launcher.autoscaler.lifecycle import NodeState, check_transition
+from strato.launcher.autoscaler.lifecycle import ALLOWED, NodeState, check_transition
 from strato.launcher.autoscaler.plan import (
     HEAD,
     WORKER,
@@ -59,6 +64,7 @@ from strato.launcher.autoscaler.plan import (
     record_capacity_failure,
 )
 from strato.launcher.bootstrap import TAG_NODE_ID_LABEL
+from strato.launcher.config import AutostopConfig
 from strato.launcher.pricing import Pricing
 from strato.providers.base import (
     TAG_GOING_DOWN,
@@ -92,6 +98,10 @@ class RuntimeView(Protocol):
 
     def drain(self, node_hex: str, reason: str) -> None:
         """Ask the head to stop placing work on a runtime node."""
+
+    def activity(self) -> Mapping[str, Any] | None:
+        """``HeadClient.activity()`` (whether anything is active, ``idle_seconds``), or
+        None when the head cannot be reached: autostop judges idleness by it."""
 
 
 class HeadRuntime:
@@ -132,6 +142,13 @@ class HeadRuntime:
             self.close()
             raise
 
+    def activity(self) -> Mapping[str, Any] | None:
+        try:
+            return self._head().activity()
+        except HeadUnreachableError:
+            self.close()
+            return None
+
     def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
@@ -163,7 +180,9 @@ class Autoscaler:
                  bootstrapper: Bootstrapper | None = None, events: EventLog | None = None,
                  head_address: str | None = None, min_workers: Mapping[str, int] | None = None,
                  clock: Callable[[], float] = time.time,
-                 lost_grace_s: float | None = None) -> None:
+                 lost_grace_s: float | None = None,
+                 autostop: AutostopConfig | None = None,
+                 autostop_file: Path | None = None) -> None:
         self.cluster = cluster
         self.config = cluster.config
         self.provider = cluster.provider
@@ -189,6 +208,12 @@ class Autoscaler:
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(PARALLEL_BOOTSTRAPS, thread_name_prefix="bootstrap")
         self._types: dict[str, NodeTypeInfo] | None = None
+        # autostop: the config's (or this) setting, unless ``autostop_file`` (written by
+        # ``init(autostop=...)``) says otherwise; the idle clock starts with the loop
+        self.autostop_default = autostop if autostop is not None else self.config.autostop
+        self.autostop_file = autostop_file
+        self.started_at = clock()
+        self.autostopped: list[str] | None = None  # the nodes an autostop took down
 
     # ------------------------------------------------------------ the world
     def node_types(self) -> dict[str, NodeTypeInfo]:
@@ -328,6 +353,8 @@ class Autoscaler:
             snap, machines, runtime_nodes, dead = self.snapshot()
             if self._hold(machines.values()):
                 return Plan()
+            if self._autostop(snap.now):
+                return Plan()
             if dead:
                 self._handle_dead(dead)
             decision = plan(snap)
@@ -366,6 +393,28 @@ class Autoscaler:
         if mark == GoingDown.ALL.value:
             self.stop.set()
         return why is not None
+
+    def autostop_setting(self) -> AutostopConfig | None:
+        """The autostop in effect: ``init(autostop=...)``'s override, else the config's."""
+        return autostop.read_override(self.autostop_file, self.autostop_default)
+
+    def _autostop(self, now: float) -> bool:
+        """Tear the cluster down if it has been idle for the autostop time; the loop ends."""
+        setting = self.autostop_setting()
+        if setting is None or not self.can_create or self.inflight:
+            return False  # nodes being set up are not idle
+        activity = getattr(self.runtime, "activity", None)
+        idle = autostop.idle_seconds(activity() if activity else None, self.started_at, now)
+        if idle is None or autostop.remaining(setting, idle) > 0:
+            return False
+        self.autostopped = autostop.teardown(self.cluster, setting, idle, self.events,
+                                             tick=self.ticks)
+        for node_id in self.autostopped:
+            rec = self.instances.get(node_id)
+            if rec is not None and NodeState.TERMINATING in ALLOWED.get(rec.state, ()):
+                self._set_state(rec, NodeState.TERMINATING)
+        self.stop.set()
+        return True
 
     def _note_preempted(self, node: Node, rec: Instance) -> None:
         """Event: preempted. Logged once, as soon as the provider reports it (GCE: from its
