@@ -15,7 +15,7 @@ from typing import Any
 import cloudpickle
 
 from strato.exceptions import RuntimeNotInitializedError
-from strato.runtime import calls, context
+from strato.runtime import calls, context, placement, scheduler
 from strato.runtime import messages as m
 from strato.runtime.control import start_node
 from strato.runtime.core import CoreWorker, ObjectRef, current, set_current
@@ -259,6 +259,27 @@ def _resources(options: dict, default_cpu: float) -> dict:
     return res
 
 
+def _placed(resources: dict, options: dict, where: str) -> dict:
+    """The shape to ask for under ``scheduling_strategy``: inside a placement group's
+    bundle (``PlacementGroupSchedulingStrategy``) it is renamed to that bundle's
+    resources (``placement.group_shape``); other strategies change nothing."""
+    strategy = options.get("scheduling_strategy")
+    pg = getattr(strategy, "placement_group", None)
+    if pg is None:
+        return resources
+    index = strategy.placement_group_bundle_index
+    bundles = pg.bundle_specs
+    if not isinstance(index, int) or not -1 <= index < len(bundles):
+        raise ValueError(f"{where}: placement_group_bundle_index={index!r} is out of range "
+                         f"for a group of {len(bundles)} bundle(s)")
+    candidates = bundles if index == -1 else [bundles[index]]
+    if not any(scheduler.fits(resources, b) for b in candidates):
+        which = "any bundle" if index == -1 else f"bundle {index} ({bundles[index]})"
+        raise ValueError(f"{where}: needs {resources}, more than {which} of placement "
+                         f"group {pg.id.hex()[:8]} reserves")
+    return placement.group_shape(resources, pg.id.hex(), index)
+
+
 def _export(holder, target) -> bytes:
     """Pickle ``target`` once per remote function/class (cached on ``holder``, never by
     id(), which Python reuses), and send it to this driver's agent once per connection."""
@@ -350,7 +371,8 @@ class RemoteFunction:
         self._fn = fn
         self._options = options
         self._name = fn.__qualname__
-        self._resources = _resources(options, default_cpu=1.0)
+        self._resources = _placed(_resources(options, default_cpu=1.0), options,
+                                  f"@remote on {fn.__qualname__}")
         self._num_returns = options.get("num_returns", 1)
         self._max_retries = options.get("max_retries", 3)
         self._retry_exceptions = options.get("retry_exceptions", False)
@@ -496,7 +518,8 @@ class ActorClass:
             "is_async": meta["is_async"], "name": name, "namespace": namespace,
             "lifetime": opts.get("lifetime"),
         }
-        resources = _resources(opts, default_cpu=0.0)
+        resources = _placed(_resources(opts, default_cpu=0.0), opts,
+                            f"actor class {self._name}")
         spec = TaskSpec(actor_id, ACTOR_CREATE, core.job_id, core.node_id, core.client_id, fid,
                         self._name, blob, deps, [], resources, 0, False, actor_id=actor_id,
                         actor_options=actor_options, runtime_env=core.runtime_env)

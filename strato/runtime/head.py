@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from strato.exceptions import ActorDiedError
 from strato.localfiles import atomic_write
 from strato.runtime import messages as m
-from strato.runtime import scheduler
+from strato.runtime import placement, scheduler
 from strato.runtime.messages import ActorState
 from strato.runtime.serialization import serialize
 from strato.runtime.spec import TaskSpec
@@ -67,6 +67,27 @@ class ActorRecord:
     detached: bool = False
 
 
+@dataclass
+class GroupRecord:
+    """A placement group: its bundles, where each is reserved (all or none), its state."""
+
+    pg_id: bytes
+    bundles: list
+    strategy: str
+    name: str = ""
+    job_id: bytes | None = None
+    detached: bool = False
+    state: str = "PENDING"        # PENDING | CREATED | REMOVED
+    nodes: list = field(default_factory=list)   # node_id per bundle once CREATED
+    created: float = field(default_factory=time.time)
+
+    def describe(self) -> dict:
+        return {"placement_group_id": self.pg_id.hex(), "name": self.name,
+                "strategy": self.strategy, "state": self.state,
+                "bundles": {i: dict(b) for i, b in enumerate(self.bundles)},
+                "bundles_to_node_id": {i: n.hex() for i, n in enumerate(self.nodes)}}
+
+
 class HeadService:
     def __init__(self, *, heartbeat_timeout: float = 5.0, view_interval: float = 0.2,
                  storage_dir: str | None = None):
@@ -80,6 +101,7 @@ class HeadService:
         self.view_interval = view_interval
         self.dead: set[bytes] = set()
         self.pending_actors: list[bytes] = []
+        self.groups: dict[bytes, GroupRecord] = {}   # placement groups, by id
         self._task: asyncio.Task | None = None
         self.started = time.time()
         # callables adding counts to ``activity`` (the head node's agent: client
@@ -107,6 +129,7 @@ class HeadService:
         for rec in list(self.nodes.values()):
             if rec.alive and now - rec.last_heartbeat > self.heartbeat_timeout:
                 self.mark_dead(rec.node_id, "missed heartbeats")
+        self._place_pending_groups()
         self._place_pending_actors()
         self.broadcast_view()
         if self._active(self.activity_counts()):
@@ -147,6 +170,7 @@ class HeadService:
         link.send(self.view_message())
         for actor_id, rec in self.actors.items():
             link.send((m.ACTOR_UPDATE, actor_id, rec.state, rec.node, rec.error))
+        self._place_pending_groups()
         self._place_pending_actors()
         self.broadcast_view()
 
@@ -186,6 +210,9 @@ class HeadService:
         for actor_id, rec in list(self.actors.items()):
             if rec.spec.job_id == job_id and not rec.detached and rec.state != ActorState.DEAD:
                 self.kill_actor(actor_id, no_restart=True, reason="its driver exited")
+        for group in list(self.groups.values()):
+            if group.job_id == job_id and not group.detached:
+                self.rpc_remove_placement_group(group.pg_id)
 
     def _m_actor_register(self, link, msg) -> None:
         _, spec, meta, blob = msg
@@ -313,12 +340,119 @@ class HeadService:
         for other in self.nodes.values():
             if other.alive:
                 other.link.send((m.NODE_DEAD, node_id))
-        for actor_id, arec in self.actors.items():
+        for actor_id, arec in list(self.actors.items()):
             if arec.node == node_id and arec.state != ActorState.DEAD:
                 err = serialize(ActorDiedError(
                     f"actor {arec.spec.name} died with node {node_id.hex()[:8]} ({reason})")).to_bytes()
                 self._actor_died(actor_id, arec, err)
+        for group in self.groups.values():
+            if group.state == "CREATED" and node_id in group.nodes:
+                self._reschedule_group(group, f"node {node_id.hex()[:8]} died ({reason})")
         self.broadcast_view()
+
+    # ------------------------------------------------------------------ placement groups
+    def _place_pending_groups(self) -> None:
+        """Reserve each pending group's bundles, all of them at once or none (oldest
+        group first)."""
+        pending = [g for g in self.groups.values() if g.state == "PENDING"]
+        if not pending:
+            return
+        views = self.views()
+        for group in sorted(pending, key=lambda g: g.created):
+            nodes = placement.place_bundles(group.bundles, group.strategy, views)
+            if nodes is None:
+                continue
+            group.nodes = nodes
+            group.state = "CREATED"
+            pg_hex = group.pg_id.hex()
+            per_node: dict[bytes, list] = {}
+            for index, (node, shape) in enumerate(zip(nodes, group.bundles)):
+                per_node.setdefault(node, []).append((index, shape))
+                rec = self.nodes[node]
+                # the head's copy now, the agent's from its next heartbeat
+                scheduler.acquire(rec.available, shape)
+                for name, amount in placement.bundle_resources(pg_hex, index, shape).items():
+                    rec.total[name] = rec.total.get(name, 0.0) + amount
+                    rec.available[name] = rec.available.get(name, 0.0) + amount
+            for node, bundles in per_node.items():
+                self.nodes[node].link.send((m.RESERVE_BUNDLES, group.pg_id, bundles))
+            self.record_event("placement-group", None, f"{pg_hex[:8]} ({group.strategy}, "
+                              f"{len(nodes)} bundles) reserved on "
+                              f"{len(per_node)} node(s)")
+            views = self.views()
+        self.broadcast_view()
+
+    def _release_group(self, group: GroupRecord) -> None:
+        """Give a created group's bundles back on the nodes still alive."""
+        tail = "_" + group.pg_id.hex()
+        for node in set(group.nodes):
+            rec = self.nodes.get(node)
+            if rec is None or not rec.alive:
+                continue
+            for index, n in enumerate(group.nodes):
+                if n == node:
+                    scheduler.release(rec.available, group.bundles[index])
+            for name in [k for k in rec.total if placement.is_group_resource(k)
+                         and k.endswith(tail)]:
+                del rec.total[name]
+                rec.available.pop(name, None)
+            rec.link.send((m.RELEASE_BUNDLES, group.pg_id))
+        group.nodes = []
+
+    def _group_actors(self, group: GroupRecord) -> list[bytes]:
+        tail = "_" + group.pg_id.hex()
+        return [a for a, r in self.actors.items() if r.state != ActorState.DEAD
+                and any(k.endswith(tail) and placement.is_group_resource(k)
+                        for k in r.spec.resources)]
+
+    def _reschedule_group(self, group: GroupRecord, reason: str) -> None:
+        """One of the group's nodes is gone: the whole group goes back to pending (its
+        bundles elsewhere are given back) and its actors restart per max_restarts."""
+        self.record_event("placement-group", None,
+                          f"{group.pg_id.hex()[:8]} rescheduled as a whole: {reason}")
+        self._release_group(group)
+        group.state = "PENDING"
+        for actor_id in self._group_actors(group):
+            rec = self.actors[actor_id]
+            if rec.state == ActorState.ALIVE and rec.node is not None:
+                self.kill_actor(actor_id, no_restart=False,
+                                reason=f"its placement group was rescheduled ({reason})")
+
+    def rpc_create_placement_group(self, pg_id: bytes, bundles: list, strategy: str,
+                                   name: str = "", job_id: bytes | None = None,
+                                   detached: bool = False) -> None:
+        if strategy not in placement.STRATEGIES:
+            raise ValueError(f"unknown placement strategy {strategy!r}; one of "
+                             f"{', '.join(placement.STRATEGIES)}")
+        self.groups[pg_id] = GroupRecord(pg_id, [dict(b) for b in bundles], strategy, name,
+                                         job_id, detached)
+        self._place_pending_groups()
+        self._place_pending_actors()
+
+    def rpc_remove_placement_group(self, pg_id: bytes) -> bool:
+        """Give the bundles back and kill the group's actors (no restart)."""
+        group = self.groups.get(pg_id)
+        if group is None or group.state == "REMOVED":
+            return False
+        if group.state == "CREATED":
+            self._release_group(group)
+        group.state = "REMOVED"
+        for actor_id in self._group_actors(group):
+            self.kill_actor(actor_id, no_restart=True, reason="its placement group was removed")
+        self.broadcast_view()
+        return True
+
+    def rpc_placement_group_table(self, pg_id: bytes | None = None):
+        if pg_id is not None:
+            group = self.groups.get(pg_id)
+            return None if group is None else group.describe()
+        return {g.pg_id.hex(): g.describe() for g in self.groups.values()}
+
+    def rpc_get_placement_group(self, name: str):
+        for group in self.groups.values():
+            if group.name == name and group.state != "REMOVED":
+                return group.pg_id, group.bundles, group.strategy
+        raise ValueError(f"no placement group named {name!r}")
 
     # ------------------------------------------------------------------ rpc
     def _m_rpc(self, link, msg) -> None:
@@ -360,7 +494,8 @@ class HeadService:
             "busy_nodes": sum(1 for r in self.nodes.values() if r.alive and any(
                 r.available.get(k, 0.0) < v - 1e-9 for k, v in r.total.items())),
             "pending": sum(c for r in self.nodes.values() if r.alive for _, c, _ in r.demand)
-            + len(self.pending_actors),
+            + len(self.pending_actors)
+            + sum(1 for g in self.groups.values() if g.state == "PENDING"),
         }
         for source in self.activity_sources:
             counts.update(source())
@@ -383,12 +518,17 @@ class HeadService:
                 "idle_seconds": 0.0 if active else now - self.last_active}
 
     def rpc_demand(self) -> list[dict]:
-        """What the autoscaler reads: pending shapes (tasks and actors) with counts."""
+        """What the autoscaler reads: pending shapes (tasks and actors) with counts, and
+        each pending placement group as one gang: ``{"bundles": [shape], "strategy"}``
+        (with ``"shape": {}``, ``"count": 1``). Tasks and actors inside a group are not
+        demand of their own: their group is."""
         shapes: dict[tuple, list] = {}
         for r in self.nodes.values():
             if not r.alive:
                 continue
             for shape, count, infeasible in r.demand:
+                if placement.is_group_shape(shape):
+                    continue
                 key = tuple(sorted(shape.items()))
                 entry = shapes.setdefault(key, [dict(shape), 0, False])
                 entry[1] += count
@@ -396,12 +536,20 @@ class HeadService:
         views = self.views()
         for actor_id in self.pending_actors:
             rec = self.actors[actor_id]
+            if placement.is_group_shape(rec.spec.resources):
+                continue
             key = tuple(sorted(rec.spec.resources.items()))
             where, _ = scheduler.place(rec.spec.resources, None, views)
             entry = shapes.setdefault(key, [dict(rec.spec.resources), 0, False])
             entry[1] += 1
             entry[2] = entry[2] or where == scheduler.INFEASIBLE
-        return [{"shape": s, "count": c, "infeasible": i} for s, c, i in shapes.values()]
+        out = [{"shape": s, "count": c, "infeasible": i} for s, c, i in shapes.values()]
+        for group in self.groups.values():
+            if group.state == "PENDING":
+                out.append({"shape": {}, "count": 1, "infeasible": True,
+                            "bundles": [dict(b) for b in group.bundles],
+                            "strategy": group.strategy})
+        return out
 
     def rpc_drain_node(self, node_hex: str, reason: str = "drain requested") -> bool:
         """Stop placing work on a node (spot notice); actors get a checkpoint call."""

@@ -73,6 +73,9 @@ STOP_ACTOR = "stop_actor"      # (STOP_ACTOR, actor_id, final)   kill the actor'
 NODE_DEAD = "node_dead"        # (NODE_DEAD, node_id)
 DRAIN = "drain"                # (DRAIN,)
 ACTOR_CHECKPOINT = "actor_checkpoint"  # (ACTOR_CHECKPOINT, actor_id)
+RESERVE_BUNDLES = "reserve_bundles"    # (RESERVE_BUNDLES, pg_id, [(index, shape)])   a
+                               # placement group's bundles on this node (``placement``)
+RELEASE_BUNDLES = "release_bundles"    # (RELEASE_BUNDLES, pg_id)   give them back
 
 # ---------------------------------------------------------------- agent -> agent
 PEER_HELLO = "hello"           # (PEER_HELLO, node_id)   first message of a peer stream

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from strato.exceptions import ActorDiedError, ActorUnavailableError
 from strato.runtime import messages as m
-from strato.runtime import scheduler
+from strato.runtime import placement, scheduler
 from strato.runtime.agent.objects import ObjEntry, error_bytes
 from strato.runtime.agent.workers import Worker, WorkerState
 from strato.runtime.messages import ActorState
@@ -143,7 +143,7 @@ class ActorHost:
         w.actor_id = spec.actor_id
         w.actor_spec = spec
         w.job_id = spec.job_id
-        self._take_gpus(w, spec.resources.get("GPU", 0))
+        self._take_gpus(w, placement.gpu_amount(spec.resources))
         self.actor_workers[spec.actor_id] = w
         w.sent_fns.add(spec.function_id)
         w.conn.send((m.ACTOR_INIT, spec, self.fns.get(spec.function_id), w.gpu_ids))
@@ -154,7 +154,7 @@ class ActorHost:
         # calls arriving before the head's verdict wait for it (restart or death)
         self.actor_locations[w.actor_id] = ActorLocation(ActorState.RESTARTING, None, None)
         if w.actor_spec and w.actor_spec.resources:
-            scheduler.release(self.available, w.actor_spec.resources)
+            scheduler.release(self.available, self.live_part(w.actor_spec.resources))
         name = w.actor_spec.name if w.actor_spec else ""
         how = f"worker process {w.pid} exited with code {code}"
         err = ActorDiedError(f"actor {name} died: {how}")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from strato.runtime import messages as m
 from strato.runtime import scheduler
 from strato.runtime.agent.actors import ActorHost
+from strato.runtime.agent.bundles import BundleHost
 from strato.runtime.agent.durable import HEAD_OWNED, DurableCalls
 from strato.runtime.agent.objects import ObjectManager
 from strato.runtime.agent.routing import TaskRouter
@@ -51,7 +52,7 @@ class Client:
 
 
 class NodeAgent(WorkerPool, ObjectManager, ActorHost, TaskRouter, ClientSessions,
-                DurableCalls):
+                DurableCalls, BundleHost):
     """One per node, on one asyncio loop: worker pool, local scheduling, resource
     accounting, object store and transfer, and the owner-side bookkeeping (retries,
     lineage) for its clients. Local processes reach it over framed unix sockets;
@@ -89,6 +90,7 @@ class NodeAgent(WorkerPool, ObjectManager, ActorHost, TaskRouter, ClientSessions
         self._init_routing()
         self._init_sessions()
         self._init_durable()
+        self._init_bundles()
         self._routes: dict[int, dict[str, Callable]] = {CLIENT: {}, HEAD: {}, PEER: {}, REQUEST: {}}
         for kind, (handler, links) in ROUTES.items():
             for link, table in self._routes.items():
@@ -320,6 +322,8 @@ ROUTES: dict[str, tuple[Callable, int]] = {
     m.CREATE_ACTOR: (ActorHost.on_create_actor, HEAD),
     m.STOP_ACTOR: (ActorHost.on_stop_actor, HEAD),
     m.ACTOR_CHECKPOINT: (ActorHost.on_actor_checkpoint, HEAD),
+    m.RESERVE_BUNDLES: (BundleHost.on_reserve_bundles, HEAD),
+    m.RELEASE_BUNDLES: (BundleHost.on_release_bundles, HEAD),
     # from other agents
     m.RUN_TASK: (TaskRouter.on_run_task, PEER),
     m.TASK_REJECTED: (TaskRouter.on_task_rejected, PEER),

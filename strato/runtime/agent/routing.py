@@ -15,7 +15,7 @@ from collections import deque
 
 from strato.exceptions import NodeDiedError, TaskCancelledError
 from strato.runtime import messages as m
-from strato.runtime import scheduler
+from strato.runtime import placement, scheduler
 from strato.runtime.agent.objects import ObjEntry, error_bytes
 from strato.runtime.spec import ACTOR_CALL, TASK, ReturnValue, TaskSpec
 
@@ -129,7 +129,9 @@ class TaskRouter:
             self.ready.setdefault(spec.shape_key(), deque()).append(spec)
             self._schedule_dispatch()
         else:
-            if where == scheduler.INFEASIBLE and spec.task_id not in self.warned_infeasible:
+            # (a placement group's task waits for its group, which is the demand)
+            if where == scheduler.INFEASIBLE and spec.task_id not in self.warned_infeasible \
+                    and not placement.is_group_shape(spec.resources):
                 self.warned_infeasible.add(spec.task_id)
                 self._warn_owner(spec, f"task {spec.name} needs {spec.resources}, which no node "
                                  "taking work offers (draining nodes excluded); it stays "

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from strato.exceptions import TaskCancelledError, WorkerCrashedError
 from strato.runtime import messages as m
-from strato.runtime import scheduler
+from strato.runtime import placement, scheduler
 from strato.runtime.protocol.framing import FrameProtocol
 from strato.runtime.spec import TaskSpec
 
@@ -209,6 +209,7 @@ class WorkerPool:
     # ------------------------------------------------------------------ worker reports
     def on_done(self, client, msg) -> None:
         _, task_id, returns, retryable = msg
+        returns = self._account_results(returns)
         w = client.worker
         spec = w.inflight.pop(task_id, None)
         if spec is None:
@@ -299,7 +300,7 @@ class WorkerPool:
                 w.lease_shape = shape
                 w.lease_key = key
                 scheduler.acquire(self.available, shape)
-                self._take_gpus(w, shape.get("GPU", 0))
+                self._take_gpus(w, placement.gpu_amount(shape))
                 return w
             # resources are free but no worker is: start one rather than queue behind
             # a busy worker (pipelining is only for a saturated node)

@@ -1,0 +1,53 @@
+"""The agent's placement-group bundles: reservations the head made on this node.
+
+Owns: ``bundles`` (pg id -> [(index, shape)] reserved here). A reservation moves the
+bundle's shape out of ``available`` and adds the bundle's own resources
+(``placement.bundle_resources``) to ``total`` and ``available``; tasks and actors in the
+group ask for those, so the rest of the agent schedules them like any other shape.
+"""
+
+from __future__ import annotations
+
+from strato.runtime import placement, scheduler
+
+
+class BundleHost:
+    """Mixin of ``NodeAgent``: see the module docstring."""
+
+    def _init_bundles(self) -> None:
+        self.bundles: dict[bytes, list] = {}
+
+    def on_reserve_bundles(self, _head, msg) -> None:
+        _, pg_id, bundles = msg
+        pg_hex = pg_id.hex()
+        for index, shape in bundles:
+            scheduler.acquire(self.available, shape)
+            for name, amount in placement.bundle_resources(pg_hex, index, shape).items():
+                if name in self.total:
+                    self.total[name] += amount
+                    self.available[name] = self.available.get(name, 0.0) + amount
+                else:   # a stale count left by work of an earlier reservation goes
+                    self.total[name] = amount
+                    self.available[name] = amount
+        self.bundles.setdefault(pg_id, []).extend(bundles)
+        self._retry_waiting()
+        self._schedule_dispatch()
+
+    def on_release_bundles(self, _head, msg) -> None:
+        pg_id = msg[1]
+        for _index, shape in self.bundles.pop(pg_id, []):
+            scheduler.release(self.available, shape)
+        tail = "_" + pg_id.hex()
+        for name in [k for k in self.total if placement.is_group_resource(k)
+                     and k.endswith(tail)]:
+            del self.total[name]
+            self.available.pop(name, None)
+        self._schedule_dispatch()
+
+    def live_part(self, shape: dict) -> dict:
+        """``shape`` without bundle resources this node no longer has (their group was
+        released or rescheduled): what giving ``shape`` back may return."""
+        if not placement.is_group_shape(shape):
+            return shape
+        return {k: v for k, v in shape.items()
+                if not placement.is_group_resource(k) or k in self.total}
