@@ -141,6 +141,11 @@ class OwnerDiedError(ObjectLostError):
     """The process that owned the object died."""
 
 
+class ObjectStoreFullError(StratoError):
+    """A node's object store had no room for an object: its shared memory was full
+    (``object_store_memory``) and so was its spill space (the spill limit)."""
+
+
 # ---------------------------------------------------------------- launcher
 class LauncherError(StratoError):
     """Base of cluster launcher errors."""

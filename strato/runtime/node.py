@@ -32,6 +32,7 @@ from strato.runtime import tls
 from strato.runtime.agent import NodeAgent
 from strato.runtime.head import HeadService
 from strato.runtime.session import DEFAULT_TEMP_DIR, ForeignDirError, ensure_private_dir
+from strato.runtime.store import remove_dead_store_dirs
 from strato.runtime.transport import HeadLink, PeerLinks, RuntimeServer, connect_in_process
 
 DEFAULT_PORT = 6380
@@ -75,6 +76,8 @@ async def run_node(args) -> int:
     os.makedirs(os.path.join(temp_dir, "logs"), exist_ok=True)
     shm_root = "/dev/shm" if os.path.isdir("/dev/shm") else session_dir
     shm_dir = os.path.join(shm_root, f"strato-{os.getpid()}-{short}")
+    for stale in remove_dead_store_dirs(shm_root):   # killed nodes never clean up
+        log.info("removed the store dir of a dead node: %s", stale)
 
     token = args.token or os.environ.get("STRATO_TOKEN") or (secrets.token_hex(16) if args.head else None)
     os.environ.pop("STRATO_TOKEN", None)  # no child (workers: user code) inherits it

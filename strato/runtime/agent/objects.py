@@ -13,7 +13,7 @@ import asyncio
 import enum
 import os
 
-from strato.exceptions import ObjectLostError, OwnerDiedError
+from strato.exceptions import ObjectLostError, ObjectStoreFullError, OwnerDiedError
 from strato.runtime import messages as m
 from strato.runtime.serialization import serialize
 from strato.runtime.spec import TASK, ReturnValue, TaskSpec
@@ -63,6 +63,7 @@ class ObjectManager:
         self.objects: dict[bytes, ObjEntry] = {}
         self.remote_wants: dict[bytes, list] = {}   # oid -> callbacks waiting for remote info
         self.pulls: dict[bytes, asyncio.Future] = {}
+        self.refused_puts: set[bytes] = set()   # raw puts the store had no room for
 
     # ------------------------------------------------------------------ from clients
     def on_put(self, client, msg) -> None:
@@ -72,10 +73,29 @@ class ObjectManager:
         entry.size = size
         if inline is not None:
             entry.inline = inline
+        elif oid in self.refused_puts or not self.store.sealed(oid, size):
+            # no room in memory nor spill space: the owner learns it now, its get raises
+            self.refused_puts.discard(oid)
+            entry.state = ObjState.ERROR
+            entry.inline = error_bytes(ObjectStoreFullError(self.store.full_message(size)))
+            client.conn.send((m.OBJ, oid, m.ERROR, entry.inline))
         else:
             entry.node = self.node_id
-            self.store.sealed(oid, size)
         self.objects[oid] = entry
+
+    def _account_results(self, returns: list) -> list:
+        """Results a worker wrote into this node's store count against it like puts (and
+        spill like them); one that fits neither memory nor spill space becomes an
+        ``ObjectStoreFullError`` for its owner."""
+        out = returns
+        for i, ret in enumerate(returns):
+            if ret.inline is None and ret.node == self.node_id and not ret.error \
+                    and not self.store.sealed(ret.oid, ret.size):
+                data = error_bytes(ObjectStoreFullError(self.store.full_message(ret.size)))
+                if out is returns:
+                    out = list(returns)
+                out[i] = ReturnValue(ret.oid, data, None, len(data), True)
+        return out
 
     def on_free(self, client, msg) -> None:
         for oid in msg[1]:
@@ -248,7 +268,8 @@ class ObjectManager:
                     os.pwrite(fd, data, off)
             os.close(fd)
             fd = -1
-            self.store.finish_file(oid, tmp, size)
+            if not self.store.finish_file(oid, tmp, size):
+                raise ObjectStoreFullError(self.store.full_message(size))
             fut.set_result(True)
         except Exception as exc:
             if fd >= 0:

@@ -250,7 +250,8 @@ class ClientSessions:
         if state[2] >= total:
             del self.incoming_puts[oid]
             os.close(state[0])
-            self.store.finish_file(oid, state[1], total)
+            if not self.store.finish_file(oid, state[1], total):
+                self.refused_puts.add(oid)   # its PUT gets ObjectStoreFullError
 
     def _drop_incoming_puts(self, client_id: bytes) -> None:
         for oid, (fd, tmp, _n, owner) in list(self.incoming_puts.items()):
