@@ -11,7 +11,10 @@ Modes:
                          (one JSON line per finished case, then a summary line)
   (default)              run the strato backend in a subprocess with
                          sys.executable and, with --ray-python PY, the ray
-                         backend with that interpreter; print one table.
+                         backend with that interpreter; print one table, then
+                         the floor (a raw unix-socket ping-pong between two
+                         processes, measured here in each round) and each sync
+                         case as a fraction of it.
 
 Examples:
   python bench/microbenchmark.py --ray-python /opt/rayvenv/bin/python
@@ -46,6 +49,8 @@ CASES: list[tuple[str, str]] = [
     ("single client put gigabytes", "GB/s"),
     ("single client get object containing 10k refs", "ops/s"),
     ("single client wait 1k refs", "ops/s"),
+    ("single client wait 1k ready refs", "ops/s"),
+    ("single client get 1k ready refs", "ops/s"),
     ("single client tasks sync", "ops/s"),
     ("single client tasks async", "ops/s"),
     ("multi client tasks async", "ops/s"),
@@ -171,6 +176,15 @@ def _setup_case(rt: Any, d: dict[str, Any], name: str) -> tuple[Callable[[], Any
                     _ready, not_ready = rt.wait(not_ready)
 
         return wait_multiple_refs, 1, []
+
+    if name in ("single client wait 1k ready refs", "single client get 1k ready refs"):
+        # not in ray_perf.py: wait() on refs that are all ready must cost no more than
+        # get() of the same refs (one op = one call on all 1,000)
+        refs = [small_value.remote() for _ in range(1000)]
+        rt.get(refs)
+        if name.startswith("single client wait"):
+            return (lambda: rt.wait(refs, num_returns=len(refs))), 1, [refs]
+        return (lambda: rt.get(refs)), 1, [refs]
 
     if name == "single client tasks sync":
         return (lambda: rt.get(small_value.remote())), 1, []
@@ -335,6 +349,77 @@ def run_backend(
         rt.shutdown()
     emit(out)
     return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------
+# The floor: a raw unix-socket ping-pong between two processes on this machine
+# --------------------------------------------------------------------------
+
+FLOOR_NAME = "raw unix-socket ping-pong (2 processes)"
+PING_BYTES = 100
+
+
+def _recv_exact(sock: Any, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("peer closed")
+        buf += chunk
+    return buf
+
+
+def measure_unix_pingpong(duration: float, warmup: float) -> dict:
+    """Round trips/s of a 100-byte message between this process and a forked echo
+    process over a unix socketpair: what any sync call (one request, one reply between
+    two processes) can at best reach here, with no runtime at all."""
+    import socket
+
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:  # the echo process
+        parent.close()
+        try:
+            while True:
+                child.sendall(_recv_exact(child, PING_BYTES))
+        except BaseException:  # noqa: BLE001 - the parent closed: done
+            pass
+        os._exit(0)
+    child.close()
+    msg = b"x" * PING_BYTES
+
+    def one() -> None:
+        parent.sendall(msg)
+        _recv_exact(parent, PING_BYTES)
+
+    try:
+        return _timeit(one, 1, duration, warmup)
+    finally:
+        parent.close()
+        os.waitpid(pid, 0)
+
+
+def _sync_cases(cases: list[str]) -> list[str]:
+    return [c for c in cases if c.endswith(" sync")]
+
+
+def print_floor(cases: list[str], runs: dict[str, dict], floor: dict) -> None:
+    """The floor, and each sync case (one call = one round trip at least) as a fraction."""
+    print(f"{FLOOR_NAME}, {PING_BYTES}-byte messages: {floor['value']:,.0f} round trips/s "
+          "(the floor under any sync call)")
+    sync = _sync_cases(cases)
+    if not sync:
+        return
+    width = max(len(c) for c in sync)
+    print(f"{'sync case as a fraction of the floor':<{width}}  " +
+          "  ".join(f"{b:>8}" for b in runs))
+    for name in sync:
+        cells = []
+        for b in runs:
+            rec = runs[b]["results"].get(name)
+            cells.append(f"{rec['value'] / floor['value']:>8.1%}" if rec and "value" in rec
+                         else f"{'-':>8}")
+        print(f"{name:<{width}}  " + "  ".join(cells))
 
 
 # --------------------------------------------------------------------------
@@ -541,16 +626,22 @@ def main(argv: list[str] | None = None) -> int:
     # Rounds alternate the backends (strato, ray, ray, strato, ...) so slow
     # drift on the machine hits both alike; the table shows the per-case median.
     rounds: dict[str, list[dict]] = {b: [] for b, _ in plan}
+    floors: list[dict] = []   # the raw ping-pong, once per round, between the backends
     for i in range(max(1, args.rounds)):
         if args.rounds > 1:
             _log(f"== round {i + 1}/{args.rounds}")
         for b, py in plan if i % 2 == 0 else plan[::-1]:
             rounds[b].append(_spawn(b, py, cases, args))
+        floors.append(measure_unix_pingpong(args.duration, args.warmup))
     runs = {b: _merge_rounds(rs, cases) for b, rs in rounds.items()}
+    floor = dict(floors[0])
+    floor["value"] = statistics.median(f["value"] for f in floors)
 
     print_table(cases, runs)
+    print_floor(cases, runs, floor)
     if args.json_out:
-        doc = {"duration": args.duration, "cpu_count": os.cpu_count(), "cases": cases}
+        doc = {"duration": args.duration, "cpu_count": os.cpu_count(), "cases": cases,
+               "floor": {"name": FLOOR_NAME, **floor}}
         doc["backends"] = runs
         with open(args.json_out, "w") as f:
             json.dump(doc, f, indent=2)

@@ -387,6 +387,18 @@ class CoreWorker:
         raise StratoError(f"unknown object state {kind}")
 
     def wait(self, refs: list, num_returns: int, timeout: float | None, fetch_local: bool):
+        # fast path: enough refs are ready already (one pass, stops at num_returns)
+        values, local = self.values, self.local_node
+        done = []
+        for i, r in enumerate(refs):
+            v = values.get(r.id)
+            if v is not None and (not fetch_local or v[0] != AT_NODE or v[1] == local):
+                done.append(r)
+                if len(done) == num_returns:
+                    if i + 1 == len(done):     # a prefix of refs: no set needed
+                        return done, refs[i + 1:]
+                    ids = {d.id for d in done}
+                    return done, [x for x in refs[:i + 1] if x.id not in ids] + refs[i + 1:]
         ready = self._wait_ready(refs, num_returns, timeout, need_local=fetch_local)
         ready_ids = {r.id for r in ready[:num_returns]} if len(ready) > num_returns else \
             {r.id for r in ready}
