@@ -7,6 +7,7 @@ import difflib
 import hashlib
 import inspect
 import json
+import operator
 import os
 import subprocess
 import sys
@@ -654,17 +655,25 @@ def wait(refs: list, *, num_returns: int = 1, timeout: float | None = None,
          fetch_local: bool = True):
     if isinstance(refs, ObjectRef) or not isinstance(refs, (list, tuple)):
         raise TypeError("wait() takes a list of ObjectRefs")
-    if len({r.id for r in refs}) != len(refs):
+    try:
+        ids = list(map(_ref_id, refs))
+    except AttributeError:
+        raise TypeError("wait() takes a list of ObjectRefs") from None
+    if len(set(ids)) != len(ids):
         raise ValueError("wait() got duplicate ObjectRefs")
     if num_returns < 1 or num_returns > len(refs):
         raise ValueError(f"wait(num_returns={num_returns}) must be between 1 and len(refs)="
                          f"{len(refs)}")
     core = _core()
     try:
-        return core.wait(list(refs), num_returns, timeout, fetch_local)
+        return core.wait(refs if type(refs) is list else list(refs), num_returns, timeout,
+                         fetch_local, ids)
     except KeyboardInterrupt:
         _interrupted(core)
         raise
+
+
+_ref_id = operator.attrgetter("id")
 
 
 def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:

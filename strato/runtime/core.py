@@ -4,6 +4,7 @@ by the agent from another node)."""
 
 from __future__ import annotations
 
+import operator
 import os
 import socket
 import threading
@@ -96,6 +97,10 @@ class ObjectRef:
     def __await__(self):
         import asyncio
         return asyncio.wrap_future(self.future()).__await__()
+
+
+_ref_id = operator.attrgetter("id")
+_kind = operator.itemgetter(0)
 
 
 def _rebuild_ref(oid: bytes, owner_node: bytes) -> ObjectRef:
@@ -386,9 +391,18 @@ class CoreWorker:
             raise err
         raise StratoError(f"unknown object state {kind}")
 
-    def wait(self, refs: list, num_returns: int, timeout: float | None, fetch_local: bool):
-        # fast path: enough refs are ready already (one pass, stops at num_returns)
+    def wait(self, refs: list, num_returns: int, timeout: float | None, fetch_local: bool,
+             ids: list | None = None):
         values, local = self.values, self.local_node
+        # fastest path: every ref is ready (C-speed passes, no per-ref Python code)
+        try:   # a missing value is None, which raises here
+            kinds = set(map(_kind, map(values.get, ids if ids is not None
+                                       else map(_ref_id, refs))))
+        except TypeError:
+            kinds = None
+        if kinds is not None and (not fetch_local or AT_NODE not in kinds):
+            return refs[:num_returns], refs[num_returns:]
+        # fast path: enough refs are ready already (one pass, stops at num_returns)
         done = []
         for i, r in enumerate(refs):
             v = values.get(r.id)
