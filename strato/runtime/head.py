@@ -9,17 +9,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from strato.exceptions import ActorDiedError
 from strato.localfiles import atomic_write
 from strato.runtime import messages as m
 from strato.runtime import placement, scheduler
+from strato.runtime.bounded import BoundedSet
 from strato.runtime.messages import ActorState
 from strato.runtime.serialization import serialize
 from strato.runtime.spec import TaskSpec
 
 log = logging.getLogger("strato.head")
+
+DEAD_NODE_IDS_KEPT = 10_000
+DEAD_NODES_KEPT = 100
+DEAD_ACTORS_KEPT = 1000
+FINISHED_JOBS_KEPT = 1000
 
 
 @dataclass
@@ -39,6 +46,7 @@ class NodeRecord:
     drain_reason: str = ""
     store_used: int = 0
     num_actors: int = 0
+    dead_reason: str = ""
 
     def describe(self, now: float) -> dict:
         """This node in the one schema every head RPC answers with (``HeadClient``)."""
@@ -99,7 +107,13 @@ class HeadService:
         self.jobs: dict[bytes, dict] = {}
         self.heartbeat_timeout = heartbeat_timeout
         self.view_interval = view_interval
-        self.dead: set[bytes] = set()
+        # bounded, so a cluster that lives for weeks stays flat: the ids of dead nodes
+        # (the last 10k), dead nodes' records (the last 100, for `strato status`), dead
+        # actors (the last 1000) and finished jobs (the last 1000)
+        self.dead = BoundedSet(maxlen=DEAD_NODE_IDS_KEPT)
+        self._dead_records: deque = deque()
+        self._dead_actors: deque = deque()
+        self._finished_jobs: deque = deque()
         self.pending_actors: list[bytes] = []
         self.groups: dict[bytes, GroupRecord] = {}   # placement groups, by id
         self._task: asyncio.Task | None = None
@@ -139,10 +153,11 @@ class HeadService:
         return [scheduler.NodeView(r.node_id, r.total, r.available, r.alive, r.draining)
                 for r in self.nodes.values() if r.alive]
 
-    def view_message(self) -> tuple:
-        """Live nodes' resources, dead node ids, and addresses for peer links."""
+    def view_message(self, full: bool = False) -> tuple:
+        """Live nodes' resources and addresses for peer links; with ``full`` (a node that
+        registers) the dead node ids too, which others learn one NODE_DEAD at a time."""
         addresses = {r.node_id: r.address for r in self.nodes.values() if r.alive}
-        return (m.VIEW, self.views(), list(self.dead), addresses)
+        return (m.VIEW, self.views(), list(self.dead) if full else None, addresses)
 
     def broadcast_view(self) -> None:
         msg = self.view_message()
@@ -167,7 +182,7 @@ class HeadService:
         self.nodes[node_id] = NodeRecord(node_id, address, dict(total), dict(total), labels, link)
         self.dead.discard(node_id)
         log.info("node %s joined at %s with %s", node_id.hex()[:8], address, total)
-        link.send(self.view_message())
+        link.send(self.view_message(full=True))
         for actor_id, rec in self.actors.items():
             link.send((m.ACTOR_UPDATE, actor_id, rec.state, rec.node, rec.error))
         self._place_pending_groups()
@@ -177,7 +192,15 @@ class HeadService:
     def _m_heartbeat(self, link, msg) -> None:
         _, node_id, available, idle_since, demand, store_used, num_actors = msg
         rec = self.nodes.get(node_id)
-        if rec is None or not rec.alive:
+        if rec is not None and not rec.alive:
+            # it stalled past the timeout (GC pause, long spill) and woke up: its tasks were
+            # failed over and its objects rebuilt already, so it must not live on unseen
+            link.send((m.EXIT, f"the head declared this node dead ({rec.dead_reason}) "
+                               "and it woke up later"))
+            return
+        if rec is None:
+            if node_id in self.dead:   # its record was pruned: still a zombie
+                link.send((m.EXIT, "the head declared this node dead long ago"))
             return
         rec.last_heartbeat = time.time()
         rec.available = available
@@ -205,8 +228,11 @@ class HeadService:
 
     def _m_job_finished(self, link, msg) -> None:
         _, job_id = msg
-        if job_id in self.jobs:
+        if job_id in self.jobs and self.jobs[job_id]["end"] is None:
             self.jobs[job_id]["end"] = time.time()
+            self._finished_jobs.append(job_id)
+            while len(self._finished_jobs) > FINISHED_JOBS_KEPT:
+                self.jobs.pop(self._finished_jobs.popleft(), None)
         for actor_id, rec in list(self.actors.items()):
             if rec.spec.job_id == job_id and not rec.detached and rec.state != ActorState.DEAD:
                 self.kill_actor(actor_id, no_restart=True, reason="its driver exited")
@@ -297,6 +323,13 @@ class HeadService:
 
     def _broadcast_actor(self, actor_id: bytes) -> None:
         rec = self.actors[actor_id]
+        if rec.state == ActorState.DEAD:
+            self._dead_actors.append(actor_id)
+            while len(self._dead_actors) > DEAD_ACTORS_KEPT:
+                old = self._dead_actors.popleft()
+                if old != actor_id and old in self.actors \
+                        and self.actors[old].state == ActorState.DEAD:
+                    del self.actors[old]
         for node in self.nodes.values():
             if node.alive:
                 node.link.send((m.ACTOR_UPDATE, actor_id, rec.state, rec.node, rec.error))
@@ -306,6 +339,10 @@ class HeadService:
         rec = self.actors.get(actor_id)
         if rec is not None:
             link.send((m.ACTOR_UPDATE, actor_id, rec.state, rec.node, rec.error))
+        else:   # died long ago (its record was pruned), or never registered here
+            link.send((m.ACTOR_UPDATE, actor_id, ActorState.DEAD, None, serialize(
+                ActorDiedError(f"actor {actor_id.hex()[:8]} is dead (the head no longer "
+                               "keeps its record)")).to_bytes()))
 
     def _m_kill_actor(self, link, msg) -> None:
         _, actor_id, no_restart = msg
@@ -336,7 +373,13 @@ class HeadService:
         log.warning("node %s is dead: %s", node_id.hex()[:8], reason)
         self.record_event("node-dead", node_id, reason)
         rec.alive = False
+        rec.dead_reason = reason
         self.dead.add(node_id)
+        self._dead_records.append(node_id)
+        while len(self._dead_records) > DEAD_NODES_KEPT:
+            old = self._dead_records.popleft()
+            if old in self.nodes and not self.nodes[old].alive:
+                del self.nodes[old]
         for other in self.nodes.values():
             if other.alive:
                 other.link.send((m.NODE_DEAD, node_id))
@@ -535,8 +578,9 @@ class HeadService:
                 entry[2] = entry[2] or infeasible
         views = self.views()
         for actor_id in self.pending_actors:
-            rec = self.actors[actor_id]
-            if placement.is_group_shape(rec.spec.resources):
+            rec = self.actors.get(actor_id)
+            if rec is None or rec.state == ActorState.DEAD \
+                    or placement.is_group_shape(rec.spec.resources):
                 continue
             key = tuple(sorted(rec.spec.resources.items()))
             where, _ = scheduler.place(rec.spec.resources, None, views)

@@ -71,6 +71,7 @@ CREATE_ACTOR = "create_actor"  # (CREATE_ACTOR, TaskSpec, blob | None)
 STOP_ACTOR = "stop_actor"      # (STOP_ACTOR, actor_id, final)   kill the actor's process
                                # here; final: no restart follows
 NODE_DEAD = "node_dead"        # (NODE_DEAD, node_id)
+EXIT = "exit"                  # (EXIT, reason)   the head declared this node dead: stop
 DRAIN = "drain"                # (DRAIN,)
 ACTOR_CHECKPOINT = "actor_checkpoint"  # (ACTOR_CHECKPOINT, actor_id)
 RESERVE_BUNDLES = "reserve_bundles"    # (RESERVE_BUNDLES, pg_id, [(index, shape)])   a

@@ -163,6 +163,8 @@ async def run_node(args) -> int:
         os.rename(args.ready_file + ".tmp", args.ready_file)
 
     stop = asyncio.Event()
+    exit_reason: list[str] = []
+    agent.exit_requested = lambda reason: (exit_reason.append(reason), stop.set())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -190,7 +192,7 @@ async def run_node(args) -> int:
     if head is not None:
         await head.stop()
     await server.stop()
-    return 0
+    return 4 if exit_reason else 0
 
 
 async def _heartbeat_loop(agent: NodeAgent) -> None:

@@ -36,6 +36,11 @@ GRPC_OPTIONS = [
 ]
 
 
+class PeerLostError(ConnectionError):
+    """A peer request that can get no answer: the peer died, its link broke, or it did
+    not answer in time."""
+
+
 class _Batcher:
     """Collects messages and writes them as one Frame per wake-up of the writer task."""
 
@@ -275,7 +280,7 @@ class PeerLinks:
         self.links: dict[bytes, tuple] = {}   # node -> (channel, call, batcher)
         self.addresses: dict[bytes, str] = {}
         self._rid = itertools.count(1)
-        self._requests: dict[int, asyncio.Future] = {}
+        self._requests: dict[int, tuple[bytes, asyncio.Future]] = {}   # rid -> (node, future)
 
     def send(self, node: bytes, msg) -> None:
         if node == self.agent.node_id:
@@ -312,6 +317,7 @@ class PeerLinks:
         except Exception as exc:  # peer unreachable: the head's view will mark it dead
             log.warning("cannot open a link to node %s at %s: %s", node.hex()[:8], address, exc)
             self.links.pop(node, None)
+            self.fail_requests(node, f"cannot open a link to it: {exc}")
 
     async def _watch(self, node: bytes, call) -> None:
         try:
@@ -321,13 +327,34 @@ class PeerLinks:
         link = self.links.get(node)
         if link is not None and link[1] is call:
             self.links.pop(node, None)
+            self.fail_requests(node, "its link closed")
 
-    def request(self, node: bytes, msg) -> asyncio.Future:
+    def request(self, node: bytes, msg, timeout: float | None = None) -> asyncio.Future:
+        """Send a REQUEST; the future gets the REPLY's value, or ``PeerLostError`` when
+        the node dies, its link breaks or ``timeout`` seconds pass without an answer."""
         rid = next(self._rid)
-        fut = asyncio.get_running_loop().create_future()
-        self._requests[rid] = fut
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._requests[rid] = (node, fut)
+        if timeout is not None:
+            handle = loop.call_later(timeout, self._expire, rid, timeout)
+            fut.add_done_callback(lambda _f: handle.cancel())
         self.send(node, (m.REQUEST, rid, self.agent.node_id, msg))
         return fut
+
+    def _expire(self, rid: int, timeout: float) -> None:
+        entry = self._requests.pop(rid, None)
+        if entry is not None and not entry[1].done():
+            entry[1].set_exception(PeerLostError(
+                f"node {entry[0].hex()[:8]} did not answer within {timeout:g}s"))
+
+    def fail_requests(self, node: bytes, why: str) -> None:
+        """Fail every request waiting on ``node`` at once (never wait on a dead peer)."""
+        for rid, (n, fut) in list(self._requests.items()):
+            if n == node:
+                del self._requests[rid]
+                if not fut.done():
+                    fut.set_exception(PeerLostError(f"node {node.hex()[:8]}: {why}"))
 
     def dispatch(self, node: bytes | None, msg) -> None:
         kind = msg[0]
@@ -338,13 +365,15 @@ class PeerLinks:
             return
         if kind == m.REPLY:
             _, rid, value = msg
-            fut = self._requests.pop(rid, None)
-            if fut is not None and not fut.done():
-                fut.set_result(value)
+            entry = self._requests.pop(rid, None)
+            if entry is not None and not entry[1].done():
+                entry[1].set_result(value)
             return
         self.agent.on_peer_message(node, msg)
 
     def forget(self, node: bytes) -> None:
+        """``node`` died: close its link, fail what waits on it, drop its address."""
+        self.fail_requests(node, "it died")
         link = self.links.pop(node, None)
         if link is not None and not isinstance(link[2], list):
             link[2].close()

@@ -10,6 +10,7 @@ actor's node, in the caller's order.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import NamedTuple
 
 from strato.exceptions import ActorDiedError, ActorUnavailableError
@@ -23,6 +24,7 @@ from strato.runtime.spec import TaskSpec
 
 # calls to an actor in these states wait for the head's next word
 _WAIT = (ActorState.PENDING, ActorState.RESTARTING)
+DEAD_ACTORS_KEPT = 1000
 
 
 class ActorLocation(NamedTuple):
@@ -36,6 +38,9 @@ class ActorHost:
 
     def _init_actors(self) -> None:
         self.actor_locations: dict[bytes, ActorLocation] = {}
+        # dead actors' locations are forgotten past the last 1000 (the head answers a
+        # call to a forgotten one with its death, as it does for one it forgot itself)
+        self._dead_actors: deque = deque()
         self.actor_queues: dict[bytes, list] = {}
         self.actor_workers: dict[bytes, Worker] = {}
 
@@ -76,6 +81,13 @@ class ActorHost:
     def on_actor_update(self, _head, msg) -> None:
         _, actor_id, state, node, error = msg
         self.actor_locations[actor_id] = ActorLocation(state, node, error)
+        if state is ActorState.DEAD:
+            self._dead_actors.append(actor_id)
+            while len(self._dead_actors) > DEAD_ACTORS_KEPT:
+                old = self._dead_actors.popleft()
+                loc = self.actor_locations.get(old)
+                if loc is not None and loc.state is ActorState.DEAD:
+                    del self.actor_locations[old]
         if state in (ActorState.ALIVE, ActorState.DEAD):
             for spec in self.actor_queues.pop(actor_id, []):
                 self._route_actor_call(spec)

@@ -84,6 +84,7 @@ class NodeAgent(WorkerPool, ObjectManager, ActorHost, TaskRouter, ClientSessions
         self._server: asyncio.AbstractServer | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.closing = False
+        self.exit_requested: Callable[[str], None] | None = None   # node.py stops on it
         self._init_workers(resources)
         self._init_objects()
         self._init_actors()
@@ -261,7 +262,9 @@ class NodeAgent(WorkerPool, ObjectManager, ActorHost, TaskRouter, ClientSessions
         self.view = {v.node_id: scheduler.NodeView(v.node_id, v.total, dict(v.available),
                                                    v.alive, v.draining)
                      for v in views if v.node_id != self.node_id}
-        self._dead_nodes = set(dead)
+        if dead is not None:   # the full list comes once, at registration; then NODE_DEAD
+            for node in dead:
+                self._dead_nodes.add(node)
         if self.peers is not None:
             self.peers.addresses.update(addresses)
         me = next((v for v in views if v.node_id == self.node_id), None)
@@ -278,10 +281,17 @@ class NodeAgent(WorkerPool, ObjectManager, ActorHost, TaskRouter, ClientSessions
     def on_drain(self, _head, msg) -> None:
         self._drain()
 
+    def on_exit(self, _head, msg) -> None:
+        """The head declared this node dead (it stalled past the heartbeat timeout): its
+        work was failed over elsewhere, so it stops rather than run on as a zombie."""
+        log.error("stopping: %s", msg[1])
+        if self.exit_requested is not None:
+            self.exit_requested(msg[1])
+
     def on_node_dead(self, _head, msg) -> None:
         node = msg[1]
         self.view.pop(node, None)
-        self._dead_nodes = self.dead_nodes() | {node}
+        self._dead_nodes.add(node)
         self.peer_fns.pop(node, None)
         if self.peers:
             self.peers.forget(node)
@@ -318,6 +328,7 @@ ROUTES: dict[str, tuple[Callable, int]] = {
     m.RPC_REPLY: (NodeAgent.on_rpc_reply, HEAD),
     m.DRAIN: (NodeAgent.on_drain, HEAD),
     m.NODE_DEAD: (NodeAgent.on_node_dead, HEAD),
+    m.EXIT: (NodeAgent.on_exit, HEAD),
     m.ACTOR_UPDATE: (ActorHost.on_actor_update, HEAD),
     m.CREATE_ACTOR: (ActorHost.on_create_actor, HEAD),
     m.STOP_ACTOR: (ActorHost.on_stop_actor, HEAD),

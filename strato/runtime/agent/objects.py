@@ -20,6 +20,11 @@ from strato.runtime.spec import TASK, ReturnValue, TaskSpec
 
 CHUNK = 4 * 1024 * 1024
 PULL_WINDOW = 4
+# a chunk that takes longer than this is lost (its node stalled); the pull fails over
+PULL_CHUNK_TIMEOUT = float(os.environ.get("STRATO_PULL_CHUNK_TIMEOUT", "60"))
+# a failed pull asks the owner again this many times (backing off 0.5, 1, 2, ... s): by
+# then a dead holder is known dead and the owner rebuilds the object or names another copy
+PULL_RETRIES = 5
 
 
 def error_bytes(exc: BaseException) -> bytes:
@@ -103,17 +108,31 @@ class ObjectManager:
 
     def on_want(self, client, msg) -> None:
         for oid, owner_node in msg[1]:
-            self._want(oid, owner_node, lambda info, c=client, o=oid: self._deliver(c, o, info))
+            self._want(oid, owner_node,
+                       lambda info, c=client, o=oid, n=owner_node: self._deliver(c, o, info, n))
 
-    def _deliver(self, client, oid: bytes, info: tuple) -> None:
-        """Give a client an object: inline bytes, error, or once it is in the local store."""
+    def _deliver(self, client, oid: bytes, info: tuple, owner_node: bytes | None = None,
+                 attempt: int = 0) -> None:
+        """Give a client an object: inline bytes, error, or once it is in the local store.
+
+        A pull that fails (its node died or stalled) asks the owner again after a pause:
+        by then the owner knows, and rebuilds the object by lineage or names another copy."""
         where = info[0]
+        if where == m.AT_NODE and info[1] != self.node_id:
+            def pulled(ok, err=None):
+                if ok:
+                    self._deliver(client, oid, (m.AT_NODE, self.node_id, info[2]))
+                elif owner_node is not None and attempt < PULL_RETRIES \
+                        and not getattr(client.conn, "closed", False):
+                    self.loop.call_later(0.5 * 2 ** attempt, self._want, oid, owner_node,
+                                         lambda i: self._deliver(client, oid, i, owner_node,
+                                                                 attempt + 1))
+                else:
+                    client.conn.send((m.OBJ, oid, m.ERROR, err))
+            self._pull(oid, info[1], info[2], pulled)
+            return
         if where == m.AT_NODE and client.remote:
             self._deliver_remote(client, oid, info)
-            return
-        if where == m.AT_NODE and info[1] != self.node_id:
-            self._pull(oid, info[1], info[2], lambda ok, err=None: client.conn.send(
-                (m.OBJ, oid, m.LOCAL, None) if ok else (m.OBJ, oid, m.ERROR, err)))
             return
         if where == m.AT_NODE:
             client.conn.send((m.OBJ, oid, m.LOCAL, None))
@@ -250,15 +269,16 @@ class ObjectManager:
 
     async def _run_pull(self, oid: bytes, node: bytes, size: int, fut) -> None:
         fd, tmp = self.store.new_file(oid, size)
+        pending: dict[int, asyncio.Future] = {}
         try:
             offsets = list(range(0, size, CHUNK)) or [0]
-            pending: dict[int, asyncio.Future] = {}
             nxt = 0
             while nxt < len(offsets) or pending:
                 while nxt < len(offsets) and len(pending) < PULL_WINDOW:
                     off = offsets[nxt]
                     nxt += 1
-                    pending[off] = self.peers.request(node, (m.PULL_CHUNK, oid, off, CHUNK))
+                    pending[off] = self.peers.request(node, (m.PULL_CHUNK, oid, off, CHUNK),
+                                                      timeout=PULL_CHUNK_TIMEOUT)
                 done, _ = await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
                 for off in [o for o, f in pending.items() if f in done]:
                     ok, data = pending.pop(off).result()
@@ -272,6 +292,8 @@ class ObjectManager:
                 raise ObjectStoreFullError(self.store.full_message(size))
             fut.set_result(True)
         except Exception as exc:
+            for other in pending.values():
+                other.cancel()
             if fd >= 0:
                 os.close(fd)
             try:

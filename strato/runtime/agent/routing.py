@@ -17,6 +17,7 @@ from strato.exceptions import NodeDiedError, TaskCancelledError
 from strato.runtime import messages as m
 from strato.runtime import placement, scheduler
 from strato.runtime.agent.objects import ObjEntry, error_bytes
+from strato.runtime.bounded import BoundedSet
 from strato.runtime.spec import ACTOR_CALL, TASK, ReturnValue, TaskSpec
 
 log = logging.getLogger("strato.agent")
@@ -31,11 +32,13 @@ class TaskRouter:
         self.owned_tasks: dict[bytes, tuple[TaskSpec, bytes | None]] = {}  # id -> (spec, node)
         self.waiting: list[TaskSpec] = []         # no node has room now (or ever)
         self.warned_infeasible: set = set()
-        self.cancelled: set[bytes] = set()
+        # bounded: a long-lived cluster cancels without end; a cancel older than the last
+        # 10k that reaches a node after the task finished there changes nothing anyway
+        self.cancelled = BoundedSet(maxlen=10_000)
         self.view: dict[bytes, scheduler.NodeView] = {}
-        self._dead_nodes: set[bytes] = set()
+        self._dead_nodes = BoundedSet(maxlen=10_000)
 
-    def dead_nodes(self) -> set:
+    def dead_nodes(self) -> BoundedSet:
         return self._dead_nodes
 
     def demand(self) -> list:

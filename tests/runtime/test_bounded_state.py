@@ -1,0 +1,111 @@
+"""Bounded state: the head forgets old dead nodes, dead actors and finished jobs, and no
+longer re-sends every dead node id in each view; agents forget old cancellations, dead
+nodes and dead actors. A cluster that lives for weeks stays flat. (The head is driven
+directly here, with links that record what it sends.)"""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from strato.runtime import head as head_mod
+from strato.runtime import messages as m
+from strato.runtime.bounded import BoundedSet
+from strato.runtime.head import HeadService
+from strato.runtime.messages import ActorState
+from strato.runtime.spec import ACTOR_CREATE, TaskSpec
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Link:
+    def __init__(self):
+        self.sent: list = []
+
+    def send(self, msg) -> None:
+        self.sent.append(msg)
+
+
+def _nid(i: int) -> bytes:
+    return i.to_bytes(16, "big")
+
+
+def _actor_spec(i: int) -> TaskSpec:
+    return TaskSpec(task_id=_nid(10**6 + i), kind=ACTOR_CREATE, job_id=b"j" * 4,
+                    owner_node=_nid(0), owner_client=b"c" * 4, function_id=b"f" * 8,
+                    name=f"A{i}", args=b"", deps=[], return_ids=[],
+                    resources={"CPU": 0.0}, actor_id=_nid(10**7 + i), actor_options={})
+
+
+def test_head_forgets_dead_nodes_actors_and_jobs_past_their_bounds():
+    head = HeadService()
+    live = Link()
+    head.handle(live, (m.REGISTER, _nid(0), "127.0.0.1:1", {"CPU": 1.0}, {}))
+    for i in range(1, 400):                      # a spot cluster's churn
+        head.handle(Link(), (m.REGISTER, _nid(i), f"127.0.0.1:{i + 1}", {"CPU": 1.0}, {}))
+        head.mark_dead(_nid(i), "preempted")
+    assert len(head.nodes) == head_mod.DEAD_NODES_KEPT + 1
+    assert sum(r.alive for r in head.nodes.values()) == 1
+
+    live.sent.clear()
+    head.broadcast_view()
+    (view,) = [msg for msg in live.sent if msg[0] == m.VIEW]
+    assert view[2] is None                       # dead ids are not re-sent 5x a second
+    assert len(pickle.dumps(view)) < 1000
+    newcomer = Link()                            # ... but a new node learns them once
+    head.handle(newcomer, (m.REGISTER, _nid(999), "127.0.0.1:999", {"CPU": 1.0}, {}))
+    first_view = next(msg for msg in newcomer.sent if msg[0] == m.VIEW)
+    assert len(first_view[2]) == 399
+
+    zombie = Link()                              # a pruned dead node that wakes up
+    head.handle(zombie, (m.HEARTBEAT, _nid(1), {}, None, [], 0, 0))
+    assert zombie.sent and zombie.sent[0][0] == m.EXIT
+
+    for i in range(1500):
+        job = _nid(5 * 10**6 + i)
+        head.handle(live, (m.JOB_STARTED, job, _nid(0)))
+        head.handle(live, (m.JOB_FINISHED, job))
+    assert len(head.jobs) == head_mod.FINISHED_JOBS_KEPT
+
+    for i in range(1500):
+        spec = _actor_spec(i)
+        head.handle(live, (m.ACTOR_REGISTER, spec, {}, None))
+        head.handle(live, (m.ACTOR_STATE, spec.actor_id, ActorState.ALIVE, _nid(0), None))
+        head.handle(live, (m.ACTOR_STATE, spec.actor_id, ActorState.DEAD, _nid(0), None))
+    assert len(head.actors) <= head_mod.DEAD_ACTORS_KEPT
+    # a call on a handle of a forgotten actor still gets its death, never silence
+    asker = Link()
+    head.handle(asker, (m.ACTOR_WATCH, _actor_spec(0).actor_id, _nid(0)))
+    assert asker.sent[0][0] == m.ACTOR_UPDATE and asker.sent[0][2] == ActorState.DEAD
+
+
+def test_bounded_set_forgets_the_oldest():
+    s = BoundedSet(maxlen=3)
+    for x in range(10):
+        s.add(x)
+    assert len(s) == 3 and list(s) == [7, 8, 9] and 6 not in s and 9 in s
+    s.add(7)                                     # re-adding makes it the newest
+    s.add(10)
+    assert list(s) == [9, 7, 10]
+
+
+def test_agent_state_is_bounded():
+    """Cancellations, dead-node ids and dead actors' locations an agent keeps are bounded."""
+    from strato.runtime.agent import actors
+    from strato.runtime.agent.routing import TaskRouter
+
+    host = actors.ActorHost.__new__(actors.ActorHost)
+    host._init_actors()
+    for i in range(3000):
+        host.on_actor_update(None, (m.ACTOR_UPDATE, _nid(i), ActorState.DEAD, None, b""))
+    host.on_actor_update(None, (m.ACTOR_UPDATE, _nid(99999), ActorState.ALIVE, _nid(1), None))
+    assert len(host.actor_locations) == actors.DEAD_ACTORS_KEPT + 1
+
+    router = TaskRouter.__new__(TaskRouter)
+    router._init_routing()
+    assert isinstance(router.cancelled, BoundedSet) and router.cancelled.maxlen <= 10_000
+    for i in range(20_000):
+        router.cancelled.add(_nid(i))
+        router.dead_nodes().add(_nid(i))
+    assert len(router.cancelled) == 10_000 and len(router.dead_nodes()) == 10_000
