@@ -21,7 +21,7 @@ from strato.exceptions import TaskCancelledError, WorkerCrashedError
 from strato.runtime import messages as m
 from strato.runtime import placement, scheduler
 from strato.runtime.protocol.framing import FrameProtocol
-from strato.runtime.spec import TaskSpec
+from strato.runtime.spec import ReturnValue, TaskSpec
 
 log = logging.getLogger("strato.agent")
 
@@ -348,10 +348,34 @@ class WorkerPool:
             w.conn.send((m.EXEC, specs, fns, gpu))
             return
         state = {"n": len(remote)}
+        failed: dict[bytes, bytes] = {}
 
-        def one_done(ok, err=None):
+        def one_done(oid: bytes, ok: bool, err=None) -> None:
+            if not ok:
+                failed[oid] = err
             state["n"] -= 1
-            if state["n"] == 0 and w.conn is not None:
-                w.conn.send((m.EXEC, specs, fns, gpu))
+            if state["n"] == 0:
+                self._send_pulled(w, specs, fns, gpu, failed)
         for oid, info in remote:
-            self._pull(oid, info[1], info[2], one_done)
+            self._pull(oid, info[1], info[2], lambda ok, err=None, o=oid: one_done(o, ok, err))
+
+    def _send_pulled(self, w: Worker, specs: list, fns: dict, gpu, failed: dict) -> None:
+        """Arguments are in: run the tasks. One whose argument could not be pulled (its
+        node died) never runs here: it goes back to its owner as retryable, which
+        resolves its arguments again (rebuilding lost ones by lineage)."""
+        run = []
+        for spec in specs:
+            err = next((failed[o] for o in (spec.dep_values or {}) if o in failed), None)
+            if err is None:
+                run.append(spec)
+            elif w.inflight.pop(spec.task_id, None) is not None:
+                returns = [ReturnValue(rid, err, None, len(err), True) for rid in spec.return_ids]
+                self._task_finished(spec, returns, True, self.node_id)
+        if w.conn is None:
+            return
+        if run:
+            w.conn.send((m.EXEC, run, fns, gpu))
+            return
+        w.sent_fns.difference_update(fns)   # nothing went: the worker never got them
+        if w.state is WorkerState.LEASED and not w.inflight:
+            self._end_lease(w)
