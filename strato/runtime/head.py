@@ -98,8 +98,13 @@ class GroupRecord:
 
 class HeadService:
     def __init__(self, *, heartbeat_timeout: float = 5.0, view_interval: float = 0.2,
-                 storage_dir: str | None = None):
+                 storage_dir: str | None = None, store=None, resume_grace: float = 10.0):
         self.storage_dir = storage_dir
+        # the tables on disk (``head_store.HeadStore``), so a restarted head resumes
+        self.store = store
+        self.resume_grace = resume_grace
+        self._unclaimed: set[bytes] = set()   # restored actors no node has claimed yet
+        self._resume_deadline = 0.0
         self.events: list[dict] = []
         self.nodes: dict[bytes, NodeRecord] = {}
         self.actors: dict[bytes, ActorRecord] = {}
@@ -124,11 +129,70 @@ class HeadService:
         self.last_active = self.started
 
     async def start(self) -> None:
+        if self.store is not None:
+            self._restore()
         self._task = asyncio.get_running_loop().create_task(self._tick_loop())
 
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
+
+    # ------------------------------------------------------------------ persistence
+    _SAVED = ("meta", "blob", "restarts_left", "name", "namespace", "detached", "node")
+
+    def _persist_actor(self, actor_id: bytes) -> None:
+        rec = self.actors.get(actor_id)
+        if self.store is None or rec is None:
+            return
+        if rec.state == ActorState.DEAD:
+            self.store.drop_actor(actor_id)
+        else:
+            self.store.save_actor(actor_id, {"spec": rec.spec,
+                                             **{k: getattr(rec, k) for k in self._SAVED}})
+
+    def _restore(self) -> None:
+        """A head restarting on its own disk: actors that were not dead come back as
+        RESTARTING until the node hosting them re-registers and claims them; those no
+        node claims within ``resume_grace`` restart elsewhere or die."""
+        saved = self.store.actors()
+        for actor_id, fields in saved.items():
+            rec = ActorRecord(fields["spec"], fields["meta"], fields["blob"],
+                              state=ActorState.RESTARTING,
+                              restarts_left=fields["restarts_left"], name=fields["name"],
+                              namespace=fields["namespace"], detached=fields["detached"])
+            self.actors[actor_id] = rec
+            if rec.name:
+                self.named[(rec.namespace, rec.name)] = actor_id
+            self._unclaimed.add(actor_id)
+        self._resume_deadline = time.time() + self.resume_grace
+        if saved:
+            log.info("resumed %d actor(s) from %s; waiting %.0fs for their nodes",
+                     len(saved), self.store.path, self.resume_grace)
+            self.record_event("head-resumed", None, f"{len(saved)} actor(s) restored")
+
+    def _claim_actors(self, node_id: bytes, link, hosted: list) -> None:
+        """A node (re-)registered hosting ``hosted``: those the head knows are alive
+        there; one it does not know (dead meanwhile) is stopped."""
+        for actor_id in hosted:
+            rec = self.actors.get(actor_id)
+            if rec is None or rec.state == ActorState.DEAD:
+                link.send((m.STOP_ACTOR, actor_id, True))
+                continue
+            self._unclaimed.discard(actor_id)
+            rec.state = ActorState.ALIVE
+            rec.node = node_id
+            self._broadcast_actor(actor_id)
+
+    def _expire_unclaimed(self) -> None:
+        if not self._unclaimed or time.time() < self._resume_deadline:
+            return
+        for actor_id in list(self._unclaimed):
+            self._unclaimed.discard(actor_id)
+            rec = self.actors.get(actor_id)
+            if rec is not None and rec.state == ActorState.RESTARTING and rec.node is None:
+                self._actor_died(actor_id, rec, serialize(ActorDiedError(
+                    f"actor {rec.spec.name} was lost with its node while the head was "
+                    "down")).to_bytes())
 
     async def _tick_loop(self) -> None:
         while True:
@@ -143,6 +207,7 @@ class HeadService:
         for rec in list(self.nodes.values()):
             if rec.alive and now - rec.last_heartbeat > self.heartbeat_timeout:
                 self.mark_dead(rec.node_id, "missed heartbeats")
+        self._expire_unclaimed()
         self._place_pending_groups()
         self._place_pending_actors()
         self.broadcast_view()
@@ -178,8 +243,10 @@ class HeadService:
             self.mark_dead(node_id, "connection lost")
 
     def _m_register(self, link, msg) -> None:
-        _, node_id, address, total, labels = msg
+        _, node_id, address, total, labels, *rest = msg
         self.nodes[node_id] = NodeRecord(node_id, address, dict(total), dict(total), labels, link)
+        if rest and rest[0]:   # a node that outlived a head restart: the actors it hosts
+            self._claim_actors(node_id, link, rest[0])
         self.dead.discard(node_id)
         log.info("node %s joined at %s with %s", node_id.hex()[:8], address, total)
         link.send(self.view_message(full=True))
@@ -260,6 +327,7 @@ class HeadService:
             self.named[key] = spec.actor_id
         self.actors[spec.actor_id] = rec
         self.pending_actors.append(spec.actor_id)
+        self._persist_actor(spec.actor_id)
         self._place_pending_actors()
 
     def _place_pending_actors(self) -> None:
@@ -322,6 +390,7 @@ class HeadService:
             del self.named[(rec.namespace, rec.name)]
 
     def _broadcast_actor(self, actor_id: bytes) -> None:
+        self._persist_actor(actor_id)
         rec = self.actors[actor_id]
         if rec.state == ActorState.DEAD:
             self._dead_actors.append(actor_id)

@@ -54,7 +54,7 @@ CANCEL_EXEC = "cancel_exec"    # (CANCEL_EXEC, task_id)
 CHECKPOINT = "checkpoint"      # (CHECKPOINT,)   the actor's drain hook
 
 # ---------------------------------------------------------------- agent -> head
-REGISTER = "register"          # (REGISTER, node_id, address, total, labels)
+REGISTER = "register"          # (REGISTER, node_id, address, total, labels[, hosted actor ids])
 HEARTBEAT = "heartbeat"        # (HEARTBEAT, node_id, available, idle_since,
                                #  [(shape, count, infeasible)], store_used, num_actors)
 PREEMPTION_NOTICE = "preemption_notice"  # (PREEMPTION_NOTICE, node_id, text)

@@ -31,6 +31,7 @@ from strato.runtime import resources as resource_detection
 from strato.runtime import tls
 from strato.runtime.agent import NodeAgent
 from strato.runtime.head import HeadService
+from strato.runtime.head_store import HeadStore
 from strato.runtime.session import DEFAULT_TEMP_DIR, ForeignDirError, ensure_private_dir
 from strato.runtime.store import remove_dead_store_dirs
 from strato.runtime.transport import HeadLink, PeerLinks, RuntimeServer, connect_in_process
@@ -79,7 +80,13 @@ async def run_node(args) -> int:
     for stale in remove_dead_store_dirs(shm_root):   # killed nodes never clean up
         log.info("removed the store dir of a dead node: %s", stale)
 
-    token = args.token or os.environ.get("STRATO_TOKEN") or (secrets.token_hex(16) if args.head else None)
+    # the head's tables on its disk: a head that crashed resumes from them (same token)
+    head_store = HeadStore(os.path.join(temp_dir, "head.db")) if args.head else None
+    token = args.token or os.environ.get("STRATO_TOKEN") \
+        or (head_store and head_store.get("token")) \
+        or (secrets.token_hex(16) if args.head else None)
+    if head_store is not None:
+        head_store.set("token", token)
     os.environ.pop("STRATO_TOKEN", None)  # no child (workers: user code) inherits it
     if not token:
         print("strato: a cluster token is needed to join: pass --token or set STRATO_TOKEN",
@@ -104,7 +111,9 @@ async def run_node(args) -> int:
 
     head = HeadService(heartbeat_timeout=float(os.environ.get("STRATO_HEARTBEAT_TIMEOUT", "5")),
                        storage_dir=os.environ.get("STRATO_CHECKPOINT_DIR")
-                       or os.path.join(temp_dir, "checkpoints")) if args.head else None
+                       or os.path.join(temp_dir, "checkpoints"), store=head_store,
+                       resume_grace=float(os.environ.get("STRATO_HEAD_RESUME_GRACE", "10")),
+                       ) if args.head else None
     agent = NodeAgent(node_id=node_id, resources=resources, temp_dir=temp_dir,
                       session_dir=session_dir, shm_dir=shm_dir,
                       object_store_memory=store_memory, address="", labels=labels)
@@ -177,12 +186,18 @@ async def run_node(args) -> int:
             args.spot_notice,
             lambda text: agent.head.send((m.PREEMPTION_NOTICE, node_id, text)),
             interval=float(os.environ.get("STRATO_NOTICE_INTERVAL", "1"))))
-    waiters = [loop.create_task(stop.wait())]
-    if head_link is not None:
-        waiters.append(head_link.closed)
-    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    if head_link is not None and head_link.closed.done() and not stop.is_set():
-        log.error("lost the connection to the head at %s; stopping this node", head_address)
+    stopping = loop.create_task(stop.wait())
+    while True:
+        waiters = [stopping] + ([head_link.closed] if head_link is not None else [])
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set() or head_link is None:
+            break
+        # the head went away (crashed, restarting): wait for it to come back and
+        # re-register, saying which actors live here, so the cluster resumes
+        head_link = await _rejoin(agent, head_address, token, creds, labels, resources,
+                                  stop)
+        if head_link is None:
+            break
     for path in (node_file, token_file):
         try:
             os.unlink(path)
@@ -191,8 +206,41 @@ async def run_node(args) -> int:
     await agent.stop()
     if head is not None:
         await head.stop()
+        head_store.close()
+        for suffix in ("", "-wal", "-shm"):   # a clean stop ends the cluster: nothing to resume
+            try:
+                os.unlink(head_store.path + suffix)
+            except FileNotFoundError:
+                pass
     await server.stop()
     return 4 if exit_reason else 0
+
+
+async def _rejoin(agent: NodeAgent, head_address: str, token: str, creds, labels: dict,
+                  resources: dict, stop: asyncio.Event) -> HeadLink | None:
+    """Reconnect to a head that went away, for ``STRATO_HEAD_RECONNECT_S`` (30 s); the
+    new registration lists the actors this node hosts. None: it did not come back."""
+    window = float(os.environ.get("STRATO_HEAD_RECONNECT_S", "30"))
+    log.error("lost the connection to the head at %s; reconnecting for up to %.0fs",
+              head_address, window)
+    agent.head_lost()
+    deadline = time.monotonic() + window
+    while not stop.is_set() and time.monotonic() < deadline:
+        link = HeadLink(head_address, token, agent, creds)
+        agent.head = link
+        try:
+            await link.connect((m.REGISTER, agent.node_id, agent.address, resources, labels,
+                                list(agent.actor_workers)), timeout=3)
+            log.info("re-registered with the head at %s", head_address)
+            return link
+        except AuthenticationError as exc:
+            log.error("the head at %s refused this node: %s", head_address, exc)
+            return None
+        except ConnectionError:
+            await link.close()
+            await asyncio.sleep(0.5)
+    log.error("the head at %s did not come back; stopping this node", head_address)
+    return None
 
 
 async def _heartbeat_loop(agent: NodeAgent) -> None:

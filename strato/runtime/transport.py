@@ -260,8 +260,13 @@ class HeadLink:
             if not self.closed.done():
                 self.closed.set_result(True)
 
+    @property
+    def connected(self) -> bool:
+        return self.batcher is not None and not self.batcher.closed and not self.closed.done()
+
     def send(self, msg) -> None:
-        self.batcher.send(msg)
+        if self.batcher is not None:   # None while (re)connecting: the message is dropped
+            self.batcher.send(msg)
 
     async def close(self) -> None:
         if self.batcher:

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from strato.exceptions import HeadUnreachableError
 from strato.runtime import messages as m
 from strato.runtime import scheduler
 from strato.runtime.agent.actors import ActorHost
@@ -237,10 +238,21 @@ class NodeAgent(WorkerPool, ObjectManager, ActorHost, TaskRouter, ClientSessions
             except Exception as exc:  # reply with the error rather than dropping the link
                 client.conn.send((m.RPC_REPLY, rid, False, exc))
             return
+        if not getattr(self.head, "connected", True):
+            client.conn.send((m.RPC_REPLY, rid, False, HeadUnreachableError(
+                f"{method}: the head is unreachable (restarting?); try again")))
+            return
         self._rpc_seq += 1
         self._rpc_waiters[self._rpc_seq] = \
             lambda ok, value: client.conn.send((m.RPC_REPLY, rid, ok, value))
         self.head.send((m.RPC, self._rpc_seq, method, args))
+
+    def head_lost(self) -> None:
+        """The link to the head broke: RPCs waiting for its answer get an error now."""
+        waiters, self._rpc_waiters = self._rpc_waiters, {}
+        for callback in waiters.values():
+            callback(False, HeadUnreachableError("the connection to the head was lost "
+                                                 "(restarting?); try again"))
 
     def _rpc_node_id(self):
         return self.node_id
