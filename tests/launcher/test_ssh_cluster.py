@@ -7,7 +7,10 @@ by every host go under ``shared_tmp_path``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -22,6 +25,37 @@ from strato.launcher.state import StateDB
 from tests.harness.ssh_hosts import stop_strato, strato_processes
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("no_strato_left", "strato_home")]
+
+
+# reads every frame on a namespace's eth0 (AF_PACKET) into a file until SIGTERM
+CAPTURE = textwrap.dedent("""
+    import signal, socket, sys
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(3))
+    s.bind(("eth0", 0))
+    s.settimeout(0.2)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    with open(sys.argv[1], "wb") as f:
+        print("capturing", flush=True)
+        while not stop:
+            try:
+                f.write(s.recv(65536))
+            except socket.timeout:
+                pass
+""")
+
+
+@contextlib.contextmanager
+def _capture(host, path: Path):
+    """Every frame in and out of ``host`` while the block runs, raw, into ``path``."""
+    proc = subprocess.Popen(["ip", "netns", "exec", host.netns, sys.executable, "-c", CAPTURE,
+                             str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "capturing"
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
 
 
 def _config(path: Path, hosts, *, name: str = "sshc") -> Path:
@@ -92,10 +126,19 @@ def test_ssh_cluster_end_to_end(ssh_hosts, ssh_address_map, shared_tmp_path, tmp
         # submit: tasks land on every host
         script = tmp_path / "where.py"
         script.write_text(SCRIPT)
-        out, barrier = shared_tmp_path / "where.json", shared_tmp_path / "barrier"
+        # task specs cross machines (the barrier path is in their pickled arguments):
+        # on the head's wire they are TLS records only, never readable
+        canary = "barrier-canary-5e1f0c"
+        out, barrier = shared_tmp_path / "where.json", shared_tmp_path / canary
         barrier.mkdir()
-        assert commands.submit(config, script, [str(out), str(barrier)]) == 0
+        wire = tmp_path / "head-eth0.raw"
+        with _capture(hosts[0], wire):
+            assert commands.submit(config, script, [str(out), str(barrier)]) == 0
         assert set(json.loads(out.read_text())) == {h.hostname for h in hosts}
+        captured = wire.read_bytes()
+        assert b"\x17\x03\x03" in captured              # TLS application data went by
+        assert canary.encode() not in captured
+        assert b"strato.runtime" not in captured and b"cloudpickle" not in captured
 
         # rsync both ways through the head's private /tmp
         src = tmp_path / "src"
