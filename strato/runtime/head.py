@@ -25,7 +25,7 @@ log = logging.getLogger("strato.head")
 
 DEAD_NODE_IDS_KEPT = 10_000
 DEAD_NODES_KEPT = 100
-DEAD_ACTORS_KEPT = 1000
+DEAD_ACTORS_KEPT = 200
 FINISHED_JOBS_KEPT = 1000
 
 
@@ -105,6 +105,8 @@ class HeadService:
         self.resume_grace = resume_grace
         self._unclaimed: set[bytes] = set()   # restored actors no node has claimed yet
         self._resume_deadline = 0.0
+        self._last_tick = time.time()
+        self.local_node: bytes | None = None   # the node in the head's own process
         self.events: list[dict] = []
         self.nodes: dict[bytes, NodeRecord] = {}
         self.actors: dict[bytes, ActorRecord] = {}
@@ -114,7 +116,7 @@ class HeadService:
         self.view_interval = view_interval
         # bounded, so a cluster that lives for weeks stays flat: the ids of dead nodes
         # (the last 10k), dead nodes' records (the last 100, for `strato status`), dead
-        # actors (the last 1000) and finished jobs (the last 1000)
+        # actors (the last 200) and finished jobs (the last 1000)
         self.dead = BoundedSet(maxlen=DEAD_NODE_IDS_KEPT)
         self._dead_records: deque = deque()
         self._dead_actors: deque = deque()
@@ -204,8 +206,14 @@ class HeadService:
 
     def _tick(self) -> None:
         now = time.time()
+        stalled = now - self._last_tick > self.heartbeat_timeout / 2
+        self._last_tick = now
         for rec in list(self.nodes.values()):
-            if rec.alive and now - rec.last_heartbeat > self.heartbeat_timeout:
+            if stalled:
+                # the head's own loop stalled (GC pause, a slow disk): heartbeats wait
+                # unread in its sockets; nobody is declared dead for the head's pause
+                rec.last_heartbeat = max(rec.last_heartbeat, now)
+            elif rec.alive and now - rec.last_heartbeat > self.heartbeat_timeout:
                 self.mark_dead(rec.node_id, "missed heartbeats")
         self._expire_unclaimed()
         self._place_pending_groups()
@@ -259,7 +267,7 @@ class HeadService:
     def _m_heartbeat(self, link, msg) -> None:
         _, node_id, available, idle_since, demand, store_used, num_actors = msg
         rec = self.nodes.get(node_id)
-        if rec is not None and not rec.alive:
+        if rec is not None and not rec.alive and node_id != self.local_node:
             # it stalled past the timeout (GC pause, long spill) and woke up: its tasks were
             # failed over and its objects rebuilt already, so it must not live on unseen
             link.send((m.EXIT, f"the head declared this node dead ({rec.dead_reason}) "

@@ -132,6 +132,7 @@ async def run_node(args) -> int:
         head.activity_sources.append(agent.client_activity)
         head.activity_sources.append(agent.durable_activity)
         connect_in_process(head, agent)
+        head.local_node = node_id   # never told to exit: the head's process is its own
         head_address = agent.address
         agent.head.send((m.REGISTER, node_id, agent.address, resources, labels))
     else:
@@ -283,8 +284,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _steady_malloc() -> None:
+    """Big buffers (4 MB object chunks from other nodes) always come from mmap and go back
+    to the system when freed. glibc otherwise raises its mmap threshold after the first
+    such free and serves later ones from the heap, which fragments: a node that moves
+    objects for days would creep up in RSS without holding anything."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024)   # M_MMAP_THRESHOLD (fixed)
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    _steady_malloc()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         import uvloop

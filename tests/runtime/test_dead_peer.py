@@ -58,3 +58,42 @@ def test_pull_from_a_stalled_node_fails_over_to_lineage_and_the_zombie_exits(
                or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 20, 0.1,
                "the stalled node to exit once it woke up")
     assert sum(n["Alive"] for n in strato.nodes()) == 2
+
+
+def test_a_stalled_head_declares_nobody_dead_and_never_exits_its_own_node():
+    """The head's own loop stalled (its heartbeats waited unread): it gives every node a
+    fresh grace instead of declaring them all dead, its own in-process node included
+    (which it would then have told to exit, taking the head down with it)."""
+    import time
+
+    from strato.runtime import messages as m
+    from strato.runtime.head import HeadService
+
+    class Link:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, msg):
+            self.sent.append(msg)
+
+    head = HeadService(heartbeat_timeout=2.0)
+    own, other = Link(), Link()
+    head.local_node = b"A" * 16
+    head.handle(own, (m.REGISTER, b"A" * 16, "127.0.0.1:1", {"CPU": 1.0}, {}))
+    head.handle(other, (m.REGISTER, b"B" * 16, "127.0.0.1:2", {"CPU": 1.0}, {}))
+    for rec in head.nodes.values():
+        rec.last_heartbeat -= 10          # nothing read for 10 s ...
+    head._last_tick -= 10                 # ... because the head itself was stalled
+    head._tick()
+    assert all(rec.alive for rec in head.nodes.values())
+    head.nodes[b"B" * 16].last_heartbeat -= 10   # later, B alone goes silent: dead
+    head._tick()
+    assert not head.nodes[b"B" * 16].alive and head.nodes[b"A" * 16].alive
+    head.mark_dead(b"A" * 16, "test")
+    own.sent.clear()
+    head.handle(own, (m.HEARTBEAT, b"A" * 16, {}, None, [], 0, 0))
+    assert not any(msg[0] == m.EXIT for msg in own.sent)
+    other.sent.clear()
+    head.handle(other, (m.HEARTBEAT, b"B" * 16, {}, None, [], 0, 0))
+    assert other.sent[0][0] == m.EXIT
+    assert time.time() - head._last_tick < 5

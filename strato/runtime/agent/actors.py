@@ -24,7 +24,7 @@ from strato.runtime.spec import TaskSpec
 
 # calls to an actor in these states wait for the head's next word
 _WAIT = (ActorState.PENDING, ActorState.RESTARTING)
-DEAD_ACTORS_KEPT = 1000
+DEAD_ACTORS_KEPT = 200
 
 
 class ActorLocation(NamedTuple):
@@ -38,7 +38,7 @@ class ActorHost:
 
     def _init_actors(self) -> None:
         self.actor_locations: dict[bytes, ActorLocation] = {}
-        # dead actors' locations are forgotten past the last 1000 (the head answers a
+        # dead actors' locations are forgotten past the last 200 (the head answers a
         # call to a forgotten one with its death, as it does for one it forgot itself)
         self._dead_actors: deque = deque()
         self.actor_queues: dict[bytes, list] = {}
