@@ -200,7 +200,6 @@ class Cluster:
             "the same cluster_name in one account would make the two clusters manage each "
             f"other's nodes. Use another cluster_name, or pass --force to {force_does}.")
 
-
     def head(self) -> Node | None:
         heads = self.nodes(kind=NodeKind.HEAD.value)
         return heads[0] if heads else None
@@ -214,7 +213,6 @@ class Cluster:
             raise LauncherError(f"cluster {self.name!r} has no head node{other}; run "
                                 "`strato up` first")
         return head
-
 
     def new_tags(self, kind: str, node_type: str) -> dict[str, str]:
         """Tags of a node about to be created (``up`` and the autoscaler alike)."""

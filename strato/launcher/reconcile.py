@@ -392,7 +392,6 @@ def down(config_path: str | os.PathLike, yes: bool = False,
         say(f"[yellow]{len(foreign)} node(s) named {name!r} of another owner are left "
             "alone (`down --force` terminates them too)[/]")
     targets = [n for n in nodes if not workers_only or n.kind != HEAD]
-
     what = "the workers of" if workers_only else "every node of"
     confirm(f"Terminate {what} cluster {name!r} ({len(targets)} node(s))?", yes)
     heads = [n for n in nodes if n.kind == HEAD]

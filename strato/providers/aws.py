@@ -425,7 +425,6 @@ class AWSProvider(NodeProvider):
         except Exception:
             return False
 
-
     def _describe_key_pair(self, name: str) -> dict[str, Any] | None:
         try:
             pairs = self.ec2.describe_key_pairs(KeyNames=[name], IncludePublicKey=True)

@@ -193,8 +193,6 @@ def label_value(value: Any) -> str:
     return text if len(text) <= 63 else f"{text[:56]}-{_short_hash(str(value))}"
 
 
-
-
 def label_key(key: str) -> str:
     """A tag key as a valid label key (must also start with a letter)."""
     value = label_value(key)
@@ -219,8 +217,6 @@ def cluster_prefix(cluster_name: str, max_len: int = 40) -> str:
     if name == plain:
         return name
     return f"{resource_name(plain, max_len=max_len - 7)}-{_short_hash(cluster_name)}"
-
-
 
 
 def _short(url: str) -> str:
