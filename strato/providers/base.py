@@ -123,6 +123,16 @@ class ConfigProblem:
     warning: bool = False
 
 
+def config_sections(config: Mapping[str, Any]) -> tuple[Mapping[str, Any],
+                                                        Mapping[str, Any]]:
+    """The ``provider`` and ``available_node_types`` sections of a raw config, ``{}``
+    where absent or not mappings (``check_config`` runs before the type checks)."""
+    provider = config.get("provider")
+    types = config.get("available_node_types")
+    return (provider if isinstance(provider, Mapping) else {},
+            types if isinstance(types, Mapping) else {})
+
+
 class NodeProvider(abc.ABC):
     """Creates, lists and removes the machines of one cluster.
 

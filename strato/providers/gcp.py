@@ -51,6 +51,7 @@ from strato.providers.base import (
     NodeState,
     NodeTypeSpec,
     SpotIdiom,
+    config_sections,
 )
 from strato.providers.keys import ensure_key_pair, public_key_from_private
 
@@ -333,10 +334,7 @@ class GCPProvider(NodeProvider):
     @classmethod
     def check_config(cls, config: Mapping[str, Any]) -> list[ConfigProblem]:
         """project_id, a zone for every node type, and names that fit in labels."""
-        provider = config.get("provider")
-        provider = provider if isinstance(provider, Mapping) else {}
-        types = config.get("available_node_types")
-        types = types if isinstance(types, Mapping) else {}
+        provider, types = config_sections(config)
         problems = []
         if not provider.get("project_id"):
             problems.append(ConfigProblem(("provider", "project_id"),

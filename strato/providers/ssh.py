@@ -40,6 +40,7 @@ from strato.providers.base import (
     NodeKind,
     NodeState,
     NodeTypeSpec,
+    config_sections,
 )
 from strato.providers.records import RecordProvider
 
@@ -61,10 +62,7 @@ class SSHProvider(RecordProvider):
 
     @classmethod
     def check_config(cls, config: Mapping[str, Any]) -> list[ConfigProblem]:
-        provider = config.get("provider")
-        provider = provider if isinstance(provider, Mapping) else {}
-        types = config.get("available_node_types")
-        types = types if isinstance(types, Mapping) else {}
+        provider, types = config_sections(config)
         problems = []
         if not provider.get("head_ip"):
             problems.append(ConfigProblem(("provider", "head_ip"),

@@ -290,7 +290,8 @@ class CoreWorker:
             self.conn.send((m.FREE, frees))
 
     # ------------------------------------------------------------------ objects
-    def put(self, value) -> ObjectRef:
+    def _serialize_for_put(self, value):
+        """A new owned id and the serialized value (refs inside it marked escaped)."""
         if isinstance(value, ObjectRef):
             raise TypeError("put() of an ObjectRef is not allowed; pass the ref itself")
         oid = self.ids.next()
@@ -300,6 +301,10 @@ class CoreWorker:
             raise TypeError(f"put() could not serialize the value: {exc}") from exc
         self.mark_escaped(sv.contained_refs)
         self.owned.add(oid)
+        return oid, sv
+
+    def put(self, value) -> ObjectRef:
+        oid, sv = self._serialize_for_put(value)
         if sv.total_size <= INLINE_MAX:
             data = sv.to_bytes()
             self.values[oid] = (INLINE, data)

@@ -63,15 +63,7 @@ class RemoteCoreWorker(CoreWorker):
 
     # ------------------------------------------------------------------ objects
     def put(self, value) -> ObjectRef:
-        if isinstance(value, ObjectRef):
-            raise TypeError("put() of an ObjectRef is not allowed; pass the ref itself")
-        oid = self.ids.next()
-        try:
-            sv = serialize(value)
-        except Exception as exc:
-            raise TypeError(f"put() could not serialize the value: {exc}") from exc
-        self.mark_escaped(sv.contained_refs)
-        self.owned.add(oid)
+        oid, sv = self._serialize_for_put(value)
         size = sv.total_size
         if size <= INLINE_MAX:
             data = sv.to_bytes()

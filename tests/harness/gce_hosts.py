@@ -9,7 +9,7 @@ the instance is terminated or deleted everything on the host is killed and the m
 removed. It also serves the metadata server's ``instance/preempted`` on the test bridge
 (``metadata.google.internal`` resolves there on every host), answering per host.
 
-Fixtures: ``gce_hosts`` (the per-test fake on loopback, played by ``ssh_hosts``) and
+Fixtures: ``gce_host_pool`` (the bridge fake's VMs played by ``ssh_hosts``), ``gce_hosts`` (the per-test fake on loopback, played by ``ssh_hosts``) and
 ``gce_bridge_fake`` (a fake served on the hosts' bridge, for a monitor that runs on a
 namespaced head).
 """
@@ -171,3 +171,18 @@ def gce_bridge_fake(ssh_host_network: SSHHostNetwork) -> Iterator[GCEFake]:
         yield fake
     finally:
         fake.stop()
+
+
+@pytest.fixture
+def gce_host_pool(gce_bridge_fake: GCEFake, ssh_host_network: SSHHostNetwork,
+                  ssh_hosts: list[Host], ssh_address_map: AddressMap) -> Iterator[GCEHostPool]:
+    """The bridge fake's VMs played by the test hosts (whose own addresses are unmapped:
+    only instances are reachable, as on GCE)."""
+    for host in ssh_hosts:
+        ssh_address_map.remove(host.ip)
+    pool = GCEHostPool(gce_bridge_fake, ssh_host_network, ssh_hosts, ssh_address_map)
+    try:
+        yield pool
+    finally:
+        pool.close()
+

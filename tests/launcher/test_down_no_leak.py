@@ -188,21 +188,12 @@ GCP_NAME = "gleak"
 
 
 @pytest.fixture
-def gce_pool(gce_bridge_fake, ssh_host_network, ssh_hosts, ssh_address_map, monkeypatch,
-             tmp_path):
+def gce_pool(gce_host_pool, gce_bridge_fake, monkeypatch, tmp_path):
     """The strict GCE fake on the hosts' bridge, its VMs played by the test hosts; the
     monitor runs on the head (GCP's default) and reaches the same fake."""
-    from tests.harness.gce_hosts import GCEHostPool
-
     monkeypatch.setenv("STRATO_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("STRATO_MONITOR", raising=False)
-    for host in ssh_hosts:
-        ssh_address_map.remove(host.ip)
-    pool = GCEHostPool(gce_bridge_fake, ssh_host_network, ssh_hosts, ssh_address_map)
-    try:
-        yield gce_bridge_fake
-    finally:
-        pool.close()
+    return gce_bridge_fake
 
 
 def _gcp_config(path: Path, endpoint: str) -> Path:

@@ -23,7 +23,6 @@ import yaml
 
 from strato.launcher import commands, reconcile
 from strato.launcher.state import StateDB
-from tests.harness.gce_hosts import GCEHostPool
 from tests.harness.ssh_hosts import strato_processes
 
 pytestmark = pytest.mark.timeout(240)
@@ -82,18 +81,7 @@ def _progress(out: Path) -> int:
         return 0
 
 
-@pytest.fixture
-def pool(gce_bridge_fake, ssh_host_network, ssh_hosts, ssh_address_map):
-    for host in ssh_hosts:
-        ssh_address_map.remove(host.ip)
-    pool = GCEHostPool(gce_bridge_fake, ssh_host_network, ssh_hosts, ssh_address_map)
-    try:
-        yield pool
-    finally:
-        pool.close()
-
-
-def test_gcp_spot_training_survives_preemption(pool, gce_bridge_fake, ssh_hosts,
+def test_gcp_spot_training_survives_preemption(gce_host_pool, gce_bridge_fake, ssh_hosts,
                                                shared_tmp_path, tmp_path, monkeypatch):
     fake = gce_bridge_fake
     monkeypatch.setenv("STRATO_HOME", str(tmp_path / "home"))

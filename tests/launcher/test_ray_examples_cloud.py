@@ -18,7 +18,6 @@ import yaml
 
 from strato.launcher import commands, reconcile
 from strato.launcher.state import StateDB
-from tests.harness.gce_hosts import GCEHostPool
 from tests.harness.moto_server import (
     interrupt_spot_instance,
     map_instances_to_hosts,
@@ -114,18 +113,7 @@ def test_rays_aws_example_spot_workers_on_moto(moto_endpoint, moto_bridge_server
 
 
 # ---------------------------------------------------------------- GCP (the GCE fake)
-@pytest.fixture
-def pool(gce_bridge_fake, ssh_host_network, ssh_hosts, ssh_address_map):
-    for host in ssh_hosts:
-        ssh_address_map.remove(host.ip)
-    pool = GCEHostPool(gce_bridge_fake, ssh_host_network, ssh_hosts, ssh_address_map)
-    try:
-        yield pool
-    finally:
-        pool.close()
-
-
-def test_rays_gcp_example_preemptible_workers_on_the_gce_fake(pool, gce_bridge_fake,
+def test_rays_gcp_example_preemptible_workers_on_the_gce_fake(gce_host_pool, gce_bridge_fake,
                                                               ssh_hosts, shared_tmp_path,
                                                               tmp_path, monkeypatch):
     fake = gce_bridge_fake
