@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from strato.exceptions import ProviderError
+
 # Tag keys every provider writes on the nodes it creates (labels on GCP: lower-case,
 # so keys use only [a-z0-9-_]). ``down`` finds nodes by these, never by local memory.
 TAG_CLUSTER = "strato-cluster"
@@ -197,7 +199,7 @@ class NodeProvider(abc.ABC):
     def local_dir(self, node_id: str) -> Path:
         """The node's own directory here (its runtime temp dir); only for providers whose
         ``nodes_on_this_machine``."""
-        raise NotImplementedError(f"{type(self).__name__}: nodes are not on this machine")
+        raise ProviderError(f"{type(self).__name__}: nodes are not on this machine")
 
     def monitor_state_files(self) -> dict[Path, str]:
         """Local files a monitor running elsewhere needs a copy of: local path -> path
@@ -250,11 +252,11 @@ class NodeProvider(abc.ABC):
 
     def stop_nodes(self, node_ids: Sequence[str]) -> None:
         """Stop these nodes (only where ``can_stop_nodes``); ids already gone are ignored."""
-        raise NotImplementedError(f"{type(self).__name__} cannot stop nodes")
+        raise ProviderError(f"{type(self).__name__} cannot stop nodes")
 
     def start_nodes(self, node_ids: Sequence[str]) -> None:
         """Start stopped nodes again and wait until they run (only where ``can_stop_nodes``)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot start stopped nodes")
+        raise ProviderError(f"{type(self).__name__} cannot start stopped nodes")
 
     @abc.abstractmethod
     def set_tags(self, node_id: str, tags: Mapping[str, str]) -> None:
@@ -290,7 +292,7 @@ class NodeProvider(abc.ABC):
                            accelerator_count: int = 0) -> NodeTypeSpec:
         """``spec`` launching ``instance_type`` (carrying ``accelerator_count`` x
         ``accelerator``), for node types that name GPUs instead of a type."""
-        raise NotImplementedError(f"{type(self).__name__} cannot choose instance types")
+        raise ProviderError(f"{type(self).__name__} cannot choose instance types")
 
     def zones_offering(self, instance_types: Sequence[str]) -> dict[str, list[str]] | None:
         """Instance type -> the zones of this region that offer it; None: unknown."""
