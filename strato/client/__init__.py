@@ -58,7 +58,7 @@ def connect(config_path: str, *, working_dir: str | os.PathLike | None = None,
         if kwargs.get(key) is not None:
             raise TypeError(f"init(cluster=...): {key}= configures a node this process would "
                             "start; a client starts none (set it in the cluster config)")
-    api._check_init_kwargs({k: v for k, v in kwargs.items() if k not in _NODE_ONLY}, None)
+    api.check_init_kwargs({k: v for k, v in kwargs.items() if k not in _NODE_ONLY}, None)
     if autostop is not _UNSET:
         from strato.launcher.config import AutostopConfig
 
@@ -69,7 +69,7 @@ def connect(config_path: str, *, working_dir: str | os.PathLike | None = None,
     path = os.path.abspath(config_path)
     if current() is not None:
         if ignore_reinit_error or _state["cluster"] == path:
-            return api._info()   # e.g. `strato run` attached already
+            return api.session_info()   # e.g. `strato run` attached already
         raise RuntimeError("strato.init() was already called; pass ignore_reinit_error=True "
                            "or call strato.shutdown() first")
     from strato.client import code, endpoint
@@ -92,7 +92,7 @@ def connect(config_path: str, *, working_dir: str | os.PathLike | None = None,
     if working_dir is not None:
         from strato.client import workdir
         core.runtime_env = {"working_dir": workdir.sync(core, os.fspath(working_dir))}
-    return api._info()
+    return api.session_info()
 
 
 def _forget() -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import atexit
 import difflib
-import hashlib
-import inspect
 import json
 import operator
 import os
@@ -13,25 +11,23 @@ import subprocess
 import sys
 from typing import Any
 
-import cloudpickle
-
-from strato.exceptions import RuntimeNotInitializedError
-from strato.runtime import calls, context, placement, scheduler
+from strato.runtime import context
 from strato.runtime import messages as m
 from strato.runtime.control import start_node
-from strato.runtime.core import CoreWorker, ObjectRef, current, set_current
-from strato.runtime.serialization import serialize
+from strato.runtime.core import CoreWorker, ObjectRef, current, require_current, set_current
+from strato.runtime.handles import (  # noqa: F401  (the public API, re-exported)
+    ActorClass,
+    ActorHandle,
+    ActorMethod,
+    RemoteFunction,
+    export_hooks,
+    get_actor,
+    method,
+    remote,
+)
 from strato.runtime.session import DEFAULT_TEMP_DIR, node_files
-from strato.runtime.spec import ACTOR_CALL, ACTOR_CREATE, INLINE_MAX, TASK, ArgRef, TaskSpec
 
-_state: dict[str, Any] = {"node_proc": None, "namespace": "", "temp_dir": None}
-
-TASK_OPTIONS = {"num_cpus", "num_gpus", "memory", "resources", "accelerator_type", "max_retries",
-                "retry_exceptions", "num_returns", "name", "runtime_env", "scheduling_strategy",
-                "retention_s"}
-ACTOR_OPTIONS = {"num_cpus", "num_gpus", "memory", "resources", "accelerator_type",
-                 "max_restarts", "max_task_retries", "name", "namespace", "lifetime",
-                 "max_concurrency", "runtime_env", "scheduling_strategy", "get_if_exists"}
+_state: dict[str, Any] = {"node_proc": None, "temp_dir": None}
 
 
 # ---------------------------------------------------------------------- init
@@ -51,7 +47,7 @@ _INIT_PARAMS = ("address", "num_cpus", "num_gpus", "resources", "namespace",
 _noted_ray_only: set[str] = set()
 
 
-def _check_init_kwargs(extra: dict[str, Any], temp_dir: str | None) -> str | None:
+def check_init_kwargs(extra: dict[str, Any], temp_dir: str | None) -> str | None:
     """Refuse unknown ``init`` keywords (with a suggestion), note Ray-only ones once;
     returns ``temp_dir`` (Ray spells it ``_temp_dir``)."""
     if "_temp_dir" in extra:
@@ -92,10 +88,10 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
     Keywords only Ray has (``RAY_ONLY_INIT_KWARGS``) are accepted and ignored, with one
     note; any other unknown keyword is a ``TypeError``.
     """
-    temp_dir = _check_init_kwargs(ray_only, temp_dir)
+    temp_dir = check_init_kwargs(ray_only, temp_dir)
     if current() is not None:
         if ignore_reinit_error:
-            return _info()
+            return session_info()
         raise RuntimeError("strato.init() was already called; pass ignore_reinit_error=True "
                            "or call strato.shutdown() first")
     for name, value in (resources or {}).items():
@@ -129,7 +125,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
                                object_store_memory=object_store_memory)
     attach(CoreWorker(info["socket"], "driver"), info["head_address"], namespace=namespace,
            log_to_driver=log_to_driver)
-    return _info()
+    return session_info()
 
 
 def attach(core: CoreWorker, address: str, *, namespace: str | None = None,
@@ -141,15 +137,15 @@ def attach(core: CoreWorker, address: str, *, namespace: str | None = None,
     core.warn_handler = _warn
     set_current(core)
     context.set_worker(core)
-    _state["namespace"] = namespace or ""
+    context.set_namespace(namespace or "")
     _state["head_address"] = address
     atexit.register(shutdown)
 
 
-def _info() -> dict:
+def session_info() -> dict:
     core = current()
     return {"address": _state.get("head_address"), "node_id": core.node_id.hex(),
-            "namespace": _state["namespace"]}
+            "namespace": context.namespace()}
 
 
 def _start_node(temp_dir: str, *, head: bool, address: str | None = None,
@@ -169,9 +165,6 @@ def _start_node(temp_dir: str, *, head: bool, address: str | None = None,
 
 #: called by ``shutdown`` after the connection closed (the serverless client's tunnel)
 shutdown_hooks: list = []
-#: called with the remote function or class before it is pickled the first time (the
-#: serverless client registers local modules to travel by value)
-export_hooks: list = []
 
 
 def shutdown() -> None:
@@ -203,430 +196,9 @@ def is_initialized() -> bool:
     return current() is not None
 
 
-def _core() -> CoreWorker:
-    core = current()
-    if core is None:
-        raise RuntimeNotInitializedError("strato is not initialized: call strato.init() first")
-    return core
-
-
-# ---------------------------------------------------------------------- options
-def _check_options(options: dict, allowed: set, where: str) -> None:
-    for key, value in options.items():
-        if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"{where}: unknown option {key!r}{hint}")
-        if key in ("num_cpus", "num_gpus", "memory") and value is not None:
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{where}: option {key}={value!r} must be a number >= 0")
-        if key == "resources" and value is not None:
-            if not isinstance(value, dict):
-                raise ValueError(f"{where}: option resources must be a dict, got {type(value).__name__}")
-            for name, amount in value.items():
-                if name in ("CPU", "GPU"):
-                    raise ValueError(f"{where}: use num_cpus/num_gpus instead of resources[{name!r}]")
-                if not isinstance(amount, (int, float)) or amount < 0:
-                    raise ValueError(f"{where}: resources[{name!r}]={amount!r} must be a number >= 0")
-        if key == "num_returns" and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{where}: num_returns must be an int >= 1, got {value!r}")
-        if key in ("max_retries", "max_restarts", "max_task_retries") and \
-                (not isinstance(value, int) or value < -1):
-            raise ValueError(f"{where}: {key} must be an int >= -1, got {value!r}")
-        if key == "retention_s" and (not isinstance(value, (int, float)) or value <= 0):
-            raise ValueError(f"{where}: retention_s must be a number of seconds > 0, got "
-                             f"{value!r}")
-        if key == "max_concurrency" and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{where}: max_concurrency must be an int >= 1, got {value!r}")
-        if key == "lifetime" and value not in (None, "detached", "non_detached"):
-            raise ValueError(f"{where}: lifetime must be 'detached' or None, got {value!r}")
-
-
-def _resources(options: dict, default_cpu: float) -> dict:
-    res = {}
-    cpu = options.get("num_cpus")
-    cpu = default_cpu if cpu is None else cpu
-    if cpu:
-        res["CPU"] = float(cpu)
-    if options.get("num_gpus"):
-        res["GPU"] = float(options["num_gpus"])
-    if options.get("memory"):
-        res["memory"] = float(options["memory"])
-    for k, v in (options.get("resources") or {}).items():
-        if v:
-            res[k] = float(v)
-    if options.get("accelerator_type"):
-        res[f"accelerator_type:{options['accelerator_type']}"] = 0.001
-    return res
-
-
-def _placed(resources: dict, options: dict, where: str) -> dict:
-    """The shape to ask for under ``scheduling_strategy``: inside a placement group's
-    bundle (``PlacementGroupSchedulingStrategy``) it is renamed to that bundle's
-    resources (``placement.group_shape``); other strategies change nothing."""
-    strategy = options.get("scheduling_strategy")
-    pg = getattr(strategy, "placement_group", None)
-    if pg is None:
-        return resources
-    index = strategy.placement_group_bundle_index
-    bundles = pg.bundle_specs
-    if not isinstance(index, int) or not -1 <= index < len(bundles):
-        raise ValueError(f"{where}: placement_group_bundle_index={index!r} is out of range "
-                         f"for a group of {len(bundles)} bundle(s)")
-    candidates = bundles if index == -1 else [bundles[index]]
-    if not any(scheduler.fits(resources, b) for b in candidates):
-        which = "any bundle" if index == -1 else f"bundle {index} ({bundles[index]})"
-        raise ValueError(f"{where}: needs {resources}, more than {which} of placement "
-                         f"group {pg.id.hex()[:8]} reserves")
-    return placement.group_shape(resources, pg.id.hex(), index)
-
-
-def _export(holder, target) -> bytes:
-    """Pickle ``target`` once per remote function/class (cached on ``holder``, never by
-    id(), which Python reuses), and send it to this driver's agent once per connection."""
-    cached = holder.__dict__.get("_exported")
-    if cached is None:
-        for hook in export_hooks:
-            hook(target)
-        blob = cloudpickle.dumps(target, protocol=5)
-        cached = (hashlib.sha1(blob).digest(), blob)
-        holder._exported = cached
-    _core().export_function(cached[0], cached[1])
-    return cached[0]
-
-
-def _prepare_args(core: CoreWorker, args: tuple, kwargs: dict):
-    """Top-level refs become dependencies; large values are put in the store first."""
-    deps = []
-    keep = []
-    if args or kwargs:
-        recyclable = core.recyclable
-        new_args = []
-        for a in args:
-            if type(a) is ObjectRef:
-                recyclable.pop(a.id, None)
-                new_args.append(ArgRef(len(deps)))
-                deps.append((a.id, a.owner_node))
-                keep.append(a)
-            else:
-                new_args.append(a)
-        new_kwargs = {}
-        for k, v in kwargs.items():
-            if type(v) is ObjectRef:
-                recyclable.pop(v.id, None)
-                new_kwargs[k] = ArgRef(len(deps))
-                deps.append((v.id, v.owner_node))
-                keep.append(v)
-            else:
-                new_kwargs[k] = v
-        try:
-            sv = serialize((new_args, new_kwargs))
-        except Exception as exc:
-            raise TypeError(f"could not serialize the arguments: {exc}") from exc
-        if sv.total_size > INLINE_MAX:
-            # put big arguments in the store, pass refs instead
-            big_args = []
-            for a in new_args:
-                if not isinstance(a, ArgRef) and _size_guess(a) > INLINE_MAX // 4:
-                    ref = core.put(a)
-                    recyclable.pop(ref.id, None)
-                    big_args.append(ArgRef(len(deps)))
-                    deps.append((ref.id, ref.owner_node))
-                    keep.append(ref)
-                else:
-                    big_args.append(a)
-            for k, v in list(new_kwargs.items()):
-                if not isinstance(v, ArgRef) and _size_guess(v) > INLINE_MAX // 4:
-                    ref = core.put(v)
-                    recyclable.pop(ref.id, None)
-                    new_kwargs[k] = ArgRef(len(deps))
-                    deps.append((ref.id, ref.owner_node))
-                    keep.append(ref)
-            sv = serialize((big_args, new_kwargs))
-        core.mark_escaped(sv.contained_refs)
-        return sv.to_bytes(), deps, keep
-    return _EMPTY_ARGS, deps, keep
-
-
-_EMPTY_ARGS = serialize(((), {})).to_bytes()
-
-
-def _size_guess(value) -> int:
-    nbytes = getattr(value, "nbytes", None)
-    if isinstance(nbytes, int):
-        return nbytes
-    if isinstance(value, (bytes, bytearray, str)):
-        return len(value)
-    try:
-        return serialize(value).total_size
-    except Exception:
-        return 0
-
-
-# ---------------------------------------------------------------------- functions
-class RemoteFunction:
-    """What ``@strato.remote`` makes of a function: call it with ``.remote()``."""
-
-    def __init__(self, fn, options: dict):
-        _check_options(options, TASK_OPTIONS, f"@remote on {fn.__qualname__}")
-        self._fn = fn
-        self._options = options
-        self._name = fn.__qualname__
-        self._resources = _placed(_resources(options, default_cpu=1.0), options,
-                                  f"@remote on {fn.__qualname__}")
-        self._num_returns = options.get("num_returns", 1)
-        self._max_retries = options.get("max_retries", 3)
-        self._retry_exceptions = options.get("retry_exceptions", False)
-        self.__doc__ = fn.__doc__
-        self.__name__ = getattr(fn, "__name__", self._name)
-
-    def __call__(self, *args, **kwargs):
-        raise TypeError(f"remote function {self._name} cannot be called directly; "
-                        f"use {self.__name__}.remote(...)")
-
-    def options(self, **options) -> RemoteFunction:
-        merged = dict(self._options)
-        merged.update(options)
-        clone = RemoteFunction(self._fn, merged)
-        clone._export_key = self
-        return clone
-
-    def remote(self, *args, **kwargs):
-        core = _core()
-        origin = getattr(self, "_export_key", self)
-        fid = _export(origin, origin._fn)
-        blob, deps, keep = _prepare_args(core, args, kwargs)
-        task_id = core.ids.next()
-        return_ids = core.new_return_ids(self._num_returns, task_id)
-        spec = TaskSpec(task_id, TASK, core.job_id, core.node_id, core.client_id, fid,
-                        self._name, blob, deps, return_ids, self._resources, self._max_retries,
-                        self._retry_exceptions)
-        if core.runtime_env is not None:
-            spec.runtime_env = core.runtime_env
-        if keep:
-            core.pinned[task_id] = keep
-            for oid in return_ids:
-                core.task_of[oid] = task_id
-        core.send((m.SUBMIT, [spec]))
-        node = core.node_id
-        if self._num_returns == 1:
-            return ObjectRef(return_ids[0], node)
-        return [ObjectRef(oid, node) for oid in return_ids]
-
-    def map(self, *iterables, order_outputs: bool = True, return_exceptions: bool = False,
-            max_in_flight: int | None = None, progress: bool | None = None):
-        """One call per item (several iterables: zipped, like ``map``), at most
-        ``max_in_flight`` at once; yields the results as they are ready, in input order
-        unless ``order_outputs=False``; a progress bar when stdout is a terminal."""
-        return calls.map_method(self.remote, self._name, iterables, order_outputs=order_outputs,
-                                return_exceptions=return_exceptions,
-                                max_in_flight=max_in_flight, progress=progress)
-
-    def starmap(self, iterable, **options):
-        """``.map`` where each item is a tuple of arguments."""
-        return calls.starmap_method(self.remote, self._name, iterable, **options)
-
-    def spawn(self, *args, **kwargs) -> calls.FunctionCall:
-        """A durable call: runs and keeps its result on the head (24 h, or the option
-        ``retention_s``) even if this process disconnects or exits."""
-        if self._num_returns != 1:
-            raise ValueError(f"{self._name}.spawn(): durable calls return one value "
-                             f"(num_returns={self._num_returns})")
-        core = _core()
-        origin = getattr(self, "_export_key", self)
-        fid = _export(origin, origin._fn)
-        blob, deps, keep = _prepare_args(core, args, kwargs)
-        core.mark_escaped(keep)   # the head takes its arguments over; never freed from here
-        task_id = core.ids.next()
-        spec = TaskSpec(task_id, TASK, core.job_id, core.node_id, core.client_id, fid,
-                        self._name, blob, deps, [task_id], self._resources, self._max_retries,
-                        self._retry_exceptions, runtime_env=core.runtime_env)
-        core.send((m.SPAWN, spec, self._options.get("retention_s")))
-        # the head has it once it answers for it (same stream): exiting now loses nothing
-        core.rpc("durable_call", task_id)
-        return calls.FunctionCall(task_id, core.node_id, self._name)
-
-
-# ---------------------------------------------------------------------- actors
-def method(*, num_returns: int = 1, concurrency_group: str | None = None):
-    """Decorate an actor method with options (like ``ray.method``)."""
-    def deco(fn):
-        fn.__strato_num_returns__ = num_returns
-        return fn
-    return deco
-
-
-class ActorClass:
-    """What ``@strato.remote`` makes of a class: create actors with ``.remote()``."""
-
-    def __init__(self, cls, options: dict):
-        _check_options(options, ACTOR_OPTIONS, f"@remote on class {cls.__qualname__}")
-        self._cls = cls
-        self._options = options
-        self._name = cls.__qualname__
-        self.__name__ = cls.__name__
-        self.__doc__ = cls.__doc__
-
-    def __call__(self, *args, **kwargs):
-        raise TypeError(f"actor class {self._name} cannot be instantiated directly; "
-                        f"use {self.__name__}.remote(...)")
-
-    def options(self, **options) -> ActorClass:
-        merged = dict(self._options)
-        merged.update(options)
-        clone = ActorClass(self._cls, merged)
-        clone._export_key = self
-        return clone
-
-    def _meta(self) -> dict:
-        methods = {}
-        is_async = False
-        for name, member in inspect.getmembers(self._cls, callable):
-            if name.startswith("__") and name != "__call__":
-                continue
-            methods[name] = getattr(member, "__strato_num_returns__", 1)
-            if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
-                is_async = True
-        return {"methods": methods, "is_async": is_async, "class_name": self._name}
-
-    def remote(self, *args, **kwargs) -> ActorHandle:
-        core = _core()
-        opts = self._options
-        name = opts.get("name")
-        namespace = opts.get("namespace", _state["namespace"])
-        if name and opts.get("get_if_exists"):
-            try:
-                return get_actor(name, namespace)
-            except ValueError:
-                pass
-        if name:
-            try:
-                get_actor(name, namespace)
-            except ValueError:
-                pass
-            else:
-                raise ValueError(f"an actor named {name!r} already exists in namespace "
-                                 f"{namespace!r}")
-        origin = getattr(self, "_export_key", self)
-        fid = _export(origin, origin._cls)
-        meta = self._meta()
-        blob, deps, keep = _prepare_args(core, args, kwargs)
-        actor_id = core.ids.next()
-        actor_options = {
-            "max_restarts": opts.get("max_restarts", 0),
-            "max_task_retries": opts.get("max_task_retries", 0),
-            "max_concurrency": opts.get("max_concurrency"),
-            "is_async": meta["is_async"], "name": name, "namespace": namespace,
-            "lifetime": opts.get("lifetime"),
-        }
-        resources = _placed(_resources(opts, default_cpu=0.0), opts,
-                            f"actor class {self._name}")
-        spec = TaskSpec(actor_id, ACTOR_CREATE, core.job_id, core.node_id, core.client_id, fid,
-                        self._name, blob, deps, [], resources, 0, False, actor_id=actor_id,
-                        actor_options=actor_options, runtime_env=core.runtime_env)
-        if keep:
-            core.pinned[actor_id] = keep
-        # the head keeps the creation spec to restart the actor; its args must be inline
-        if deps:
-            spec.dep_values = None
-        core.send((m.ACTOR_CREATE, spec, meta))
-        return ActorHandle(actor_id, meta, actor_options, core.node_id)
-
-
-class ActorMethod:
-    __slots__ = ("_handle", "_name", "_num_returns")
-
-    def __init__(self, handle: ActorHandle, name: str, num_returns: int):
-        self._handle = handle
-        self._name = name
-        self._num_returns = num_returns
-
-    def __call__(self, *args, **kwargs):
-        raise TypeError(f"actor method {self._name} cannot be called directly; "
-                        f"use .{self._name}.remote(...)")
-
-    def options(self, num_returns: int | None = None, **_):
-        return ActorMethod(self._handle, self._name, num_returns or self._num_returns)
-
-    def remote(self, *args, **kwargs):
-        return self._handle._call(self._name, args, kwargs, self._num_returns)
-
-    def map(self, *iterables, **options):
-        """``RemoteFunction.map`` for this method (calls keep the caller's order)."""
-        return calls.map_method(self.remote, self._name, iterables, **options)
-
-    def starmap(self, iterable, **options):
-        return calls.starmap_method(self.remote, self._name, iterable, **options)
-
-
-class ActorHandle:
-    """A reference to an actor; pass it to tasks, call its methods with ``.remote()``."""
-
-    def __init__(self, actor_id: bytes, meta: dict, options: dict, owner_node: bytes):
-        self._actor_id = actor_id
-        self._meta = meta
-        self._options = options
-        self._owner_node = owner_node
-        self._seq = 0
-
-    def __getattr__(self, name: str):
-        if name.startswith("_"):
-            raise AttributeError(name)
-        methods = self._meta["methods"]
-        if name not in methods:
-            raise AttributeError(f"actor {self._meta['class_name']} has no method {name!r}")
-        return ActorMethod(self, name, methods[name])
-
-    def __reduce__(self):
-        return (ActorHandle, (self._actor_id, self._meta, self._options, self._owner_node))
-
-    def __repr__(self) -> str:
-        return f"Actor({self._meta['class_name']}, {self._actor_id.hex()})"
-
-    def _call(self, method_name: str, args, kwargs, num_returns: int):
-        core = _core()
-        blob, deps, keep = _prepare_args(core, args, kwargs)
-        task_id = core.ids.next()
-        return_ids = core.new_return_ids(num_returns, task_id)
-        self._seq += 1
-        spec = TaskSpec(task_id, ACTOR_CALL, core.job_id, core.node_id, core.client_id, b"",
-                        f"{self._meta['class_name']}.{method_name}", blob, deps, return_ids, {},
-                        0, False, actor_id=self._actor_id, method=method_name,
-                        actor_options=self._options, seq=self._seq)
-        if keep:
-            core.pinned[task_id] = keep
-            for oid in return_ids:
-                core.task_of[oid] = task_id
-        core.send((m.ACTOR_CALLS, [spec]))
-        node = core.node_id
-        if num_returns == 1:
-            return ObjectRef(return_ids[0], node)
-        return [ObjectRef(oid, node) for oid in return_ids]
-
-
-def remote(*args, **options):
-    """``@remote`` / ``@remote(num_cpus=1, ...)`` on a function or class."""
-    if len(args) == 1 and not options and callable(args[0]):
-        return _make_remote(args[0], {})
-    if args:
-        raise TypeError("@remote takes keyword options only, e.g. @remote(num_cpus=1)")
-
-    def deco(target):
-        return _make_remote(target, options)
-    return deco
-
-
-def _make_remote(target, options: dict):
-    if inspect.isclass(target):
-        return ActorClass(target, options)
-    if callable(target):
-        return RemoteFunction(target, options)
-    raise TypeError(f"@remote applies to functions and classes, not {type(target).__name__}")
-
-
 # ---------------------------------------------------------------------- objects
 def get(refs, *, timeout: float | None = None):
-    core = _core()
+    core = require_current()
     try:
         if isinstance(refs, ObjectRef):
             return core.get([refs], timeout)[0]
@@ -648,7 +220,7 @@ def _interrupted(core: CoreWorker) -> None:
 
 
 def put(value) -> ObjectRef:
-    return _core().put(value)
+    return require_current().put(value)
 
 
 def wait(refs: list, *, num_returns: int = 1, timeout: float | None = None,
@@ -664,7 +236,7 @@ def wait(refs: list, *, num_returns: int = 1, timeout: float | None = None,
     if num_returns < 1 or num_returns > len(refs):
         raise ValueError(f"wait(num_returns={num_returns}) must be between 1 and len(refs)="
                          f"{len(refs)}")
-    core = _core()
+    core = require_current()
     try:
         return core.wait(refs if type(refs) is list else list(refs), num_returns, timeout,
                          fetch_local, ids)
@@ -677,7 +249,7 @@ _ref_id = operator.attrgetter("id")
 
 
 def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
-    core = _core()
+    core = require_current()
     # a task's first return id is its task id
     core.send((m.CANCEL, ref.id, force))
 
@@ -685,15 +257,7 @@ def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> No
 def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
     if not isinstance(actor, ActorHandle):
         raise TypeError(f"kill() takes an actor handle, got {type(actor).__name__}")
-    _core().send((m.KILL_ACTOR, actor._actor_id, no_restart))
-
-
-def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
-    core = _core()
-    ns = _state["namespace"] if namespace is None else namespace
-    actor_id, meta, owner = core.rpc("get_actor", name, ns)
-    opts = {"name": name, "namespace": ns}
-    return ActorHandle(actor_id, meta, opts, owner)
+    require_current().send((m.KILL_ACTOR, actor._actor_id, no_restart))
 
 
 #: Ray's ``ray.nodes()`` keys for the head's node schema (``HeadClient.nodes()``)
@@ -709,19 +273,19 @@ RAY_NODE_KEYS = {
 def nodes() -> list[dict]:
     """Every node of the cluster, in Ray's format (``NodeID``, ``Alive``, ``Resources``...)."""
     return [{RAY_NODE_KEYS.get(k, k): v for k, v in node.items()}
-            for node in _core().rpc("nodes")]
+            for node in require_current().rpc("nodes")]
 
 
 def cluster_resources() -> dict:
-    return _core().rpc("cluster_resources")
+    return require_current().rpc("cluster_resources")
 
 
 def available_resources() -> dict:
-    return _core().rpc("available_resources")
+    return require_current().rpc("available_resources")
 
 
 def get_runtime_context():
-    return context.runtime_context(_core(), _state["namespace"])
+    return context.runtime_context(require_current(), context.namespace())
 
 
 def get_gpu_ids() -> list:

@@ -6,7 +6,16 @@ import contextvars
 from dataclasses import dataclass
 
 _task: contextvars.ContextVar = contextvars.ContextVar("strato_task", default=None)
-_state = {"core": None, "actor_id": None}
+_state = {"core": None, "actor_id": None, "namespace": ""}
+
+
+def set_namespace(namespace: str) -> None:
+    """The driver's namespace (``init(namespace=...)``): named actors are found in it."""
+    _state["namespace"] = namespace
+
+
+def namespace() -> str:
+    return _state["namespace"]
 
 
 def set_worker(core) -> None:

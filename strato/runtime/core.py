@@ -11,7 +11,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from strato.exceptions import GetTimeoutError, HeadUnreachableError, StratoError, TaskError
+from strato.exceptions import (
+    GetTimeoutError,
+    HeadUnreachableError,
+    RuntimeNotInitializedError,
+    StratoError,
+    TaskError,
+)
 from strato.runtime import messages as m
 from strato.runtime import serialization
 from strato.runtime.ids import IdFactory
@@ -26,6 +32,13 @@ _TO_EXECUTOR = frozenset((m.EXEC, m.ACTOR_INIT, m.CANCEL_EXEC, m.CHECKPOINT))  #
 
 
 def current() -> CoreWorker | None:
+    return _current
+
+
+def require_current() -> CoreWorker:
+    """This process's connection, or a clear error when ``init`` was not called."""
+    if _current is None:
+        raise RuntimeNotInitializedError("strato is not initialized: call strato.init() first")
     return _current
 
 

@@ -12,8 +12,9 @@ anew and its actors restart (``max_restarts``).
 from __future__ import annotations
 
 from strato.runtime import placement
-from strato.runtime.api import _core, _make_remote, wait
-from strato.runtime.core import ObjectRef
+from strato.runtime.api import wait
+from strato.runtime.core import ObjectRef, require_current
+from strato.runtime.handles import make_remote
 from strato.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 
@@ -61,7 +62,7 @@ def _reservation_check():
     if not _CHECK:
         def bundle_reservation_check(pg):
             return pg
-        _CHECK.append(_make_remote(bundle_reservation_check, {"num_cpus": 0, "max_retries": 0}))
+        _CHECK.append(make_remote(bundle_reservation_check, {"num_cpus": 0, "max_retries": 0}))
     return _CHECK[0]
 
 
@@ -94,7 +95,7 @@ def placement_group(bundles: list[dict], strategy: str = placement.PACK, name: s
     if lifetime not in (None, "detached"):
         raise ValueError(f"placement_group(lifetime={lifetime!r}): 'detached' or None")
     shapes = _check_bundles(bundles)
-    core = _core()
+    core = require_current()
     pg_id = core.ids.next()
     core.rpc("create_placement_group", pg_id, shapes, strategy, name or "", core.job_id,
              lifetime == "detached")
@@ -103,17 +104,17 @@ def placement_group(bundles: list[dict], strategy: str = placement.PACK, name: s
 
 def remove_placement_group(placement_group: PlacementGroup) -> None:
     """Give the group's bundles back; its actors are killed (no restart)."""
-    _core().rpc("remove_placement_group", placement_group.id)
+    require_current().rpc("remove_placement_group", placement_group.id)
 
 
 def get_placement_group(name: str) -> PlacementGroup:
-    pg_id, bundles, strategy = _core().rpc("get_placement_group", name)
+    pg_id, bundles, strategy = require_current().rpc("get_placement_group", name)
     return PlacementGroup(pg_id, bundles, strategy)
 
 
 def placement_group_table(placement_group: PlacementGroup | None = None) -> dict:
     """The head's record of one group (or all, by hex id): state, bundles, nodes."""
-    return _core().rpc("placement_group_table",
+    return require_current().rpc("placement_group_table",
                        None if placement_group is None else placement_group.id)
 
 
