@@ -10,16 +10,16 @@ import asyncio
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 from strato.exceptions import ActorDiedError
-from strato.localfiles import atomic_write
 from strato.runtime import messages as m
 from strato.runtime import placement, scheduler
 from strato.runtime.bounded import BoundedSet
+from strato.runtime.head_checkpoints import Checkpoints
+from strato.runtime.head_groups import GroupRecord, PlacementGroups
+from strato.runtime.head_records import ActorRecord, NodeRecord
 from strato.runtime.messages import ActorState
 from strato.runtime.serialization import serialize
-from strato.runtime.spec import TaskSpec
 
 log = logging.getLogger("strato.head")
 
@@ -29,74 +29,7 @@ DEAD_ACTORS_KEPT = 200
 FINISHED_JOBS_KEPT = 1000
 
 
-@dataclass
-class NodeRecord:
-    node_id: bytes
-    address: str
-    total: dict
-    available: dict
-    labels: dict
-    link: object
-    last_heartbeat: float = field(default_factory=time.time)
-    started: float = field(default_factory=time.time)
-    idle_since: float | None = None
-    demand: list = field(default_factory=list)
-    alive: bool = True
-    draining: bool = False
-    drain_reason: str = ""
-    store_used: int = 0
-    num_actors: int = 0
-    dead_reason: str = ""
-
-    def describe(self, now: float) -> dict:
-        """This node in the one schema every head RPC answers with (``HeadClient``)."""
-        return {
-            "node_id": self.node_id.hex(), "alive": self.alive, "draining": self.draining,
-            "drain_reason": self.drain_reason, "address": self.address,
-            "node_ip": self.address.rsplit(":", 1)[0], "resources": dict(self.total),
-            "available": dict(self.available), "labels": dict(self.labels),
-            "idle_seconds": (now - self.idle_since) if (self.alive and self.idle_since)
-            else 0.0,
-            "num_actors": self.num_actors, "object_store_used": self.store_used,
-        }
-
-
-@dataclass
-class ActorRecord:
-    spec: TaskSpec
-    meta: dict
-    blob: bytes | None
-    state: ActorState = ActorState.PENDING
-    node: bytes | None = None
-    restarts_left: int = 0
-    error: bytes | None = None
-    name: str | None = None
-    namespace: str = ""
-    detached: bool = False
-
-
-@dataclass
-class GroupRecord:
-    """A placement group: its bundles, where each is reserved (all or none), its state."""
-
-    pg_id: bytes
-    bundles: list
-    strategy: str
-    name: str = ""
-    job_id: bytes | None = None
-    detached: bool = False
-    state: str = "PENDING"        # PENDING | CREATED | REMOVED
-    nodes: list = field(default_factory=list)   # node_id per bundle once CREATED
-    created: float = field(default_factory=time.time)
-
-    def describe(self) -> dict:
-        return {"placement_group_id": self.pg_id.hex(), "name": self.name,
-                "strategy": self.strategy, "state": self.state,
-                "bundles": {i: dict(b) for i, b in enumerate(self.bundles)},
-                "bundles_to_node_id": {i: n.hex() for i, n in enumerate(self.nodes)}}
-
-
-class HeadService:
+class HeadService(PlacementGroups, Checkpoints):
     def __init__(self, *, heartbeat_timeout: float = 5.0, view_interval: float = 0.2,
                  storage_dir: str | None = None, store=None, resume_grace: float = 10.0):
         self.storage_dir = storage_dir
@@ -216,8 +149,8 @@ class HeadService:
             elif rec.alive and now - rec.last_heartbeat > self.heartbeat_timeout:
                 self.mark_dead(rec.node_id, "missed heartbeats")
         self._expire_unclaimed()
-        self._place_pending_groups()
-        self._place_pending_actors()
+        self.place_pending_groups()
+        self.place_pending_actors()
         self.broadcast_view()
         if self._active(self.activity_counts()):
             self.last_active = now
@@ -260,8 +193,8 @@ class HeadService:
         link.send(self.view_message(full=True))
         for actor_id, rec in self.actors.items():
             link.send((m.ACTOR_UPDATE, actor_id, rec.state, rec.node, rec.error))
-        self._place_pending_groups()
-        self._place_pending_actors()
+        self.place_pending_groups()
+        self.place_pending_actors()
         self.broadcast_view()
 
     def _m_heartbeat(self, link, msg) -> None:
@@ -336,9 +269,9 @@ class HeadService:
         self.actors[spec.actor_id] = rec
         self.pending_actors.append(spec.actor_id)
         self._persist_actor(spec.actor_id)
-        self._place_pending_actors()
+        self.place_pending_actors()
 
-    def _place_pending_actors(self) -> None:
+    def place_pending_actors(self) -> None:
         if not self.pending_actors:
             return
         still = []
@@ -386,7 +319,7 @@ class HeadService:
             rec.spec.attempt += 1
             self.pending_actors.append(actor_id)
             self._broadcast_actor(actor_id)
-            self._place_pending_actors()
+            self.place_pending_actors()
             return
         rec.state = ActorState.DEAD
         rec.error = err
@@ -467,113 +400,10 @@ class HeadService:
                 self._actor_died(actor_id, arec, err)
         for group in self.groups.values():
             if group.state == "CREATED" and node_id in group.nodes:
-                self._reschedule_group(group, f"node {node_id.hex()[:8]} died ({reason})")
+                self.reschedule_group(group, f"node {node_id.hex()[:8]} died ({reason})")
         self.broadcast_view()
 
     # ------------------------------------------------------------------ placement groups
-    def _place_pending_groups(self) -> None:
-        """Reserve each pending group's bundles, all of them at once or none (oldest
-        group first)."""
-        pending = [g for g in self.groups.values() if g.state == "PENDING"]
-        if not pending:
-            return
-        views = self.views()
-        for group in sorted(pending, key=lambda g: g.created):
-            nodes = placement.place_bundles(group.bundles, group.strategy, views)
-            if nodes is None:
-                continue
-            group.nodes = nodes
-            group.state = "CREATED"
-            pg_hex = group.pg_id.hex()
-            per_node: dict[bytes, list] = {}
-            for index, (node, shape) in enumerate(zip(nodes, group.bundles)):
-                per_node.setdefault(node, []).append((index, shape))
-                rec = self.nodes[node]
-                # the head's copy now, the agent's from its next heartbeat
-                scheduler.acquire(rec.available, shape)
-                for name, amount in placement.bundle_resources(pg_hex, index, shape).items():
-                    rec.total[name] = rec.total.get(name, 0.0) + amount
-                    rec.available[name] = rec.available.get(name, 0.0) + amount
-            for node, bundles in per_node.items():
-                self.nodes[node].link.send((m.RESERVE_BUNDLES, group.pg_id, bundles))
-            self.record_event("placement-group", None, f"{pg_hex[:8]} ({group.strategy}, "
-                              f"{len(nodes)} bundles) reserved on "
-                              f"{len(per_node)} node(s)")
-            views = self.views()
-        self.broadcast_view()
-
-    def _release_group(self, group: GroupRecord) -> None:
-        """Give a created group's bundles back on the nodes still alive."""
-        tail = "_" + group.pg_id.hex()
-        for node in set(group.nodes):
-            rec = self.nodes.get(node)
-            if rec is None or not rec.alive:
-                continue
-            for index, n in enumerate(group.nodes):
-                if n == node:
-                    scheduler.release(rec.available, group.bundles[index])
-            for name in [k for k in rec.total if placement.is_group_resource(k)
-                         and k.endswith(tail)]:
-                del rec.total[name]
-                rec.available.pop(name, None)
-            rec.link.send((m.RELEASE_BUNDLES, group.pg_id))
-        group.nodes = []
-
-    def _group_actors(self, group: GroupRecord) -> list[bytes]:
-        tail = "_" + group.pg_id.hex()
-        return [a for a, r in self.actors.items() if r.state != ActorState.DEAD
-                and any(k.endswith(tail) and placement.is_group_resource(k)
-                        for k in r.spec.resources)]
-
-    def _reschedule_group(self, group: GroupRecord, reason: str) -> None:
-        """One of the group's nodes is gone: the whole group goes back to pending (its
-        bundles elsewhere are given back) and its actors restart per max_restarts."""
-        self.record_event("placement-group", None,
-                          f"{group.pg_id.hex()[:8]} rescheduled as a whole: {reason}")
-        self._release_group(group)
-        group.state = "PENDING"
-        for actor_id in self._group_actors(group):
-            rec = self.actors[actor_id]
-            if rec.state == ActorState.ALIVE and rec.node is not None:
-                self.kill_actor(actor_id, no_restart=False,
-                                reason=f"its placement group was rescheduled ({reason})")
-
-    def rpc_create_placement_group(self, pg_id: bytes, bundles: list, strategy: str,
-                                   name: str = "", job_id: bytes | None = None,
-                                   detached: bool = False) -> None:
-        if strategy not in placement.STRATEGIES:
-            raise ValueError(f"unknown placement strategy {strategy!r}; one of "
-                             f"{', '.join(placement.STRATEGIES)}")
-        self.groups[pg_id] = GroupRecord(pg_id, [dict(b) for b in bundles], strategy, name,
-                                         job_id, detached)
-        self._place_pending_groups()
-        self._place_pending_actors()
-
-    def rpc_remove_placement_group(self, pg_id: bytes) -> bool:
-        """Give the bundles back and kill the group's actors (no restart)."""
-        group = self.groups.get(pg_id)
-        if group is None or group.state == "REMOVED":
-            return False
-        if group.state == "CREATED":
-            self._release_group(group)
-        group.state = "REMOVED"
-        for actor_id in self._group_actors(group):
-            self.kill_actor(actor_id, no_restart=True, reason="its placement group was removed")
-        self.broadcast_view()
-        return True
-
-    def rpc_placement_group_table(self, pg_id: bytes | None = None):
-        if pg_id is not None:
-            group = self.groups.get(pg_id)
-            return None if group is None else group.describe()
-        return {g.pg_id.hex(): g.describe() for g in self.groups.values()}
-
-    def rpc_get_placement_group(self, name: str):
-        for group in self.groups.values():
-            if group.name == name and group.state != "REMOVED":
-                return group.pg_id, group.bundles, group.strategy
-        raise ValueError(f"no placement group named {name!r}")
-
     # ------------------------------------------------------------------ rpc
     def _m_rpc(self, link, msg) -> None:
         _, rid, method, args = msg
@@ -712,33 +542,6 @@ class HeadService:
     def rpc_events(self) -> list[dict]:
         return list(self.events)
 
-    def _checkpoint_path(self, key: str) -> str:
-        import hashlib
-        import os
-        if not self.storage_dir:
-            raise RuntimeError("this head has no checkpoint storage directory")
-        os.makedirs(self.storage_dir, exist_ok=True)
-        return os.path.join(self.storage_dir, hashlib.sha256(key.encode()).hexdigest())
-
-    def rpc_checkpoint_save(self, key: str, data: bytes) -> int:
-        """Write atomically to the head's disk, so a replacement worker can resume."""
-        atomic_write(self._checkpoint_path(key), data)
-        return len(data)
-
-    def rpc_checkpoint_load(self, key: str):
-        try:
-            with open(self._checkpoint_path(key), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
-
-    def rpc_checkpoint_delete(self, key: str) -> bool:
-        import os
-        try:
-            os.unlink(self._checkpoint_path(key))
-            return True
-        except FileNotFoundError:
-            return False
 
 
 # kind -> handler, for what agents send the head
