@@ -42,7 +42,8 @@ from strato.exceptions import LauncherError
 from strato.launcher import bootstrap
 from strato.launcher.autoscaler import autostop
 from strato.launcher.autoscaler.events import EventLog
-from strato.launcher.autoscaler.loop import Autoscaler, HeadRuntime
+from strato.launcher.autoscaler.head_view import HeadRuntime
+from strato.launcher.autoscaler.loop import Autoscaler
 from strato.launcher.cluster import Cluster
 from strato.launcher.config import AutostopConfig, load_config_from_dict
 from strato.launcher.console import say

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from strato.catalog import Catalog, CatalogError, LaunchOption, load_catalog, resolve
-from strato.launcher.autoscaler.plan import NodeTypeInfo
+from strato.launcher.autoscaler.records import NodeTypeInfo
 from strato.launcher.config import ClusterConfig
 from strato.launcher.state import NodeCostRecord
 from strato.providers.base import Node, NodeProvider, NodeTypeSpec

@@ -19,11 +19,8 @@ from typing import Any
 
 from strato.exceptions import CapacityError, LauncherError
 from strato.launcher import bootstrap
-from strato.launcher.autoscaler.plan import (
-    TypeBackoff,
-    next_option,
-    record_capacity_failure,
-)
+from strato.launcher.autoscaler.options import next_option, record_capacity_failure
+from strato.launcher.autoscaler.records import TypeBackoff
 from strato.launcher.cluster import TAG_NODE_ID_LABEL, Cluster, open_cluster
 from strato.launcher.console import confirm, say
 from strato.launcher.monitor import start_monitor, stop_monitor

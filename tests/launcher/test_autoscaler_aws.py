@@ -189,7 +189,7 @@ def test_instance_records_follow_events_through_the_lifecycle_table(cluster, tmp
     """Each machine has one stored record, moved only by events and only along ALLOWED:
     a capacity error sends the request back to QUEUED, the provider's answer allocates
     it, the bootstrap runs it; a terminated node stays TERMINATING until it is gone."""
-    import strato.launcher.autoscaler.loop as loop
+    import strato.launcher.autoscaler.instances as instances
     from strato.launcher.autoscaler.lifecycle import NodeState, check_transition
 
     moves: list[tuple[str, str]] = []
@@ -198,7 +198,7 @@ def test_instance_records_follow_events_through_the_lifecycle_table(cluster, tmp
         check_transition(old, new)
         moves.append((old.value, new.value))
 
-    monkeypatch.setattr(loop, "check_transition", recording)
+    monkeypatch.setattr(instances, "check_transition", recording)
     auto, stub = _autoscaler(cluster, tmp_path)
     undo = inject_capacity_error(cluster.provider.ec2, zones=ZONES[:1])
     try:
@@ -224,7 +224,7 @@ def test_instance_records_follow_events_through_the_lifecycle_table(cluster, tmp
 
 def test_head_view_is_none_only_when_the_head_cannot_be_reached(tmp_path):
     from strato.exceptions import HeadUnreachableError, LauncherError
-    from strato.launcher.autoscaler.loop import HeadRuntime
+    from strato.launcher.autoscaler.head_view import HeadRuntime
 
     def no_head() -> str:
         raise LauncherError("cluster 'x' has no head node")

@@ -19,7 +19,7 @@ from strato.launcher.autoscaler import (
     plan,
     record_capacity_failure,
 )
-from strato.launcher.autoscaler.plan import backoff_delay
+from strato.launcher.autoscaler.options import backoff_delay
 
 NOW = 10_000.0
 CPU4 = NodeTypeInfo("cpu4", {"CPU": 4})

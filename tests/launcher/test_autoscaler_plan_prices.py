@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from strato.catalog import LaunchOption
-from strato.launcher.autoscaler.plan import (
+from strato.launcher.autoscaler import (
     Demand,
     NodeTypeInfo,
     Snapshot,
