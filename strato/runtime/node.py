@@ -26,9 +26,9 @@ import time
 import psutil
 
 from strato.exceptions import AuthenticationError
+from strato.runtime import memdiag, tls
 from strato.runtime import messages as m
 from strato.runtime import resources as resource_detection
-from strato.runtime import tls
 from strato.runtime.agent import NodeAgent
 from strato.runtime.head import HeadService
 from strato.runtime.head_store import HeadStore
@@ -135,6 +135,8 @@ async def run_node(args) -> int:
         head.local_node = node_id   # never told to exit: the head's process is its own
         head_address = agent.address
         agent.head.send((m.REGISTER, node_id, agent.address, resources, labels))
+        agent.durable_store = head_store
+        agent.restore_durable()
     else:
         await agent.start(prestart_workers=min(2, int(resources.get("CPU", 0))))
         head_address = args.address
@@ -178,6 +180,7 @@ async def run_node(args) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    memdiag.install(loop, temp_dir)
     if args.parent_pid:
         loop.create_task(_watch_parent(args.parent_pid, stop))
     loop.create_task(_heartbeat_loop(agent))

@@ -100,3 +100,80 @@ def test_a_crashed_head_restarts_and_the_cluster_resumes():
         _remove_shm_dirs(pids)
         shutil.rmtree(root, ignore_errors=True)
     assert not os.path.exists(os.path.join(dirs["head"], "head.db"))  # clean stop: ended
+
+
+_SPAWN = """
+import sys, time
+import numpy as np
+import strato
+strato.init(address="auto", temp_dir=sys.argv[1])
+
+@strato.remote
+def double(a):
+    return a * 2
+
+@strato.remote
+def when_released(a, flag):
+    import os, time
+    while not os.path.exists(flag):
+        time.sleep(0.05)
+    return int(a.sum())
+
+arg = np.arange(1_000_000, dtype=np.int64)          # 8 MB: kept in the store, not inline
+done = double.spawn(arg)
+pending = when_released.spawn(arg, sys.argv[2])
+assert int(done.get(timeout=60)[-1]) == 2 * 999_999   # finished before the crash
+print(done.id, pending.id, flush=True)
+"""
+
+_FETCH = """
+import sys
+import strato
+from strato import FunctionCall
+strato.init(address="auto", temp_dir=sys.argv[1])
+done = FunctionCall.from_id(sys.argv[2]).get(timeout=60)
+open(sys.argv[4], "w").close()                       # let the re-run call finish
+pending = FunctionCall.from_id(sys.argv[3]).get(timeout=60)
+print(int(done[-1]), int(done.sum()), pending, flush=True)
+"""
+
+
+def test_durable_calls_survive_a_head_restart():
+    """A finished durable call keeps its (stored) result and an unfinished one runs
+    again after the head process crashes and restarts on the same temp dir."""
+    import subprocess
+    import sys
+
+    from strato.runtime.control import start_node, stop_nodes
+
+    root = tempfile.mkdtemp(prefix="strato-hrd-")
+    head_dir = os.path.join(root, "head")
+    flag = os.path.join(root, "release")
+    env = {"STRATO_HEARTBEAT_TIMEOUT": "2", "STRATO_HEAD_RESUME_GRACE": "2"}
+    port = _free_port()
+    pids = []
+    try:
+        head = start_node(head=True, port=port, node_ip="127.0.0.1", temp_dir=head_dir,
+                          num_cpus=2, env=env)
+        pids.append(head.info["pid"])
+        spawned = subprocess.run([sys.executable, "-c", _SPAWN, head_dir, flag],
+                                 capture_output=True, text=True, timeout=90)
+        assert spawned.returncode == 0, spawned.stderr
+        done_id, pending_id = spawned.stdout.split()
+
+        _kill_tree(head.info["pid"])                       # the head crashes mid-call
+        head2 = start_node(head=True, port=port, node_ip="127.0.0.1", temp_dir=head_dir,
+                           num_cpus=2, env=env)
+        pids.append(head2.info["pid"])
+        fetched = subprocess.run([sys.executable, "-c", _FETCH, head_dir, done_id,
+                                  pending_id, flag],
+                                 capture_output=True, text=True, timeout=90)
+        assert fetched.returncode == 0, fetched.stderr
+        assert fetched.stdout.split() == [str(2 * 999_999), str(999_999 * 1_000_000),
+                                          str(999_999 * 1_000_000 // 2)]
+    finally:
+        stop_nodes(head_dir, timeout=10)
+        for pid in pids:
+            _kill_tree(pid)
+        _remove_shm_dirs(pids)
+        shutil.rmtree(root, ignore_errors=True)

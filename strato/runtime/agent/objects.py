@@ -206,6 +206,8 @@ class ObjectManager:
         info = entry.info()
         for cb in waiters:
             cb(info)
+        if oid in self.durable:
+            self._durable_finished(oid)
 
     def _free_owned(self, oid: bytes) -> None:
         entry = self.objects.pop(oid, None)
