@@ -341,13 +341,13 @@ class Cluster:
 
     # ------------------------------------------------------------ runtime
     def env(self, head_address: str | None) -> dict[str, str]:
-        """Environment for commands that should reach the cluster (exec, submit)."""
-        env = {}
-        if head_address:
-            env["STRATO_ADDRESS"] = head_address
-        if self.token:
-            env["STRATO_TOKEN"] = self.token
-        return env
+        """Environment for commands that should reach the cluster (exec, submit).
+
+        The address only, never the cluster token: every node runs an agent, and
+        ``init()`` attaches to it through its unix socket (found by the address in the
+        node's runtime dir), so user commands never see the secret that lets a machine
+        join the cluster."""
+        return {"STRATO_ADDRESS": head_address} if head_address else {}
 
     def record_costs(self, nodes: Sequence[Node], ended: float | None = None) -> None:
         """Remember nodes in the cost history (``cost-report``); never fails the command."""

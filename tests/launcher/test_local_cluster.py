@@ -131,6 +131,11 @@ def test_exec_runs_everywhere_and_propagates_exit_codes(in_loc):
     assert commands.exec_(in_loc.config, f"echo $STRATO_ADDRESS >> {out}", node="all") == 0
     assert out.read_text().split() == [in_loc.head_address] * 3
     assert commands.exec_(in_loc.config, "exit 5") == 5
+    # the cluster's join secret never reaches user commands (init() uses the node's socket)
+    token = in_loc.tmp / "token.txt"
+    assert commands.exec_(in_loc.config, f'echo "${{STRATO_TOKEN:-none}}" >> {token}',
+                          node="all") == 0
+    assert token.read_text().split() == ["none"] * 3
 
 
 def test_submit_runs_the_script_on_the_workers(in_loc):
