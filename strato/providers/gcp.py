@@ -20,6 +20,16 @@ scope (``serviceAccounts``), so the monitor beside it calls Compute as that acco
 service account. Creating a dedicated account needs the IAM API, which strato does not
 call. Only with ``provider.head_credentials`` (set by the launcher: true where the
 monitor runs on the head).
+
+Stopping (autostop with ``down: false``): on-demand instances are stopped
+(``instances.stop``: ``STOPPING``, then ``TERMINATED``, GCE's word for a stopped VM that
+keeps its disk, metadata and internal IP; its ephemeral external IP is released) and
+started again by the next ``up`` (``instances.start``, only once they are
+``TERMINATED``: GCE refuses to start a VM still ``STOPPING``). Spot instances are deleted
+instead, as on AWS: strato creates them with ``instanceTerminationAction: DELETE``, and a
+stopped spot VM would start again only when spot capacity allows. Stopped instances are
+listed like running ones (so ``down`` and ``status`` see them); preempted ones only with
+``include_terminated``.
 """
 
 from __future__ import annotations
@@ -92,6 +102,13 @@ _STATE_MAP = {
     "TERMINATED": NodeState.STOPPED,  # GCE's TERMINATED is a stopped VM that still exists
     "SUSPENDED": NodeState.STOPPED,
 }
+
+# Statuses ``instances.stop`` is called for (TERMINATED is stopped already; a STOPPING
+# VM is on its way, and GCE refuses to stop it again), those ``start`` waits out, and how
+# often it looks.
+_STOPPABLE = ("PROVISIONING", "STAGING", "RUNNING", "REPAIRING")
+_SETTLING = ("STOPPING", "SUSPENDING")
+_POLL_S = 1.0
 
 # GCE accelerator type -> the name used in ``accelerator_type:<NAME>`` resources.
 ACCELERATOR_NAMES = {
@@ -271,7 +288,11 @@ def machine_shape(machine_type: str) -> tuple[float | None, float | None, int, s
     return cpus, gib, 0, None
 
 
-# ------------------------------------------------------------------ ssh keys
+def _is_spot(inst: Any) -> bool:
+    """Whether a compute_v1 Instance is a spot (or preemptible) VM."""
+    return inst.scheduling.provisioning_model == "SPOT" or bool(inst.scheduling.preemptible)
+
+
 # ------------------------------------------------------------------ errors
 def _scheduling(value: Any) -> dict[str, Any]:
     """node_config's ``scheduling`` as one mapping; Ray's examples write it as a list of
@@ -330,6 +351,7 @@ class GCPProvider(NodeProvider):
 
     needs_prepare_to_reach_nodes = True
     default_ssh_user = "ubuntu"
+    can_stop_nodes = True
 
     @classmethod
     def check_config(cls, config: Mapping[str, Any]) -> list[ConfigProblem]:
@@ -679,7 +701,7 @@ class GCPProvider(NodeProvider):
         self._zones[name] = zone
         self._last_tags[name] = labels
         state = _STATE_MAP.get(inst.status, NodeState.PENDING)
-        spot = inst.scheduling.provisioning_model == "SPOT" or bool(inst.scheduling.preemptible)
+        spot = _is_spot(inst)
         stopped = state == NodeState.STOPPED
         private_ip = public_ip = None
         if inst.network_interfaces:
@@ -745,18 +767,19 @@ class GCPProvider(NodeProvider):
 
     def list_nodes(self, tag_filters: Mapping[str, str] | None = None, *,
                    include_terminated: bool = False) -> list[Node]:
-        """Instances with this cluster's label (and ``tag_filters``), from every zone.
+        """Instances with this cluster's label (and ``tag_filters``), from every zone,
+        stopped ones (GCE ``TERMINATED``/``SUSPENDED``) included.
 
-        Stopped instances (GCE ``TERMINATED``/``SUSPENDED``) and spot instances that were
-        preempted and deleted (found from ``compute.instances.preempted`` operations) are
-        returned only with ``include_terminated``.
+        Preempted spot instances that GCE stopped, and those it deleted (found from
+        ``compute.instances.preempted`` operations), are returned only with
+        ``include_terminated``.
         """
         tag_filters = dict(tag_filters or {})
         preempted = self._preempted_operations() if include_terminated else {}
         nodes = [self._node(inst, set(preempted))
                  for inst in self._list_instances(tag_filters)]
-        nodes = [n for n in nodes if self._matches(n, tag_filters)
-                 and (include_terminated or n.state != NodeState.STOPPED)]
+        nodes = [n for n in nodes if self._matches(n, tag_filters) and (
+            include_terminated or n.state != NodeState.STOPPED or not n.preempted)]
         present = {n.id for n in nodes}
         for name, (zone, _when) in sorted(preempted.items()):
             if name in present or name in self._deleted:
@@ -829,6 +852,111 @@ class GCPProvider(NodeProvider):
             self._zones.pop(name, None)
         if problems:
             raise ProviderError("GCE could not delete " + "; ".join(problems))
+
+    # -------------------------------------------------------------- stop / start
+    def _current(self, names: Collection[str]) -> dict[str, Any]:
+        """The instances of these names that exist now (one listing; zones refreshed)."""
+        found = {}
+        for inst in self._list_instances({}):
+            self._zones[inst.name] = _short(inst.zone)
+            if inst.name in names:
+                found[inst.name] = inst
+        return found
+
+    def _wait_all(self, pending: list[tuple[str, str, Any]], problems: list[str]) -> None:
+        """Wait for every (name, zone, operation); failures other than NOT_FOUND are added
+        to ``problems`` (with a capacity code where GCE gave one)."""
+        errors = _api_errors()
+        for name, zone, op in pending:
+            try:
+                failure = self._operation_failure(self._wait(op, zone))
+            except errors.NotFound:
+                failure = None
+            if failure and "NOT_FOUND" not in failure.code:
+                problems.append(f"{name}: [{failure.capacity or failure.code}] "
+                                f"{failure.message}")
+
+    def stop_nodes(self, node_ids: Sequence[str]) -> None:
+        """Stop on-demand instances and wait until they are ``TERMINATED`` (stopped, disk
+        kept); spot instances are deleted instead (see the module docstring). Instances
+        already stopped or stopping, and names GCE no longer knows, are skipped."""
+        names = list(dict.fromkeys(node_ids))
+        if not names:
+            return
+        errors = _api_errors()
+        current = self._current(set(names))
+        spot = [n for n in names if n in current and _is_spot(current[n])]
+        if spot:
+            self.terminate_nodes(spot)
+        pending: list[tuple[str, str, Any]] = []
+        problems: list[str] = []
+        for name in names:
+            inst = current.get(name)
+            if inst is None or name in spot or inst.status not in _STOPPABLE:
+                continue
+            zone = _short(inst.zone)
+            try:
+                op = self.clients.instances.stop_unary(project=self.project, zone=zone,
+                                                       instance=name)
+            except errors.NotFound:
+                continue
+            except errors.GoogleAPICallError as e:
+                problems.append(f"{name}: {_http_error_text(e)}")
+                continue
+            pending.append((name, zone, op))
+        self._wait_all(pending, problems)
+        if problems:
+            raise ProviderError("GCE could not stop " + "; ".join(problems))
+
+    def start_nodes(self, node_ids: Sequence[str], timeout: float = 600.0) -> None:
+        """Start stopped (``TERMINATED``) instances once none is still ``STOPPING``, and
+        wait until they are ``RUNNING``. Names GCE no longer knows are skipped (a VM that
+        was being deleted, not stopped); running ones are left as they are."""
+        names = list(dict.fromkeys(node_ids))
+        if not names:
+            return
+        errors = _api_errors()
+        deadline = time.monotonic() + timeout
+        while True:
+            current = self._current(set(names))
+            busy = sorted(n for n, i in current.items() if i.status in _SETTLING)
+            if not busy:
+                break
+            if time.monotonic() > deadline:
+                raise ProviderError(f"GCE: {', '.join(busy)} still stopping after "
+                                    f"{timeout:.0f}s")
+            time.sleep(_POLL_S)
+        pending: list[tuple[str, str, Any]] = []
+        problems: list[str] = []
+        for name, inst in current.items():
+            if inst.status == "SUSPENDED":
+                problems.append(f"{name}: it is SUSPENDED (strato does not resume "
+                                "instances: resume or delete it)")
+                continue
+            if inst.status != "TERMINATED":
+                continue
+            zone = _short(inst.zone)
+            try:
+                op = self.clients.instances.start_unary(project=self.project, zone=zone,
+                                                        instance=name)
+            except errors.GoogleAPICallError as e:
+                problems.append(f"{name}: {_http_error_text(e)}")
+                continue
+            pending.append((name, zone, op))
+        self._wait_all(pending, problems)
+        if problems:
+            raise ProviderError("GCE could not start " + "; ".join(problems))
+        started = {name for name, _, _ in pending}
+        while started:
+            current = self._current(started)
+            states = {n: current[n].status if n in current else "deleted" for n in started}
+            if all(s == "RUNNING" for s in states.values()):
+                return
+            if time.monotonic() > deadline or any(
+                    s in ("deleted", "TERMINATED", "STOPPING") for s in states.values()):
+                raise ProviderError("GCE: started " + ", ".join(
+                    f"{n} but it is {s}" for n, s in sorted(states.items())))
+            time.sleep(_POLL_S)
 
     def set_tags(self, node_id: str, tags: Mapping[str, str]) -> None:
         """Merge ``tags`` into the instance's labels (retrying if they changed meanwhile)."""

@@ -10,6 +10,18 @@ GCE does where strato depends on it, over (short, configurable) time:
 - a stockout is an insert *operation* that ends ``DONE`` with
   ``ZONE_RESOURCE_POOL_EXHAUSTED`` (``fail_next_insert`` once, ``no_capacity`` for good);
 - a deleted instance is ``STOPPING`` for ``delete_seconds`` before it is gone;
+- ``instances.stop``: the VM is ``STOPPING`` for ``stop_seconds``, then ``TERMINATED``
+  (GCE's word for stopped): it keeps its disk, metadata (``ssh-keys``) and internal IP and
+  loses its ephemeral external IP; the operation is ``DONE`` once it is ``TERMINATED``.
+  Stopping a ``TERMINATED`` VM is a no-op; stopping one that is ``STOPPING`` (being
+  stopped or deleted) is ``400 resourceNotReady``;
+- ``instances.start`` of a ``TERMINATED`` VM: ``PROVISIONING`` -> ``STAGING`` ->
+  ``RUNNING`` (a new external IP; its guest agent installs the metadata's keys again) over
+  ``op_seconds``; a start of any VM that is not ``TERMINATED`` is ``400
+  resourceNotReady`` (stricter than GCE, which answers a start of a ``RUNNING`` VM with a
+  no-op, so strato never relies on that); a start in a zone without capacity
+  (``no_capacity``, spot or not) ends ``ZONE_RESOURCE_POOL_EXHAUSTED`` and the VM stays
+  ``TERMINATED``;
 - a preempted spot instance gets its ``compute.instances.preempted`` operation at once,
   then stays ``STOPPING`` for ``preempt_grace_s`` before ``TERMINATED`` (STOP) or gone
   (DELETE);
@@ -17,8 +29,9 @@ GCE does where strato depends on it, over (short, configurable) time:
 
 Instances get made-up addresses (10.128.0.x, 34.x.x.x). Nothing may ever connect to them:
 ``machines`` (see ``GCEHostPool`` in ``tests/harness/gce_hosts.py``) is told when an
-instance is created, boots (with its and the project's ``ssh-keys``), is preempted and
-halts, and plays the machine on a namespaced sshd host, as GCE's guest agent would.
+instance is created, boots (with its and the project's ``ssh-keys``), is preempted, is
+stopped and started again, and halts, and plays the machine on a namespaced sshd host, as
+GCE's guest agent would.
 """
 
 from __future__ import annotations
@@ -66,8 +79,14 @@ class Machines(Protocol):
     def preempted(self, name: str) -> None:
         """GCE took it back: its metadata ``instance/preempted`` now says TRUE."""
 
+    def stopped(self, name: str) -> None:
+        """``instances.stop`` made it TERMINATED: its processes are gone, its disk stays."""
+
+    def started(self, name: str) -> None:
+        """A stopped instance is starting again on its own disk (``booted`` follows)."""
+
     def halted(self, name: str) -> None:
-        """It is TERMINATED or deleted: everything on it is gone."""
+        """It is deleted (or preempted to TERMINATED): everything on it is gone."""
 
 
 class FakeRequest(NamedTuple):
@@ -173,7 +192,8 @@ class GCEFake:
 
     Timing knobs (seconds, short so tests stay fast; set them per test): ``op_seconds``
     (PENDING -> RUNNING -> DONE of every operation), ``delete_seconds`` (STOPPING before a
-    deleted instance is gone), ``preempt_grace_s`` (STOPPING before a preempted one is
+    deleted instance is gone), ``stop_seconds`` (STOPPING before a stopped instance is
+    TERMINATED), ``preempt_grace_s`` (STOPPING before a preempted one is
     TERMINATED/gone), ``wait_max_s`` (the longest ``operations.wait`` blocks).
     """
 
@@ -232,6 +252,7 @@ class GCEFake:
             self.machines: Machines | None = None
             self.op_seconds = 0.2
             self.delete_seconds = 0.3
+            self.stop_seconds = 0.3
             self.preempt_grace_s = 2.0
             self.wait_max_s = 1.0
             self._cond.notify_all()
@@ -379,9 +400,11 @@ class GCEFake:
     def _new_operation(self, project: str, zone: str | None, op_type: str,
                        target: Mapping[str, Any] | None, *, done: bool = False,
                        error: dict[str, Any] | None = None, target_link: str = "",
-                       then: Callable[[], None] | None = None) -> dict[str, Any]:
+                       then: Callable[[], None] | None = None,
+                       seconds: float | None = None) -> dict[str, Any]:
         """An operation; unless ``done`` it runs PENDING -> RUNNING -> DONE over
-        ``op_seconds`` and calls ``then`` (under the lock) as it turns DONE."""
+        ``seconds`` (default ``op_seconds``) and calls ``then`` (under the lock) as it
+        turns DONE."""
         op_id = str(next(self._ids))
         name = f"operation-{int(time.time() * 1000)}-{op_id[-8:]}"
         scope = f"projects/{project}/zones/{zone}" if zone else f"projects/{project}/global"
@@ -416,8 +439,9 @@ class GCEFake:
                 if then is not None:
                     then()
 
-            self._later(self.op_seconds / 4, running)
-            self._later(self.op_seconds, finish)
+            took = self.op_seconds if seconds is None else seconds
+            self._later(took / 4, running)
+            self._later(took, finish)
         return op
 
     def _wait_operation(self, project: str, name: str) -> dict[str, Any]:
@@ -471,6 +495,10 @@ class GCEFake:
                 return self._delete_instance(project, zone, name)
             case ("POST", ["zones", zone, "instances", name, "setLabels"]):
                 return self._set_labels(project, zone, name, body or {})
+            case ("POST", ["zones", zone, "instances", name, "stop"]):
+                return self._stop_instance(project, zone, name)
+            case ("POST", ["zones", zone, "instances", name, "start"]):
+                return self._start_instance(project, zone, name)
             case ("GET", ["zones", zone, "operations"]):
                 items = [o for o in self._operations.values() if self._in_zone(o, project, zone)]
                 return self._list("compute#operationList", items, query)
@@ -538,13 +566,82 @@ class GCEFake:
                 del self._instances[name]
                 self._tell("halted", name)
 
-        saved = self.op_seconds
-        self.op_seconds = max(self.delete_seconds, 0.01)
-        try:
-            op = self._new_operation(project, zone, "delete", inst, then=gone)
-        finally:
-            self.op_seconds = saved
+        op = self._new_operation(project, zone, "delete", inst, then=gone,
+                                 seconds=max(self.delete_seconds, 0.01))
         return self._public(op)
+
+    @staticmethod
+    def _not_ready(project: str, zone: str, name: str) -> ApiError:
+        """GCE's answer to a stop/start the instance's current status does not allow."""
+        return ApiError(400, f"The resource 'projects/{project}/zones/{zone}/instances/"
+                             f"{name}' is not ready", "resourceNotReady")
+
+    def _stop_instance(self, project: str, zone: str, name: str) -> dict[str, Any]:
+        """STOPPING for ``stop_seconds``, then TERMINATED with disk and metadata kept (the
+        ephemeral external IP is released); the operation is DONE when it is TERMINATED."""
+        inst = self._get_instance(project, zone, name)
+        if inst["status"] == "TERMINATED":
+            return self._public(self._new_operation(project, zone, "stop", inst, done=True))
+        if inst["status"] in ("STOPPING", "SUSPENDING"):
+            raise self._not_ready(project, zone, name)
+        inst["status"] = "STOPPING"
+
+        def stopped() -> None:
+            if inst is self._instances.get(name) and inst["status"] == "STOPPING" \
+                    and not inst.get("_preempted"):
+                inst["status"] = "TERMINATED"
+                inst["lastStopTimestamp"] = _now()
+                for nic in inst.get("networkInterfaces") or []:
+                    for ac in nic.get("accessConfigs") or []:
+                        ac.pop("natIP", None)
+                self._tell("stopped", name)
+
+        return self._public(self._new_operation(project, zone, "stop", inst, then=stopped,
+                                                seconds=max(self.stop_seconds, 0.01)))
+
+    def _start_instance(self, project: str, zone: str, name: str) -> dict[str, Any]:
+        """A TERMINATED VM boots again on its disk: PROVISIONING -> STAGING -> RUNNING,
+        with a new external IP and the keys of its (kept) metadata."""
+        inst = self._get_instance(project, zone, name)
+        if inst["status"] != "TERMINATED":
+            raise self._not_ready(project, zone, name)
+        scheduling = inst.get("scheduling") or {}
+        spot = scheduling.get("provisioningModel") == "SPOT" or bool(scheduling.get("preemptible"))
+        if (zone, spot) in self._no_capacity:
+            reason = "ZONE_RESOURCE_POOL_EXHAUSTED"
+            error = {"error": {"code": reason,
+                               "message": _CAPACITY_MESSAGES[reason].format(zone=zone)},
+                     "http_status": 503, "http_message": "SERVICE UNAVAILABLE"}
+            return self._public(self._new_operation(project, zone, "start", inst,
+                                                    error=error))
+        inst["status"] = "PROVISIONING"
+        inst.pop("_preempted", None)
+        n = next(self._ips)
+        for nic in inst.get("networkInterfaces") or []:
+            for ac in nic.get("accessConfigs") or []:
+                ac["natIP"] = f"34.{100 + (n >> 16) % 100}.{(n >> 8) & 255}.{n & 255}"
+        self._tell("started", name)
+        self._stage(name, inst)
+        return self._public(self._new_operation(project, zone, "start", inst,
+                                                then=self._running(project, name, inst)))
+
+    def _stage(self, name: str, inst: dict[str, Any]) -> None:
+        """PROVISIONING -> STAGING halfway through its operation (RUNNING when it is DONE)."""
+        def staging() -> None:
+            if inst is self._instances.get(name) and inst["status"] == "PROVISIONING":
+                inst["status"] = "STAGING"
+
+        self._later(self.op_seconds / 2, staging)
+
+    def _running(self, project: str, name: str, inst: dict[str, Any]) -> Callable[[], None]:
+        """What turns a STAGING instance RUNNING (its guest agent installs the keys)."""
+        def running() -> None:
+            if inst is self._instances.get(name) and inst["status"] == "STAGING":
+                inst["status"] = "RUNNING"
+                inst["lastStartTimestamp"] = _now()
+                self._tell("booted", name, self._ssh_keys(project, inst))
+
+        return running
 
     def _ssh_keys(self, project: str, inst: Mapping[str, Any]) -> str:
         """The ``ssh-keys`` a guest agent installs: the instance's, then the project's."""
@@ -614,19 +711,9 @@ class GCEFake:
         self._instances[name] = inst
         instance_id = inst["id"]
         self._tell("created", name)
-
-        def staging() -> None:
-            if inst is self._instances.get(name) and inst["status"] == "PROVISIONING":
-                inst["status"] = "STAGING"
-
-        def running() -> None:
-            if inst is self._instances.get(name) and inst["status"] == "STAGING":
-                inst["status"] = "RUNNING"
-                inst["lastStartTimestamp"] = _now()
-                self._tell("booted", name, self._ssh_keys(project, inst))
-
-        self._later(self.op_seconds / 2, staging)
-        op = self._new_operation(project, zone, "insert", inst, then=running)
+        self._stage(name, inst)
+        op = self._new_operation(project, zone, "insert", inst,
+                                 then=self._running(project, name, inst))
         assert op["targetId"] == instance_id
         return self._public(op)
 

@@ -5,8 +5,10 @@ takes a free test host and maps the instance to it in the strict SSH address map
 fake's made-up addresses are never contacted); while the instance boots the host accepts
 no key at all; once it is ``RUNNING`` the host accepts exactly the keys of its ``ssh-keys``
 metadata (instance and project) for its user, as GCE's guest agent installs them; when
-the instance is terminated or deleted everything on the host is killed and the mapping
-removed. It also serves the metadata server's ``instance/preempted`` on the test bridge
+the instance is stopped its host is shut down (every process killed, no key accepted) but
+kept for it, and a start boots that same host again (its disk, host key and mapping
+survive; ``/tmp`` starts empty, as Ubuntu empties it at boot); when the instance is
+deleted (or preempted) everything on the host is killed and the mapping removed. It also serves the metadata server's ``instance/preempted`` on the test bridge
 (``metadata.google.internal`` resolves there on every host), answering per host.
 
 Fixtures: ``gce_host_pool`` (the bridge fake's VMs played by ``ssh_hosts``), ``gce_hosts`` (the per-test fake on loopback, played by ``ssh_hosts``) and
@@ -78,6 +80,27 @@ class GCEHostPool:
         host.set_authorized_keys("\n".join(keys))
         with self._lock:
             self.history.append(("booted", name, host.name))
+
+    def stopped(self, name: str) -> None:
+        """Shut the machine down but keep it for the instance (a stopped VM's disk)."""
+        host = self.by_name.get(name)
+        if host is None:
+            return
+        with self._lock:
+            self.history.append(("stopped", name, host.name))
+        host.stop()
+        host.set_authorized_keys("")
+
+    def started(self, name: str) -> None:
+        """Boot the instance's own machine again (``booted`` then installs the keys)."""
+        host = self.by_name.get(name)
+        if host is None:  # preempted to TERMINATED: its machine was handed back
+            self.created(name)  # a fresh one, running, accepting no key yet
+            return
+        with self._lock:
+            self.history.append(("started", name, host.name))
+        host.set_authorized_keys("")
+        host.restart()
 
     def preempted(self, name: str) -> None:
         host = self.by_name.get(name)

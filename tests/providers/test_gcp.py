@@ -306,7 +306,7 @@ def test_state_mapping(cluster: dict[str, Any], provider: GCPProvider, gce_fake)
     head = cluster["head"].id
     for status, state, listed in [("STAGING", NodeState.PENDING, True),
                                   ("STOPPING", NodeState.STOPPING, True),
-                                  ("SUSPENDED", NodeState.STOPPED, False)]:
+                                  ("SUSPENDED", NodeState.STOPPED, True)]:
         gce_fake.set_status(head, status)
         nodes = {n.id: n for n in provider.list_nodes({TAG_KIND: "head"})}
         assert (head in nodes) is listed
