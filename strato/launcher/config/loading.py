@@ -31,14 +31,19 @@ from strato.launcher.config.models import (
 )
 from strato.launcher.config.raycompat import apply_spot_idioms, translate_legacy
 from strato.launcher.config.report import (
+    MAX_DEPTH,
+    MAX_EXPANDED,
     KeyPath,
     Report,
     describe,
+    format_path,
     is_int,
     parse_yaml,
     pydantic_message,
 )
 from strato.providers import PROVIDER_TYPES, provider_class
+
+MAX_FILE_BYTES = 1 << 20  # a cluster YAML is a few KB; a bigger file is the wrong file
 
 
 # ---------------------------------------------------------------- loading
@@ -46,9 +51,20 @@ def load_config(path: str | os.PathLike[str]) -> ClusterConfig:
     """Read, parse and validate a cluster YAML file; ``ConfigError`` lists every problem."""
     source = os.fspath(path)
     try:
-        text = Path(source).read_text(encoding="utf-8")
+        with Path(source).open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"{source}: cannot read cluster config: {e.strerror or e}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(f"{source}: larger than {MAX_FILE_BYTES >> 20} MiB; a cluster "
+                          "config is a few KB (is it the right file?)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(f"{source}:{line}: not UTF-8 text: byte 0x{raw[e.start]:02x} at "
+                          f"column {column} ({e.reason}); save the file as UTF-8") from None
     data, lines, problems = parse_yaml(text)
     return _build(data, source, lines, problems)
 
@@ -72,6 +88,9 @@ def _build(data: Any, source: str, lines: dict[KeyPath, int] | None,
     if not isinstance(data, Mapping):
         report.error((), f"the top level must be a mapping of keys, got {describe(data)}")
         raise report.config_error()
+    _check_plain(data, report)
+    if report.errors:  # the shape is wrong: checks of meaning would only add noise
+        raise report.config_error()
 
     data = translate_legacy(dict(data), report)
     cleaned = _check_keys(data, ClusterConfig, (), report)
@@ -92,6 +111,45 @@ def _build(data: Any, source: str, lines: dict[KeyPath, int] | None,
 
 
 # ---------------------------------------------------------------- checks
+def _close(word: str, options: list[str], cutoff: float = 0.6) -> str | None:
+    """The option ``word`` was probably meant to be (a typo), if any."""
+    if len(word) > 64:  # a long value is no typo of a short name, and costs time
+        return None
+    close = difflib.get_close_matches(word, options, n=1, cutoff=cutoff)
+    return close[0] if close else None
+
+
+def _check_plain(data: Mapping[Any, Any], report: Report) -> None:
+    """Plain data, as JSON and the clouds' APIs take it: string keys everywhere (YAML
+    makes ``1:``, ``on:`` or ``null:`` something else), no binary values or sets; bounded
+    (a dict may come from elsewhere than ``parse_yaml``, which bounds what it reads)."""
+    stack: list[tuple[KeyPath, Any]] = [((), data)]
+    visits = 0
+    while stack:
+        path, value = stack.pop()
+        visits += 1
+        if visits > MAX_EXPANDED:
+            report.error((), f"more than {MAX_EXPANDED} values; a cluster config has a few "
+                             "hundred")
+            return
+        if len(path) > 2 * MAX_DEPTH:
+            report.error(path[:3], f"nested deeper than {2 * MAX_DEPTH} levels")
+            return
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    report.error((*path, key), f"keys must be strings, got {describe(key)} "
+                                               "(quote it to make it one)")
+                stack.append(((*path, key), item))
+        elif isinstance(value, list | tuple):
+            stack.extend(((*path, i), item) for i, item in enumerate(value))
+        elif isinstance(value, set | frozenset):  # unordered: setup would run in any order
+            report.error(path, "a set (!!set) is not allowed; write a list")
+        elif isinstance(value, bytes | bytearray):
+            report.error(path, "binary data (!!binary) is not allowed; a cluster config "
+                               "is text")
+
+
 def _check_keys(data: dict[Any, Any], model: type[BaseModel], path: KeyPath,
                 report: Report) -> dict[str, Any]:
     """Drop Ray-only keys (warning) and unknown keys (error, with a suggestion).
@@ -104,7 +162,7 @@ def _check_keys(data: dict[Any, Any], model: type[BaseModel], path: KeyPath,
     cleaned: dict[str, Any] = {}
     for key, value in data.items():
         sub = (*path, key)
-        if not isinstance(key, str):
+        if not isinstance(key, str):  # refused by _check_plain; kept for direct callers
             report.error(sub, f"keys must be strings, got {describe(key)}")
         elif key in fields:
             if value is None and not fields[key].is_required():
@@ -114,13 +172,13 @@ def _check_keys(data: dict[Any, Any], model: type[BaseModel], path: KeyPath,
             report.warn(sub, f"Ray-only key, ignored by strato ({ray_only[key]})")
         elif allows_extra:
             cleaned[key] = value
-            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.8)
+            close = _close(key, list(fields), cutoff=0.8)
             if close:
                 report.warn(sub, f"not a key strato knows (kept for the provider); "
-                                 f"did you mean {close[0]!r}?")
+                                 f"did you mean {close!r}?")
         else:
-            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
-            hint = f"did you mean {close[0]!r}?" if close else \
+            close = _close(key, list(fields))
+            hint = f"did you mean {close!r}?" if close else \
                 f"valid keys: {', '.join(fields)}"
             report.error(sub, f"unknown key; {hint}")
     return cleaned
@@ -153,10 +211,10 @@ def _check_semantics(raw: dict[str, Any], report: Report) -> None:
     head = data.get("head_node_type")
 
     if isinstance(ptype, str) and ptype not in PROVIDER_TYPES:
-        close = difflib.get_close_matches(ptype, PROVIDER_TYPES, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        report.error(("provider", "type"), f"unknown provider type {ptype!r}; expected one "
-                                           f"of {', '.join(PROVIDER_TYPES)}{hint}")
+        close = _close(ptype, PROVIDER_TYPES)
+        hint = f"; did you mean {close!r}?" if close else ""
+        report.error(("provider", "type"), f"unknown provider type {describe(ptype)}; "
+                                           f"expected one of {', '.join(PROVIDER_TYPES)}{hint}")
     provider_cls = provider_class_of(ptype)
     for problem in provider_cls.check_config(data) if provider_cls else ():
         (report.warn if problem.warning else report.error)(problem.path, problem.message)
@@ -171,17 +229,19 @@ def _check_semantics(raw: dict[str, Any], report: Report) -> None:
 
     name = data.get("cluster_name")
     if isinstance(name, str) and not NAME_RE.match(name):
-        report.error(("cluster_name",), f"{name!r}: use letters, digits, '-' or '_' "
+        report.error(("cluster_name",), f"{describe(name)}: use letters, digits, '-' or '_' "
                                         "(at most 63, starting with a letter or digit)")
 
     if "available_node_types" in data and not types and isinstance(
             data["available_node_types"], dict):
         report.error(("available_node_types",), "at least one node type is required")
     if isinstance(head, str) and types and head not in types:
-        close = difflib.get_close_matches(head, [str(k) for k in types], n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        report.error(("head_node_type",), f"{head!r} is not a key of available_node_types; "
-                                          f"{hint}(known: {', '.join(map(str, types))})")
+        close = _close(head, [str(k) for k in types])
+        hint = f"did you mean {close!r}? " if close else ""
+        known = ", ".join(describe(k) if not isinstance(k, str) else format_path((k,))
+                          for k in types)
+        report.error(("head_node_type",), f"{describe(head)} is not a key of "
+                                          f"available_node_types; {hint}(known: {known})")
 
     total_min = 0
     for tname, nt in types.items():
@@ -193,7 +253,8 @@ def _check_semantics(raw: dict[str, Any], report: Report) -> None:
                 (", the default for the head node type" if tname == head else
                  ", the default: the global max_workers")
             report.error(("available_node_types", tname, "min_workers"),
-                         f"min_workers ({lo}) is greater than max_workers ({hi}{given})")
+                         f"min_workers ({describe(lo)}) is greater than max_workers "
+                         f"({describe(hi)}{given})")
         if is_int(lo):
             total_min += lo
         if nt.get("max_price") is not None and not nt.get("spot"):
@@ -202,8 +263,9 @@ def _check_semantics(raw: dict[str, Any], report: Report) -> None:
     _check_accelerators(data, types, report)
     gmax = data.get("max_workers")
     if is_int(gmax) and total_min > gmax:
-        report.warn(("max_workers",), f"the node types' min_workers add up to {total_min}, "
-                                      f"more than max_workers ({gmax})")
+        report.warn(("max_workers",), f"the node types' min_workers add up to "
+                                      f"{describe(total_min)}, more than max_workers "
+                                      f"({describe(gmax)})")
 
 
 _INSTANCE_TYPE_KEYS = ("InstanceType", "machineType")
@@ -247,15 +309,16 @@ def _check_accelerators(data: dict[str, Any], types: dict[Any, Any], report: Rep
                              "choose it; drop one of them")
         if cloud is None:
             report.error((*path, "accelerators" if nt.get("accelerators") else "any_of"),
-                         f"provider type {ptype!r} cannot choose instance types by GPU "
+                         f"provider type {describe(ptype)} cannot choose instance types by GPU "
                          "(aws and gcp can)")
             continue
         if nt.get("cloud") not in (None, cloud):
-            report.error((*path, "cloud"), f"{nt['cloud']!r}: the cluster's nodes are on "
-                                           f"{cloud} (provider.type)")
+            report.error((*path, "cloud"), f"{describe(nt['cloud'])}: the cluster's nodes "
+                                           f"are on {cloud} (provider.type)")
         if nt.get("region") not in (None, region):
-            report.error((*path, "region"), f"{nt['region']!r}: the provider's region is "
-                                            f"{region!r}; node types live in that region")
+            report.error((*path, "region"), f"{describe(nt['region'])}: the provider's "
+                                            f"region is {describe(region)}; node types live "
+                                            "in that region")
         if requests and region:
             try:
                 check_available(load_catalog(), requests, cloud, region)

@@ -34,6 +34,7 @@ from strato.providers.base import NodeProvider, NodeTypeSpec
 from strato.ssh.files import CopyFilter
 
 DEFAULT_GLOBAL_MAX_WORKERS = 2  # Ray's default
+MAX_NODES = 100_000  # the most workers a count may ask for: more is a typo, not a cluster
 
 KeyPath = tuple[str | int, ...]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
@@ -47,7 +48,7 @@ _PLAIN_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 class _Section(BaseModel):
     """Base of config sections: unknown keys are errors, Ray-only keys are warnings."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # key -> why strato ignores it (shown in the warning)
     ray_only_keys: ClassVar[dict[str, str]] = {}
@@ -56,7 +57,7 @@ class _Section(BaseModel):
 class ProviderConfig(BaseModel):
     """``provider:``; known keys typed, any other key kept for the provider to read."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     type: str
     region: str | None = None
@@ -101,10 +102,10 @@ class NodeTypeConfig(_Section):
 
     node_config: dict[str, Any] = Field(default_factory=dict)  # passed to the cloud API
     resources: dict[str, NonNegativeFloat] = Field(default_factory=dict)
-    min_workers: int = Field(0, ge=0)
+    min_workers: int = Field(0, ge=0, le=MAX_NODES)
     # Default: the global max_workers (as Ray), but 0 for the head node type so the
     # autoscaler never launches extra copies of the head unless asked to.
-    max_workers: int = Field(0, ge=0)
+    max_workers: int = Field(0, ge=0, le=MAX_NODES)
     spot: bool = False
     fallback_to_on_demand: bool = False
     zones: list[str] = Field(default_factory=list)  # tried in order
@@ -122,7 +123,8 @@ class NodeTypeConfig(_Section):
 class AutoscalerConfig(_Section):
     """``autoscaler:``; knobs of the loop that runs beside the head."""
 
-    tick_seconds: float = Field(5.0, gt=0)
+    # at most an hour: a longer tick is no autoscaler (and a huge one overflows its timer)
+    tick_seconds: float = Field(5.0, gt=0, le=3600)
     # Consecutive failed launches of one node type before it is skipped for a while.
     max_launch_failures: int = Field(3, ge=1)
 
@@ -175,7 +177,7 @@ class ClusterConfig(_Section):
     }
 
     cluster_name: str = "default"
-    max_workers: int = Field(DEFAULT_GLOBAL_MAX_WORKERS, ge=0)  # workers, head excluded
+    max_workers: int = Field(DEFAULT_GLOBAL_MAX_WORKERS, ge=0, le=MAX_NODES)  # head excluded
     upscaling_speed: float = Field(1.0, ge=0)
     idle_timeout_minutes: float = Field(5.0, ge=0)
     provider: ProviderConfig

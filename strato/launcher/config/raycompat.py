@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from strato.launcher.config.models import DEFAULT_GLOBAL_MAX_WORKERS, provider_class_of
-from strato.launcher.config.report import Report
+from strato.launcher.config.report import Report, describe
 
 LEGACY_HEAD_TYPE = "head"
 LEGACY_WORKER_TYPE = "worker"
@@ -47,8 +47,8 @@ def translate_legacy(data: dict[Any, Any], report: Report) -> dict[Any, Any]:
         report.alias(where, ("worker_nodes",))
         report.note(("worker_nodes",), f"legacy Ray key translated: node type "
                                        f"{LEGACY_WORKER_TYPE!r} with this node_config, "
-                                       f"min_workers {lo} (from min_workers), max_workers "
-                                       f"{hi} (from max_workers)")
+                                       f"min_workers {describe(lo)} (from min_workers), "
+                                       f"max_workers {describe(hi)} (from max_workers)")
     elif lo:
         report.warn(("min_workers",), "ignored: the legacy format has no worker_nodes")
     data["available_node_types"] = types
