@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import itertools
 import logging
+import os
 import pickle
 
 import grpc
@@ -41,14 +42,21 @@ class PeerLostError(ConnectionError):
     not answer in time."""
 
 
+#: messages a link may hold for a peer that stopped reading (gRPC flow control holds
+#: the writer) before the link is closed, as a broken one is: bounded memory, and the
+#: requests waiting on that peer fail over instead of waiting on a queue that never moves
+MAX_QUEUED = int(os.environ.get("STRATO_MAX_QUEUED_MESSAGES", "1000000"))
+
+
 class _Batcher:
     """Collects messages and writes them as one Frame per wake-up of the writer task."""
 
-    def __init__(self, write):
+    def __init__(self, write, on_overflow=None):
         self._write = write
         self._queue: list = []
         self._event = asyncio.Event()
         self.closed = False
+        self._on_overflow = on_overflow
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def send(self, msg) -> None:
@@ -56,6 +64,13 @@ class _Batcher:
             return
         self._queue.append(msg)
         self._event.set()
+        if len(self._queue) > MAX_QUEUED:
+            log.warning("a link holds %d unsent messages (limit STRATO_MAX_QUEUED_MESSAGES): "
+                        "closing it", len(self._queue))
+            self._queue = []
+            self.close()
+            if self._on_overflow is not None:
+                self._on_overflow()
 
     async def _run(self) -> None:
         try:
@@ -147,7 +162,8 @@ class RuntimeServer:
         await self._check_token(context)
         if self.head is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this node is not the head")
-        batcher = _Batcher(context.write)
+        # a node that stops reading ends its stream (as a broken one): it re-registers
+        batcher = _Batcher(context.write, on_overflow=asyncio.current_task().cancel)
         node_id = None
         try:
             async for frame in request_iterator:
@@ -221,7 +237,7 @@ class HeadLink:
         """Open the stream and register; raises AuthenticationError on a wrong token."""
         await check_auth(self.address, self.token, self.tls, timeout)
         self.channel, self.call = await open_stream(self.address, "Head", self.token, self.tls)
-        self.batcher = _Batcher(self.call.write)
+        self.batcher = _Batcher(self.call.write, on_overflow=self.call.cancel)
         self.batcher.send(register_msg)
         try:
             first = await asyncio.wait_for(self.call.read(), timeout)
@@ -313,7 +329,7 @@ class PeerLinks:
     async def _open(self, node: bytes, address: str, queue: list) -> None:
         try:
             channel, call = await open_stream(address, "Peer", self.token, self.tls)
-            batcher = _Batcher(call.write)
+            batcher = _Batcher(call.write, on_overflow=call.cancel)
             batcher.send((m.PEER_HELLO, self.agent.node_id))
             for msg in queue:
                 batcher.send(msg)

@@ -109,3 +109,89 @@ def test_agent_state_is_bounded():
         router.cancelled.add(_nid(i))
         router.dead_nodes().add(_nid(i))
     assert len(router.cancelled) == 10_000 and len(router.dead_nodes()) == 10_000
+
+
+def test_a_link_to_a_peer_that_stops_reading_is_closed_at_its_bound(monkeypatch):
+    """gRPC flow control holds the writer while a peer does not read: the link's queue
+    stops at STRATO_MAX_QUEUED_MESSAGES, then the link is closed like a broken one."""
+    import asyncio
+
+    from strato.runtime import transport
+
+    monkeypatch.setattr(transport, "MAX_QUEUED", 1000)
+
+    async def scenario():
+        stuck = asyncio.Event()
+
+        async def never_written(_frame):
+            await stuck.wait()   # the peer never reads: every write waits
+
+        closed = []
+        batcher = transport._Batcher(never_written, on_overflow=lambda: closed.append(1))
+        for i in range(5000):
+            batcher.send((m.OBJ_WANT, _nid(i), _nid(0)))
+            if i == 10:
+                await asyncio.sleep(0)   # the writer takes a first batch and blocks
+        assert closed == [1] and batcher.closed
+        assert batcher._queue == []      # what it held is let go, not kept forever
+        batcher.send((m.OBJ_WANT, _nid(1), _nid(0)))
+        assert batcher._queue == []
+    asyncio.run(scenario())
+
+
+def test_a_local_process_that_stops_reading_is_dropped_not_buffered(tmp_path):
+    """A driver that asks for objects and never reads the answers: its agent drops the
+    connection once STRATO_MAX_UNREAD_MB is unread, stays small, and serves others."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import psutil
+
+    from strato.runtime.control import start_node, stop_nodes
+    from strato.runtime.protocol.framing import encode
+    from tests.harness.runtime_cluster import _kill_tree, _remove_shm_dirs
+
+    temp_dir = str(tmp_path / "node")
+    node = start_node(head=True, port=0, node_ip="127.0.0.1", temp_dir=temp_dir, num_cpus=1,
+                      env={"STRATO_MAX_UNREAD_MB": "8"})
+    pid = node.info["pid"]
+    try:
+        rss_before = psutil.Process(pid).memory_info().rss
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(node.info["socket"])
+        client_id = os.urandom(8)
+        node_id = bytes.fromhex(node.info["node_id"])
+        oids = [os.urandom(16) for _ in range(200)]      # 200 x 100 KB, distinct values
+        s.sendall(encode([(m.HELLO, "driver", client_id, None, None)]
+                         + [(m.PUT, oid, os.urandom(100 * 1024), 100 * 1024)
+                            for oid in oids]))
+        want = encode([(m.WANT, [(oid, node_id) for oid in oids])])   # 20 MB of answers
+        dropped = False
+        s.settimeout(10)
+        try:
+            for _ in range(50):                           # up to 1 GB asked, never read
+                s.sendall(want)
+        except (BrokenPipeError, ConnectionResetError):
+            dropped = True
+        if not dropped:   # our writes went through: the agent must have closed its side
+            try:
+                while s.recv(1 << 20):
+                    pass
+                dropped = True
+            except ConnectionResetError:
+                dropped = True
+        s.close()
+        assert dropped
+        assert psutil.Process(pid).memory_info().rss < rss_before + 200 * 1024 * 1024
+        # the node is fine: an ordinary driver runs a task on it
+        code = ("import strato, sys\n"
+                f"strato.init(address='auto', temp_dir={temp_dir!r})\n"
+                "f = strato.remote(lambda x: x + 1)\n"
+                "sys.exit(0 if strato.get(f.remote(1), timeout=30) == 2 else 1)\n")
+        assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+    finally:
+        stop_nodes(temp_dir, timeout=10)
+        _kill_tree(pid)
+        _remove_shm_dirs([pid])

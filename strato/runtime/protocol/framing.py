@@ -12,6 +12,8 @@ buffer (a store file, a preallocated bytearray), never through pickle.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import pickle
 import socket
 import struct
@@ -24,6 +26,10 @@ RAW = 1 << 31                              # length bit: a raw chunk frame
 RAW_HEAD = struct.Struct("<16sQQ")         # oid, offset, total size
 RAW_CHUNK = 4 * 1024 * 1024
 _READ_BUF = 1 << 20
+#: what a node's process may leave unread before the agent drops its connection (a
+#: driver or worker that stopped reading must not grow the agent without bound)
+MAX_UNREAD = int(os.environ.get("STRATO_MAX_UNREAD_MB", "1024")) << 20
+log = logging.getLogger("strato.agent")
 
 
 def encode(batch: list) -> bytes:
@@ -157,6 +163,17 @@ class FrameProtocol(asyncio.BufferedProtocol):
         if self._pending and not self.closed:
             batch, self._pending = self._pending, []
             self.transport.write(encode(batch))
+            if self.transport.get_write_buffer_size() > MAX_UNREAD:
+                self._overflow()
+
+    def _overflow(self) -> None:
+        """The other side stopped reading: drop the connection (as if it had died)
+        rather than buffer for it forever."""
+        log.warning("a connection left %d MB unread (limit STRATO_MAX_UNREAD_MB=%d): "
+                    "closing it", self.transport.get_write_buffer_size() >> 20,
+                    MAX_UNREAD >> 20)
+        self.closed = True
+        self.transport.abort()
 
 
 class FrameClient:
