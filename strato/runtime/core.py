@@ -28,7 +28,7 @@ from strato.runtime.spec import INLINE_MAX
 from strato.runtime.store import FilePool, read_object, write_object
 
 _current: CoreWorker | None = None
-_TO_EXECUTOR = frozenset((m.EXEC, m.ACTOR_INIT, m.CANCEL_EXEC, m.CHECKPOINT))  # worker only
+_TO_EXECUTOR = frozenset((m.EXEC, m.ACTOR_INIT, m.CANCEL_EXEC, m.CHECKPOINT, m.FORGET_FNS))  # worker only
 
 
 def current() -> CoreWorker | None:

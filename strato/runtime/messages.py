@@ -52,6 +52,7 @@ EXEC = "exec"                  # (EXEC, [TaskSpec], {function_id: blob}, gpu_ids
 ACTOR_INIT = "actor_init"      # (ACTOR_INIT, TaskSpec, blob | None, gpu_ids)
 CANCEL_EXEC = "cancel_exec"    # (CANCEL_EXEC, task_id)
 CHECKPOINT = "checkpoint"      # (CHECKPOINT,)   the actor's drain hook
+FORGET_FNS = "forget_fns"      # (FORGET_FNS, [function ids])   the agent pruned them
 
 # ---------------------------------------------------------------- agent -> head
 REGISTER = "register"          # (REGISTER, node_id, address, total, labels[, hosted actor ids])
@@ -83,7 +84,7 @@ PEER_HELLO = "hello"           # (PEER_HELLO, node_id)   first message of a peer
 REQUEST = "req"                # (REQUEST, request id, sender node_id, inner message)
 REPLY = "rep"                  # (REPLY, request id, value)
 RUN_TASK = "run_task"          # (RUN_TASK, TaskSpec, blob | None)
-TASK_REJECTED = "task_rejected"  # (TASK_REJECTED, TaskSpec, rejecting node_id)
+TASK_REJECTED = "task_rejected"  # (TASK_REJECTED, TaskSpec, rejecting node_id[, no function])
 TASK_DONE = "task_done"        # (TASK_DONE, TaskSpec, [ReturnValue], retryable, ran_on node_id)
 OBJ_WANT = "obj_want"          # (OBJ_WANT, oid, requesting node_id)
 OBJ_INFO = "obj_info"          # (OBJ_INFO, oid, object info)

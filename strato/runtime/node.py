@@ -184,6 +184,7 @@ async def run_node(args) -> int:
     if args.parent_pid:
         loop.create_task(_watch_parent(args.parent_pid, stop))
     loop.create_task(_heartbeat_loop(agent))
+    loop.create_task(_prune_loop(agent))
     if args.spot_notice != "none":
         from strato.runtime import preemption
         loop.create_task(preemption.watch(
@@ -255,6 +256,19 @@ async def _heartbeat_loop(agent: NodeAgent) -> None:
         except Exception:
             log.exception("heartbeat failed")
         await asyncio.sleep(interval)
+
+
+async def _prune_loop(agent: NodeAgent) -> None:
+    """Sweep the agent's function cache now and then (``NodeAgent.prune_functions``)."""
+    interval = float(os.environ.get("STRATO_FN_SWEEP_S", "300"))
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            dropped = agent.prune_functions()
+            if dropped:
+                log.info("forgot %d exported function(s) nothing here needs", len(dropped))
+        except Exception:
+            log.exception("pruning the function cache failed")
 
 
 async def _watch_parent(pid: int, stop: asyncio.Event) -> None:

@@ -70,6 +70,9 @@ class Executor:
             with self.cond:
                 self.inbox.append((spec, gpu_ids))
                 self.cond.notify()
+        elif kind == m.FORGET_FNS:
+            for fid in msg[1]:   # the agent sends the blob again if a later task needs it
+                self.functions.pop(fid, None)
         elif kind == m.CANCEL_EXEC:
             _, task_id = msg
             self.cancelled.add(task_id)

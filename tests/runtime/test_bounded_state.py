@@ -195,3 +195,56 @@ def test_a_local_process_that_stops_reading_is_dropped_not_buffered(tmp_path):
         stop_nodes(temp_dir, timeout=10)
         _kill_tree(pid)
         _remove_shm_dirs([pid])
+
+
+def test_exported_functions_are_forgotten_when_nothing_needs_them(tmp_path):
+    """Agents prune their function cache: a node forgets functions its tasks no longer
+    need (and tells its workers); the owner sends one again when a later task needs it
+    (the peer rejects the task without it once); the head forgets a driver's functions
+    after the driver left."""
+    import glob
+
+    import strato
+    from strato.runtime.control import start_node, stop_nodes
+    from tests.harness.runtime_cluster import _kill_tree, _remove_shm_dirs, wait_until
+
+    if strato.is_initialized():
+        strato.shutdown()
+    env = {"STRATO_FN_SWEEP_S": "0.3"}
+    dirs = {n: str(tmp_path / n) for n in "AB"}
+    nodes = {}
+    try:
+        nodes["A"] = start_node(head=True, port=0, node_ip="127.0.0.1", temp_dir=dirs["A"],
+                                num_cpus=1, env=env)
+        nodes["B"] = start_node(head=False, join_bundle=nodes["A"].join_bundle,
+                                temp_dir=dirs["B"], num_cpus=1, node_ip="127.0.0.1",
+                                resources='{"node_b": 1}', env=env)
+        strato.init(address="auto", temp_dir=dirs["A"])
+
+        def forgot(name: str) -> int:
+            text = "".join(open(p).read() for p in glob.glob(f"{dirs[name]}/logs/node-*.log"))
+            return sum(int(line.split("forgot ")[1].split()[0])
+                       for line in text.splitlines() if "forgot " in line)
+
+        def make(i):
+            @strato.remote(resources={"node_b": 0.1})
+            def times_ten():
+                return i * 10
+            return times_ten
+        fns = [make(i) for i in range(5)]             # five distinct closures
+        assert strato.get([f.remote() for f in fns], timeout=60) == [0, 10, 20, 30, 40]
+        wait_until(lambda: forgot("B") >= 5, 30, 0.1, "B to forget the five functions")
+        assert forgot("A") == 0      # the driver that exported them is still here
+        # B no longer has them; A thinks it does: B asks, A sends them with the tasks
+        assert strato.get([f.remote() for f in fns], timeout=60) == [0, 10, 20, 30, 40]
+        strato.shutdown()            # the driver leaves: the head forgets its functions
+        wait_until(lambda: forgot("A") >= 5, 30, 0.1, "A to forget the driver's functions")
+    finally:
+        if strato.is_initialized():
+            strato.shutdown()
+        for name in ("B", "A"):
+            stop_nodes(dirs[name], timeout=10)
+        pids = [n.info["pid"] for n in nodes.values()]
+        for pid in pids:
+            _kill_tree(pid)
+        _remove_shm_dirs(pids)

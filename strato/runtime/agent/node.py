@@ -16,7 +16,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from strato.exceptions import HeadUnreachableError
 from strato.runtime import messages as m
@@ -50,6 +50,7 @@ class Client:
     remote: bool = False          # a remote driver on the client endpoint
     session: str | None = None    # its session id (kept across reconnects)
     bye: bool = False             # it disconnected cleanly (BYE)
+    exported: set = field(default_factory=set)   # function ids it sent (kept while here)
 
 
 class NodeAgent(WorkerPool, ObjectManager, ActorHost, TaskRouter, ClientSessions,

@@ -29,6 +29,7 @@ class TaskRouter:
     def _init_routing(self) -> None:
         self.fns: dict[bytes, bytes] = {}
         self.peer_fns: dict[bytes, set] = {}      # node -> fn ids already sent
+        self._unneeded_fns: set = set()           # found unneeded at the last sweep
         self.owned_tasks: dict[bytes, tuple[TaskSpec, bytes | None]] = {}  # id -> (spec, node)
         self.waiting: list[TaskSpec] = []         # no node has room now (or ever)
         self.warned_infeasible: set = set()
@@ -56,6 +57,46 @@ class TaskRouter:
     def on_fn(self, client, msg) -> None:
         _, function_id, blob = msg
         self.fns[function_id] = blob
+        client.exported.add(function_id)
+
+    def prune_functions(self) -> list:
+        """Forget exported functions nothing here needs any more, so a node that serves
+        many jobs for weeks stays flat. Kept: what connected clients exported, and the
+        functions of queued, running and owned tasks, hosted actors, durable calls and
+        objects' lineage. A function must be found unneeded at two sweeps in a row; a
+        peer that later sends a task without it gets it asked for again
+        (``TASK_REJECTED`` with ``no function``), workers are told to drop it."""
+        keep: set = set()
+        for client in self.clients.values():
+            keep |= client.exported
+        for q in self.ready.values():
+            keep.update(s.function_id for s in q)
+        keep.update(s.function_id for s in self.waiting)
+        keep.update(s.function_id for s, _ in self.owned_tasks.values())
+        for w in self.workers.values():
+            keep.update(s.function_id for s in w.inflight.values())
+            for spec in (w.actor_spec, w.pending_actor):
+                if spec is not None:
+                    keep.add(spec.function_id)
+        keep.update(e.lineage.function_id for e in self.objects.values()
+                    if e.lineage is not None)
+        keep.update(c.spec.function_id for c in self.durable.values())
+        unneeded = {f for f in self.fns if f not in keep}
+        drop = [f for f in unneeded if f in self._unneeded_fns]
+        self._unneeded_fns = unneeded.difference(drop)
+        if not drop:
+            return drop
+        for fid in drop:
+            del self.fns[fid]
+        gone = set(drop)
+        for sent in self.peer_fns.values():
+            sent -= gone
+        for w in self.workers.values():
+            forget = w.sent_fns & gone
+            if forget and w.conn is not None:
+                w.sent_fns -= forget
+                w.conn.send((m.FORGET_FNS, list(forget)))
+        return drop
 
     def on_submit(self, client, msg) -> None:
         for spec in msg[1]:
@@ -73,6 +114,10 @@ class TaskRouter:
         _, spec, blob = msg
         if blob is not None:
             self.fns[spec.function_id] = blob
+        elif spec.function_id not in self.fns:
+            # pruned here since the owner sent it: ask for it again with the task
+            self.peers.send(spec.owner_node, (m.TASK_REJECTED, spec, self.node_id, True))
+            return
         if self.draining or not scheduler.fits(spec.resources, self.available):
             # the owner's view was stale: let it place the task again rather than
             # queue it here behind work that may never finish
@@ -82,9 +127,11 @@ class TaskRouter:
         self._schedule_dispatch()
 
     def on_task_rejected(self, node: bytes, msg) -> None:
-        _, spec, rejected_by = msg
+        spec, rejected_by = msg[1], msg[2]
         view = self.view.get(rejected_by)
-        if view is not None:
+        if len(msg) > 3 and msg[3]:   # it lacks the function: send it with the task again
+            self.peer_fns.get(rejected_by, set()).discard(spec.function_id)
+        elif view is not None:
             # until the next view, count that node as full for this shape
             for name, amount in spec.resources.items():
                 view.available[name] = min(view.available.get(name, 0.0),
