@@ -1,21 +1,21 @@
 """``init(cluster=..., working_dir=".")``: sync a directory to the head, once per content.
 
 Each file is named by its sha256; only contents the head lacks are sent. ``.git``,
-``__pycache__``, virtualenvs (any directory holding ``pyvenv.cfg``) and what the
-directory's ``.gitignore`` names are left out; above ``WARN_BYTES`` a warning says how
-much is synced. The head assembles the package (content hash of the whole manifest)
+``__pycache__``, virtualenvs (any directory holding ``pyvenv.cfg``) and what the tree's
+``.gitignore`` files name are left out (git's rules, nested files and negations too: the
+matcher of ``rsync_filter``); above ``WARN_BYTES`` a warning says how much is synced. The head assembles the package (content hash of the whole manifest)
 once; every task of this driver then runs with it on ``sys.path`` and as its cwd.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import os
 import sys
 
 from strato.runtime.core import CoreWorker
+from strato.ssh.files import CopyFilter
 
 WARN_BYTES = 100 * 1024 * 1024
 PIECE = 4 * 1024 * 1024
@@ -23,43 +23,10 @@ ALWAYS_EXCLUDED = {".git", "__pycache__", ".hg", ".svn", ".mypy_cache", ".pytest
                    ".ruff_cache", ".tox"}
 
 
-class GitIgnore:
-    """The root ``.gitignore``'s patterns (anchored, directory-only, negated, globs)."""
-
-    def __init__(self, root: str):
-        self.rules: list[tuple[str, bool, bool, bool]] = []  # pattern, negate, dir, anchored
-        try:
-            with open(os.path.join(root, ".gitignore"), encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            lines = []
-        for line in lines:
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            negate = line.startswith("!")
-            line = line[1:] if negate else line
-            directory = line.endswith("/")
-            line = line.rstrip("/")
-            anchored = "/" in line
-            self.rules.append((line.lstrip("/"), negate, directory, anchored))
-
-    def ignored(self, rel: str, is_dir: bool) -> bool:
-        result = False
-        name = rel.rsplit("/", 1)[-1]
-        for pattern, negate, directory, anchored in self.rules:
-            if directory and not is_dir:
-                continue
-            target = rel if anchored else name
-            if fnmatch.fnmatchcase(target, pattern):
-                result = not negate
-        return result
-
-
 def manifest(root: str) -> dict[str, tuple[str, int, int]]:
     """``{relative path: (sha256, mode, size)}`` of the files that travel."""
     root = os.path.abspath(root)
-    ignore = GitIgnore(root)
+    ignore = CopyFilter(filter_files=(".gitignore",)).walk_local(root)
     out: dict[str, tuple[str, int, int]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
@@ -68,14 +35,14 @@ def manifest(root: str) -> dict[str, tuple[str, int, int]]:
         for d in dirnames:
             full = os.path.join(dirpath, d)
             if d in ALWAYS_EXCLUDED or os.path.exists(os.path.join(full, "pyvenv.cfg")) \
-                    or os.path.islink(full) or ignore.ignored(rel_dir + d, True):
+                    or os.path.islink(full) or ignore.excluded(rel_dir + d, True):
                 continue
             keep.append(d)
         dirnames[:] = sorted(keep)
         for name in sorted(filenames):
             rel = rel_dir + name
             path = os.path.join(dirpath, name)
-            if ignore.ignored(rel, False) or not os.path.isfile(path):
+            if ignore.excluded(rel, False) or not os.path.isfile(path):
                 continue
             h = hashlib.sha256()
             with open(path, "rb") as f:
