@@ -16,6 +16,9 @@ Modes:
                          processes, measured here in each round) and each sync
                          case as a fraction of it.
 
+The "between nodes" cases run last, on two nodes started on this machine (separate
+temp dirs, loopback; see bench/between_nodes.py), after the single-node cases.
+
 Examples:
   python bench/microbenchmark.py --ray-python /opt/rayvenv/bin/python
   /opt/rayvenv/bin/python bench/microbenchmark.py --backend ray --duration 1
@@ -40,9 +43,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import between_nodes  # noqa: E402 - bench/between_nodes.py, next to this file
+
 # name, unit. Order is the order they run in. The unit of every case is
 # operations per second except "put gigabytes", which is GB/s with Ray's
-# convention (one 100Mi-element int64 array counts as 0.8 GB).
+# convention (one 100Mi-element int64 array counts as 0.8 GB), and the 100 MB
+# object between nodes (GB/s, 100 MiB counts as 0.1 GB).
 CASES: list[tuple[str, str]] = [
     ("single client get calls", "ops/s"),
     ("single client put calls", "ops/s"),
@@ -60,6 +67,7 @@ CASES: list[tuple[str, str]] = [
     ("1:n actor calls async", "ops/s"),
     ("n:n actor calls async", "ops/s"),
     ("1:1 async-actor calls async", "ops/s"),
+    *between_nodes.CASES,   # two nodes on this machine; they run last
 ]
 CASE_NAMES = [c for c, _ in CASES]
 UNITS = dict(CASES)
@@ -232,6 +240,10 @@ def _setup_case(rt: Any, d: dict[str, Any], name: str) -> tuple[Callable[[], Any
     raise ValueError(f"unknown case {name!r}")
 
 
+def _raise(exc: BaseException):
+    raise exc
+
+
 def _accepts_kwarg(fn: Callable, kw: str) -> bool:
     try:
         params = inspect.signature(fn).parameters
@@ -263,7 +275,11 @@ def _alarm(seconds: int):
         signal.signal(signal.SIGALRM, old)
 
 
-def _timeit(fn: Callable[[], Any], multiplier: float, duration: float, warmup: float) -> dict:
+def _timeit(fn: Callable[[], Any], multiplier: float, duration: float, warmup: float,
+            self_timed: bool = False) -> dict:
+    """Calls/s of ``fn`` times ``multiplier``. With ``self_timed`` each call returns the
+    seconds of the part it measured itself, and the rate is over their sum (the windows
+    below still count wall time)."""
     # Warm-up: at least one call, then keep going until `warmup` seconds.
     start = time.perf_counter()
     fn()
@@ -271,14 +287,21 @@ def _timeit(fn: Callable[[], Any], multiplier: float, duration: float, warmup: f
         fn()
     # Timed window: at least one call, then until `duration` seconds.
     count = 0
+    timed = 0.0
     start = time.perf_counter()
     while True:
-        fn()
+        dt = fn()
         count += 1
         elapsed = time.perf_counter() - start
+        if self_timed:
+            timed += dt
         if elapsed >= duration:
             break
-    return {"value": multiplier * count / elapsed, "calls": count, "seconds": elapsed}
+    rec = {"value": multiplier * count / (timed if self_timed else elapsed), "calls": count,
+           "seconds": elapsed}
+    if self_timed:
+        rec["timed_seconds"] = timed
+    return rec
 
 
 def _init_kwargs(backend: str) -> dict[str, Any]:
@@ -310,6 +333,10 @@ def run_backend(
     def emit(obj: dict) -> None:
         print(json.dumps(obj), flush=True)
 
+    # SIGTERM (the top level's --backend-timeout) unwinds, so the two nodes get stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    local = [c for c in cases if c not in between_nodes.CASE_NAMES]
+    remote = [c for c in cases if c in between_nodes.CASE_NAMES]
     try:
         if backend == "ray":
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -317,26 +344,29 @@ def run_backend(
         else:
             import strato as rt
         out["version"] = getattr(rt, "__version__", None)
-        rt.init(**_init_kwargs(backend))
-        d = _define(rt)
+        if local:
+            rt.init(**_init_kwargs(backend))
+            d = _define(rt)
     except BaseException as e:  # noqa: BLE001 - report anything, incl. missing API
         out["error"] = f"{type(e).__name__}: {e}"
         emit(out)
         return 2
 
     failed = 0
-    for name in cases:
+
+    def run_case(name: str, setup: Callable[[], tuple], self_timed: bool = False) -> None:
+        nonlocal failed
         rec: dict[str, Any] = {"tag": JSON_TAG, "kind": "case", "backend": backend, "case": name}
         rec["unit"] = UNITS[name]
         _log(f"[{backend}] {name} ...")
         keep: list = []
         try:
             with _alarm(case_timeout):
-                fn, mult, keep = _setup_case(rt, d, name)
-                rec.update(_timeit(fn, mult, duration, warmup))
+                fn, mult, keep = setup()
+                rec.update(_timeit(fn, mult, duration, warmup, self_timed))
             _log(f"[{backend}] {name}: {rec['value']:.2f} {rec['unit']}")
         except BaseException as e:  # noqa: BLE001
-            if isinstance(e, KeyboardInterrupt):
+            if isinstance(e, KeyboardInterrupt | SystemExit):
                 raise
             failed += 1
             rec["error"] = f"{type(e).__name__}: {e}"
@@ -345,8 +375,29 @@ def run_backend(
         out["results"][name] = rec
         emit(rec)
 
-    with contextlib.suppress(Exception):
-        rt.shutdown()
+    for name in local:
+        run_case(name, lambda name=name: _setup_case(rt, d, name))
+    if local:
+        with contextlib.suppress(Exception):
+            rt.shutdown()
+
+    if remote:
+        cluster = between_nodes.TwoNodes(backend, rt)
+        try:
+            try:
+                with _alarm(case_timeout):
+                    cluster.start()
+            except Exception as e:  # noqa: BLE001 - the cases below report it
+                err = f"two nodes did not start: {type(e).__name__}: {e}"
+                _log(f"[{backend}] {err}")
+                for name in remote:
+                    run_case(name, lambda err=err: _raise(RuntimeError(err)))
+            else:
+                for name in remote:
+                    run_case(name, lambda name=name: between_nodes.setup_case(rt, name),
+                             self_timed=True)
+        finally:
+            cluster.stop()   # by pid, outside any alarm
     emit(out)
     return 1 if failed else 0
 
@@ -434,22 +485,29 @@ def _spawn(backend: str, python: str, cases: list[str], args: argparse.Namespace
     _log(f"== {backend}: {' '.join(cmd[:4])} ...")
     res: dict[str, Any] = {"backend": backend, "python": python, "results": {}}
     try:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,
             stderr=None if args.verbose else subprocess.PIPE,
             text=True,
-            timeout=args.backend_timeout,
         )
-        stdout, stderr, rc = proc.stdout, proc.stderr or "", proc.returncode
-    except subprocess.TimeoutExpired as e:
-        stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        stderr = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
-        rc = None
-        res["error"] = f"timed out after {args.backend_timeout}s"
     except OSError as e:
         res["error"] = f"could not start {python}: {e}"
         return res
+    try:
+        stdout, stderr = proc.communicate(timeout=args.backend_timeout)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        # SIGTERM first: the backend then stops the nodes it started (between-nodes cases)
+        proc.terminate()
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        rc = None
+        res["error"] = f"timed out after {args.backend_timeout}s"
+    stdout, stderr = stdout or "", stderr or ""
 
     summary = None
     for line in stdout.splitlines():
