@@ -89,6 +89,7 @@ TASK_DONE = "task_done"        # (TASK_DONE, TaskSpec, [ReturnValue], retryable,
 OBJ_WANT = "obj_want"          # (OBJ_WANT, oid, requesting node_id)
 OBJ_INFO = "obj_info"          # (OBJ_INFO, oid, object info)
 PULL_CHUNK = "pull_chunk"      # (PULL_CHUNK, oid, offset, length)   a REQUEST: reply (ok, bytes | reason)
+BULK_PORT = "bulk_port"        # (BULK_PORT,)   a REQUEST: reply the node's bulk port (0: none)
 FREE_COPIES = "free_copies"    # (FREE_COPIES, [oid])
 PEER_ACTOR_CALL = "peer_actor_call"  # (PEER_ACTOR_CALL, TaskSpec)   to the actor's node
 JOB_LOG = "job_log"            # (JOB_LOG, job_id, [line])   to the driver's node

@@ -30,6 +30,8 @@ from strato.runtime import memdiag, tls
 from strato.runtime import messages as m
 from strato.runtime import resources as resource_detection
 from strato.runtime.agent import NodeAgent
+from strato.runtime.agent.objects import PULL_CHUNK_TIMEOUT
+from strato.runtime.bulk import BulkClient, BulkServer
 from strato.runtime.head import HeadService
 from strato.runtime.head_store import HeadStore
 from strato.runtime.session import DEFAULT_TEMP_DIR, ForeignDirError, ensure_private_dir
@@ -121,6 +123,10 @@ async def run_node(args) -> int:
     port = await server.start(bind_host, args.port if args.head else 0)
     agent.address = f"{node_ip}:{port}"
     agent.peers = PeerLinks(agent, token, creds)
+    # objects between nodes: their own mutual-TLS channel, whole objects (runtime/bulk.py)
+    bulk = BulkServer(creds, token, lambda: agent.store.paths)
+    agent.bulk_port = bulk.start(bind_host)
+    agent.bulk = BulkClient(bulk.client_ctx, token, PULL_CHUNK_TIMEOUT)
     head_link = None
     client_port = None
     if head is not None:
@@ -149,6 +155,7 @@ async def run_node(args) -> int:
             print(f"strato: {exc}", file=sys.stderr)
             await agent.stop()
             await server.stop()
+            bulk.stop()
             return 3
 
     join_bundle = None
@@ -163,7 +170,7 @@ async def run_node(args) -> int:
     info = {"node_id": node_id.hex(), "pid": os.getpid(), "head": bool(args.head),
             "head_address": head_address, "agent_address": agent.address,
             "socket": agent.socket_path, "token_file": token_file, "started": time.time(),
-            "client_port": client_port, "join_bundle": join_bundle, "tls_dir": tls_dir,
+            "client_port": client_port, "bulk_port": agent.bulk_port, "join_bundle": join_bundle, "tls_dir": tls_dir,
             "resources": resources, "temp_dir": temp_dir, "shm_dir": shm_dir}
     node_file = os.path.join(temp_dir, "nodes", f"{short}.json")
     with open(node_file + ".tmp", "w") as f:
@@ -218,6 +225,7 @@ async def run_node(args) -> int:
             except FileNotFoundError:
                 pass
     await server.stop()
+    bulk.stop()
     return 4 if exit_reason else 0
 
 

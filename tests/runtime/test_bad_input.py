@@ -225,3 +225,59 @@ def test_join_bundle_joins_by_hand_and_nothing_else_does(multinode):
     from tests.harness.runtime_cluster import wait_until
     wait_until(lambda: sum(n["Alive"] for n in strato.nodes()) == 3, 20, 0.1,
                "the joined node to leave")
+
+
+def _bulk_request(ctx, port: int, token: bytes, oid: bytes) -> bytes:
+    """One request to a node's bulk port: the answer (header and data), or b"" if the
+    connection was refused or closed without one."""
+    import ssl
+    import struct
+
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    out = b""
+    try:
+        with ctx.wrap_socket(raw, server_hostname=tls.SAN) as s:
+            s.sendall(struct.pack("<I", len(token)) + token + oid + struct.pack("<QQ", 0, 1 << 20))
+            while len(out) < 9 or len(out) < 9 + struct.unpack_from("<Q", out, 1)[0]:
+                part = s.recv(1 << 20)
+                if not part:
+                    break
+                out += part
+    except (ssl.SSLError, OSError):
+        pass
+    finally:
+        raw.close()
+    return out
+
+
+def test_the_bulk_port_serves_only_this_cluster_with_its_token(multinode):
+    """The object channel between nodes (runtime/bulk.py): noise and plaintext get
+    nothing, another CA's certificate fails the handshake, and the right certificate
+    with a wrong token gets not one byte, even for an object that exists."""
+    import numpy as np
+
+    import strato
+    from strato.runtime import bulk
+
+    port = multinode.nodes["B"].info["bulk_port"]
+    assert port
+    # an object that lives in B's store
+    make = strato.remote(resources={"node_b": 1})(lambda: np.ones(1 << 18))
+    ref = make.remote()
+    strato.wait([ref], fetch_local=False, timeout=30)
+    for data in (b"GET / HTTP/1.1\r\n\r\n", os.urandom(4096),
+                 bytes.fromhex("160301020001000200") + os.urandom(40)):
+        answer = _endpoint_answer(port, data)
+        assert answer == b"" or answer[0] == 0x15   # nothing, or a TLS alert record
+    _, _, creds = tls.read_join_bundle(multinode.nodes["A"].join_bundle)
+    _, good_ctx = bulk._contexts(creds)
+    _, impostor_ctx = bulk._contexts(tls.new_cluster("impostor"))
+    token = multinode.token.encode()
+    assert _bulk_request(impostor_ctx, port, token, ref.id) == b""
+    for wrong in (b"wrong-token", b"", token[:-1], b"x" * 5000):
+        assert _bulk_request(good_ctx, port, wrong, ref.id) == b""
+    # the right token gets an answer (an object there: its bytes, one that is not: a no)
+    assert len(_bulk_request(good_ctx, port, token, ref.id)) > 1 << 18
+    assert _bulk_request(good_ctx, port, token, os.urandom(16))[:1] == b"\x00"
+    assert strato.get(ref, timeout=30).sum() == 1 << 18   # pulled A <- B on that channel
+    _healthy(strato, multinode)

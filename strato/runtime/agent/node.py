@@ -306,6 +306,9 @@ class NodeAgent(WorkerPool, ObjectManager, ActorHost, TaskRouter, ClientSessions
         self.view.pop(node, None)
         self._dead_nodes.add(node)
         self.peer_fns.pop(node, None)
+        self.bulk_ports.pop(node, None)
+        if self.bulk is not None:
+            self.bulk.cancel_node(node)
         if self.peers:
             self.peers.forget(node)
         self._tasks_lost_with(node)
@@ -358,4 +361,5 @@ ROUTES: dict[str, tuple[Callable, int]] = {
     m.FREE_COPIES: (ObjectManager.on_free_copies, PEER),
     m.JOB_LOG: (WorkerPool.on_job_log, PEER),
     m.PULL_CHUNK: (ObjectManager.on_pull_chunk, REQUEST),
+    m.BULK_PORT: (ObjectManager.on_bulk_port, REQUEST),
 }

@@ -2,7 +2,9 @@
 
 Owns: ``objects`` (entries for objects this node's clients own: state, inline value or
 location, lineage), ``remote_wants`` (callbacks waiting for another owner's answer) and
-``pulls`` (chunked copies from other nodes into the local ``store`` in flight).
+``pulls`` (copies from other nodes into the local ``store`` in flight: whole objects on
+the bulk channel, ``runtime/bulk.py``; 4 MB chunks over the peer link where a node has
+no bulk port).
 Answers WANT from clients and OBJ_WANT from peers once a value or location is known,
 serves PULL_CHUNK requests, frees copies, and rebuilds lost objects from lineage.
 """
@@ -10,6 +12,7 @@ serves PULL_CHUNK requests, frees copies, and rebuilds lost objects from lineage
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import enum
 import os
 
@@ -20,6 +23,7 @@ from strato.runtime.spec import TASK, ReturnValue, TaskSpec
 
 CHUNK = 4 * 1024 * 1024
 PULL_WINDOW = 4
+BULK_SPLIT = 32 * 1024 * 1024   # objects from this size travel in two parallel streams
 # a chunk that takes longer than this is lost (its node stalled); the pull fails over
 PULL_CHUNK_TIMEOUT = float(os.environ.get("STRATO_PULL_CHUNK_TIMEOUT", "60"))
 # a failed pull asks the owner again this many times (backing off 0.5, 1, 2, ... s): by
@@ -69,6 +73,11 @@ class ObjectManager:
         self.remote_wants: dict[bytes, list] = {}   # oid -> callbacks waiting for remote info
         self.pulls: dict[bytes, asyncio.Future] = {}
         self.refused_puts: set[bytes] = set()   # raw puts the store had no room for
+        self.bulk = None                        # ``bulk.BulkClient`` (set by the node)
+        self.bulk_port = 0                      # this node's bulk server (0: none)
+        self.bulk_ports: dict[bytes, int] = {}  # peers' bulk ports, asked once each
+        self._bulk_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=4, thread_name_prefix="strato-pull")
 
     # ------------------------------------------------------------------ from clients
     def on_put(self, client, msg) -> None:
@@ -158,6 +167,9 @@ class ObjectManager:
         else:
             reply((True, bytes(mm[offset:offset + length])))
             mm.close()
+
+    def on_bulk_port(self, reply, msg) -> None:
+        reply(self.bulk_port)
 
     def on_free_copies(self, node: bytes, msg) -> None:
         for oid in msg[1]:
@@ -269,11 +281,33 @@ class ObjectManager:
             done(exc is None, None if exc is None else error_bytes(exc))
         fut.add_done_callback(_finished)
 
+    async def _bulk_port_of(self, node: bytes) -> int:
+        port = self.bulk_ports.get(node)
+        if port is None:
+            port = await self.peers.request(node, (m.BULK_PORT,), timeout=PULL_CHUNK_TIMEOUT)
+            self.bulk_ports[node] = port
+        return port
+
     async def _run_pull(self, oid: bytes, node: bytes, size: int, fut) -> None:
         fd, tmp = self.store.new_file(oid, size)
         pending: dict[int, asyncio.Future] = {}
         try:
-            offsets = list(range(0, size, CHUNK)) or [0]
+            address = self.peers.addresses.get(node)
+            port = await self._bulk_port_of(node) if self.bulk and address else 0
+            if port:
+                # big objects in two streams at once: both ends encrypt and decrypt on
+                # two threads (OpenSSL releases the GIL)
+                half = size // 2 if size >= BULK_SPLIT else size
+                parts = [(0, half), (half, size - half)] if half < size else [(0, size)]
+                host = address.rsplit(":", 1)[0]
+                try:
+                    await asyncio.gather(*(self.loop.run_in_executor(
+                        self._bulk_pool, self.bulk.fetch_into, node, host, port, oid, fd,
+                        size, start, length) for start, length in parts))
+                except ConnectionError as exc:
+                    raise ObjectLostError(f"object {oid.hex()} could not be fetched from "
+                                          f"node {node.hex()[:8]}: {exc}") from None
+            offsets = [] if port else (list(range(0, size, CHUNK)) or [0])
             nxt = 0
             while nxt < len(offsets) or pending:
                 while nxt < len(offsets) and len(pending) < PULL_WINDOW:

@@ -1,0 +1,229 @@
+"""Objects between nodes on a channel of their own: mutual TLS sockets, whole objects.
+
+The gRPC links carry messages; an object pulled from another node through them went
+through several fresh copies per 4 MB chunk (slice, pickle, protobuf, and back), and
+both sides took turns. Here a pull is one request on a TLS connection to the holder's
+bulk port and the object's bytes stream back from its store file straight into the
+puller's new store file (``recv_into`` a mapping of it): one encryption, one
+decryption, no Python-level copy. Blocking sockets in threads, so the event loops of
+both agents stay free (OpenSSL and the socket calls release the GIL).
+
+The channel is as closed as the gRPC port: the cluster CA's certificates on both ends
+(no handshake, no byte read), then the cluster token compared in constant time before
+any request is parsed. A request names a 16-byte object id, never a path.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import mmap
+import os
+import socket
+import ssl
+import struct
+import tempfile
+import threading
+from collections.abc import Callable
+
+from strato.localfiles import write_secret
+from strato.runtime.tls import SAN, Credentials
+
+log = logging.getLogger("strato.bulk")
+
+_REQUEST = struct.Struct("<16sQQ")        # oid, offset, length
+_ANSWER = struct.Struct("<BQ")            # ok, length that follows
+_TOKEN_MAX = 1024
+_PIECE = 8 * 1024 * 1024                 # one send/recv call at most (SSL record batches)
+HANDSHAKE_TIMEOUT = 10.0
+# page tables filled in one call, not a fault per 4 KiB page as the bytes stream through
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def _contexts(creds: Credentials) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """Server and client contexts: mutual TLS against the cluster CA only."""
+    with tempfile.TemporaryDirectory(prefix="strato-bulk-") as d:
+        cert, key = os.path.join(d, "node.crt"), os.path.join(d, "node.key")
+        write_secret(cert, creds.cert)
+        write_secret(key, creds.key)
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.load_cert_chain(cert, key)
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client.load_cert_chain(cert, key)
+    for ctx in (server, client):
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_verify_locations(cadata=creds.ca_cert.decode())
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    client.check_hostname = True   # certificates name SAN "strato-node", see tls.py
+    return server, client
+
+
+def _recv_exact(sock, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if not k:
+            raise ConnectionError("the other side closed the connection")
+        got += k
+    return bytes(buf)
+
+
+class BulkServer:
+    """Serves this node's store files to other nodes of the cluster."""
+
+    def __init__(self, creds: Credentials, token: str, paths: Callable):
+        self._server_ctx, self.client_ctx = _contexts(creds)
+        self._token = token.encode()
+        self._paths = paths           # () -> the store's directories (memory, spill)
+        self._sock: socket.socket | None = None
+        self.port = 0
+        self._closed = False
+
+    def start(self, host: str) -> int:
+        sock = socket.create_server((host, 0), backlog=64)
+        self._sock = sock
+        self.port = sock.getsockname()[1]
+        threading.Thread(target=self._accept_loop, name="strato-bulk-accept",
+                         daemon=True).start()
+        return self.port
+
+    def stop(self) -> None:
+        self._closed = True
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), name="strato-bulk",
+                             daemon=True).start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        try:
+            raw.settimeout(HANDSHAKE_TIMEOUT)
+            with self._server_ctx.wrap_socket(raw, server_side=True) as conn:
+                (n,) = struct.unpack("<I", _recv_exact(conn, 4))
+                if n > _TOKEN_MAX or not hmac.compare_digest(_recv_exact(conn, n),
+                                                             self._token):
+                    return   # wrong token: nothing parsed, nothing answered
+                conn.settimeout(None)
+                while True:
+                    try:
+                        head = _recv_exact(conn, _REQUEST.size)
+                    except ConnectionError:
+                        return
+                    oid, offset, length = _REQUEST.unpack(head)
+                    self._answer(conn, oid, offset, length)
+        except (OSError, ssl.SSLError, ValueError, struct.error):
+            return   # a peer that is not of this cluster, or gone: drop it
+        finally:
+            try:
+                raw.close()
+            except OSError:
+                pass
+
+    def _open(self, oid: bytes):
+        name = oid.hex()
+        for directory in self._paths():
+            try:
+                fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                size = os.fstat(fd).st_size
+                return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE,
+                                 prot=mmap.PROT_READ) if size else b""
+            finally:
+                os.close(fd)
+        return None
+
+    def _answer(self, conn, oid: bytes, offset: int, length: int) -> None:
+        mm = self._open(oid)
+        if mm is None:
+            conn.sendall(_ANSWER.pack(0, 0))
+            return
+        try:
+            total = len(mm)
+            end = min(total, offset + length)
+            start = min(offset, end)
+            conn.sendall(_ANSWER.pack(1, end - start))
+            with memoryview(mm) as view:
+                for at in range(start, end, _PIECE):
+                    conn.sendall(view[at:min(end, at + _PIECE)])
+        finally:
+            if isinstance(mm, mmap.mmap):
+                mm.close()
+
+
+class BulkClient:
+    """Pulls objects from other nodes' bulk servers (blocking: run in a thread)."""
+
+    def __init__(self, client_ctx: ssl.SSLContext, token: str, timeout: float):
+        self._ctx = client_ctx
+        self._token = token.encode()
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._open: dict[bytes, set] = {}   # node -> sockets in use (closed if it dies)
+
+    def cancel_node(self, node: bytes) -> None:
+        """The node died: break every transfer from it now (never wait on a dead peer)."""
+        with self._lock:
+            socks = list(self._open.pop(node, ()))
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def fetch_into(self, node: bytes, host: str, port: int, oid: bytes, fd: int,
+                   size: int, offset: int = 0, length: int | None = None) -> None:
+        """Copy the object's bytes ``[offset, offset + length)`` (default: all ``size``)
+        into ``fd`` (a file of ``size`` bytes) at the same place; raises
+        ``ConnectionError`` when the holder lacks it, dies, or stalls past the timeout."""
+        length = size - offset if length is None else length
+        raw = socket.create_connection((host, port), timeout=self._timeout)
+        with self._lock:
+            self._open.setdefault(node, set()).add(raw)
+        try:
+            with self._ctx.wrap_socket(raw, server_hostname=SAN) as conn:
+                conn.sendall(struct.pack("<I", len(self._token)) + self._token
+                             + _REQUEST.pack(oid, offset, length))
+                ok, sent = _ANSWER.unpack(_recv_exact(conn, _ANSWER.size))
+                if not ok:
+                    raise ConnectionError(f"object {oid.hex()} is not in that node's store")
+                if sent != length:
+                    raise ConnectionError(f"object {oid.hex()}: {sent} bytes there at "
+                                          f"{offset}, {length} expected")
+                if length == 0:
+                    return
+                with mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE) as mm, \
+                        memoryview(mm) as whole, whole[offset:offset + length] as view:
+                    got = 0
+                    while got < length:
+                        k = conn.recv_into(view[got:], min(length - got, _PIECE))
+                        if not k:
+                            raise ConnectionError("the holder closed the transfer")
+                        got += k
+        except (OSError, ssl.SSLError) as exc:
+            if isinstance(exc, ConnectionError):
+                raise
+            raise ConnectionError(str(exc) or type(exc).__name__) from exc
+        finally:
+            with self._lock:
+                socks = self._open.get(node)
+                if socks is not None:
+                    socks.discard(raw)
+                    if not socks:
+                        self._open.pop(node, None)
+            try:
+                raw.close()
+            except OSError:
+                pass
