@@ -244,10 +244,13 @@ class NodeProvider(abc.ABC):
     @abc.abstractmethod
     def list_nodes(self, tag_filters: Mapping[str, str] | None = None, *,
                    include_terminated: bool = False) -> list[Node]:
-        """Nodes of this cluster matching every tag in ``tag_filters``.
+        """Nodes of this cluster matching every tag in ``tag_filters``, including the
+        ones strato stopped (autostop with ``down: false``: ``down`` and ``status`` must
+        see them; they are ``NodeState.STOPPED``).
 
-        With ``include_terminated`` also nodes the cloud has stopped or removed recently,
-        so the autoscaler can see which were preempted.
+        With ``include_terminated`` also nodes the cloud has terminated, or stopped on its
+        own (a preempted spot VM), recently, so the autoscaler can see which were
+        preempted.
         """
 
     def stop_nodes(self, node_ids: Sequence[str]) -> None:
