@@ -275,6 +275,25 @@ def _alarm(seconds: int):
         signal.signal(signal.SIGALRM, old)
 
 
+def _tree_cpu() -> float | None:
+    """CPU seconds (user + system) used so far by this process and all its descendants
+    (the backend's node, head and worker processes); None without psutil. Unlike
+    throughput, CPU per operation hardly moves when other load shares the machine."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:
+            pass
+    return total
+
+
 def _timeit(fn: Callable[[], Any], multiplier: float, duration: float, warmup: float,
             self_timed: bool = False) -> dict:
     """Calls/s of ``fn`` times ``multiplier``. With ``self_timed`` each call returns the
@@ -288,6 +307,7 @@ def _timeit(fn: Callable[[], Any], multiplier: float, duration: float, warmup: f
     # Timed window: at least one call, then until `duration` seconds.
     count = 0
     timed = 0.0
+    cpu0 = _tree_cpu()
     start = time.perf_counter()
     while True:
         dt = fn()
@@ -297,8 +317,11 @@ def _timeit(fn: Callable[[], Any], multiplier: float, duration: float, warmup: f
             timed += dt
         if elapsed >= duration:
             break
+    cpu1 = _tree_cpu()
     rec = {"value": multiplier * count / (timed if self_timed else elapsed), "calls": count,
            "seconds": elapsed}
+    if cpu0 is not None and cpu1 is not None:
+        rec["cpu_per_op"] = (cpu1 - cpu0) / (multiplier * count)
     if self_timed:
         rec["timed_seconds"] = timed
     return rec
@@ -554,6 +577,9 @@ def _merge_rounds(rs: list[dict], cases: list[str]) -> dict[str, Any]:
         if good:
             rec = dict(good[len(good) // 2])
             rec["value"] = statistics.median(x["value"] for x in good)
+            cpu = [x["cpu_per_op"] for x in good if "cpu_per_op" in x]
+            if cpu:
+                rec["cpu_per_op"] = statistics.median(cpu)
             rec["values"] = [x["value"] for x in good]
             merged["results"][name] = rec
         elif recs:
@@ -582,17 +608,22 @@ def _fmt(rec: dict | None, backend_error: str | None) -> str:
 
 def print_table(cases: list[str], runs: dict[str, dict]) -> None:
     backends = list(runs)
-    header = ["case", *backends] + (["strato/ray"] if len(backends) == 2 else [])
+    header = ["case", *backends] + (["strato/ray", "CPU/op ray/strato"]
+                                    if len(backends) == 2 else [])
     rows = []
     for name in cases:
         row = [name]
         vals = []
+        cpus = []
         for b in backends:
             rec = runs[b]["results"].get(name)
             row.append(_fmt(rec, runs[b].get("error")))
             vals.append(rec["value"] if rec and "value" in rec else None)
+            cpus.append(rec.get("cpu_per_op") if rec else None)
         if len(backends) == 2:
             row.append(f"{vals[0] / vals[1]:.2f}x" if None not in vals and vals[1] else "-")
+            # how many times less CPU strato spends per operation (all processes)
+            row.append(f"{cpus[1] / cpus[0]:.2f}x" if None not in cpus and cpus[0] else "-")
         rows.append(row)
 
     notes = []
