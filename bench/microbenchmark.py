@@ -275,23 +275,31 @@ def _alarm(seconds: int):
         signal.signal(signal.SIGALRM, old)
 
 
-def _tree_cpu() -> float | None:
-    """CPU seconds (user + system) used so far by this process and all its descendants
-    (the backend's node, head and worker processes); None without psutil. Unlike
+def _tree_cpu() -> dict[int, float] | None:
+    """CPU seconds (user + system) used so far by this process and each descendant (the
+    backend's node, head and worker processes), by pid; None without psutil. Unlike
     throughput, CPU per operation hardly moves when other load shares the machine."""
     try:
         import psutil
     except ImportError:
         return None
     me = psutil.Process()
-    total = 0.0
+    out = {}
     for proc in [me, *me.children(recursive=True)]:
         try:
             t = proc.cpu_times()
-            total += t.user + t.system + t.children_user + t.children_system
+            out[proc.pid] = t.user + t.system
         except psutil.Error:
             pass
-    return total
+    return out
+
+
+def _cpu_spent(before: dict | None, after: dict | None) -> float | None:
+    """CPU the process tree spent between two ``_tree_cpu`` samples; None when a process
+    exited meanwhile (its time is gone with it) or either sample is missing."""
+    if before is None or after is None or any(pid not in after for pid in before):
+        return None
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
 
 
 def _timeit(fn: Callable[[], Any], multiplier: float, duration: float, warmup: float,
@@ -320,8 +328,9 @@ def _timeit(fn: Callable[[], Any], multiplier: float, duration: float, warmup: f
     cpu1 = _tree_cpu()
     rec = {"value": multiplier * count / (timed if self_timed else elapsed), "calls": count,
            "seconds": elapsed}
-    if cpu0 is not None and cpu1 is not None:
-        rec["cpu_per_op"] = (cpu1 - cpu0) / (multiplier * count)
+    spent = None if self_timed else _cpu_spent(cpu0, cpu1)   # self-timed: nodes not ours
+    if spent is not None:
+        rec["cpu_per_op"] = spent / (multiplier * count)
     if self_timed:
         rec["timed_seconds"] = timed
     return rec
