@@ -23,8 +23,6 @@ import psutil
 
 from strato.runtime.serialization import SerializedValue, deserialize
 
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
-
 
 def object_path(directory: str, oid: bytes) -> str:
     return os.path.join(directory, oid.hex())
@@ -48,13 +46,30 @@ def write_object(directory: str, oid: bytes, value: SerializedValue,
     fd = os.open(path + ".tmp", flags, 0o600)
     try:
         os.ftruncate(fd, size)
-        # one populate call instead of a page fault per 4 KiB page
-        with mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE) as mm:
-            value.write_into(memoryview(mm))
+        # pwritev of the value's own buffers: tmpfs fills fresh pages as it copies, 2-3x
+        # faster than faulting (or populating, which zeroes them first) a mapping
+        _pwrite_all(fd, value.segments())
     finally:
         os.close(fd)
     os.rename(path + ".tmp", path)
     return size
+
+
+_IOV_MAX = 512
+
+
+def _pwrite_all(fd: int, segments: list) -> None:
+    """Write ``segments`` back to back from offset 0, whatever pwritev takes per call."""
+    views = [memoryview(b).cast("B") for b in segments]
+    offset, i = 0, 0
+    while i < len(views):
+        written = os.pwritev(fd, views[i:i + _IOV_MAX], offset)
+        offset += written
+        while i < len(views) and written >= views[i].nbytes:
+            written -= views[i].nbytes
+            i += 1
+        if written:
+            views[i] = views[i][written:]
 
 
 def open_object(paths: tuple[str, ...], oid: bytes):
