@@ -60,6 +60,10 @@ class ActorHost:
     def on_kill_actor(self, client, msg) -> None:
         _, actor_id, no_restart = msg
         self.head.send((m.KILL_ACTOR, actor_id, no_restart))
+        if no_restart:
+            # calls made after kill() fail here at once, not only once the head's word
+            # comes back (until then they would still reach the live process)
+            self.actor_locations[actor_id] = ActorLocation(ActorState.DEAD, None, None)
 
     def on_actor_ready(self, client, msg) -> None:
         """The actor's worker ran ``__init__``: alive, or failed with ``error``."""
