@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable
 
 from strato.localfiles import write_secret
+from strato.runtime.bounded import BoundedSet
 from strato.runtime.tls import SAN, Credentials
 
 log = logging.getLogger("strato.bulk")
@@ -164,24 +165,60 @@ class BulkServer:
 
 
 class BulkClient:
-    """Pulls objects from other nodes' bulk servers (blocking: run in a thread)."""
+    """Pulls objects from other nodes' bulk servers (blocking: run in a thread).
+
+    Connections are kept open per node and reused, so a stream of small objects pays
+    for one TLS handshake, not one each."""
 
     def __init__(self, client_ctx: ssl.SSLContext, token: str, timeout: float):
         self._ctx = client_ctx
         self._token = token.encode()
         self._timeout = timeout
         self._lock = threading.Lock()
-        self._open: dict[bytes, set] = {}   # node -> sockets in use (closed if it dies)
+        self._open: dict[bytes, set] = {}   # node -> its connections (closed if it dies)
+        self._idle: dict[bytes, list] = {}  # node -> connections free for a request
+        self._dead = BoundedSet(maxlen=10_000)   # nodes declared dead: never dialled again
 
     def cancel_node(self, node: bytes) -> None:
         """The node died: break every transfer from it now (never wait on a dead peer)."""
         with self._lock:
-            socks = list(self._open.pop(node, ()))
-        for sock in socks:
+            self._dead.add(node)
+            conns = list(self._open.pop(node, ()))
+            self._idle.pop(node, None)
+        for conn in conns:
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            conn.close()
+
+    def _connect(self, node: bytes, host: str, port: int, reuse: bool = True):
+        if node in self._dead:
+            raise ConnectionError(f"node {node.hex()[:8]} is dead")
+        with self._lock:
+            idle = self._idle.get(node)
+            if idle and reuse:
+                return idle.pop(), True
+        raw = socket.create_connection((host, port), timeout=self._timeout)
+        try:
+            conn = self._ctx.wrap_socket(raw, server_hostname=SAN)
+            conn.sendall(struct.pack("<I", len(self._token)) + self._token)
+        except BaseException:
+            raw.close()
+            raise
+        with self._lock:
+            self._open.setdefault(node, set()).add(conn)
+        return conn, False
+
+    def _done(self, node: bytes, conn, reusable: bool) -> None:
+        with self._lock:
+            conns = self._open.get(node)
+            if reusable and conns is not None and conn in conns:
+                self._idle.setdefault(node, []).append(conn)
+                return
+            if conns is not None:
+                conns.discard(conn)
+        conn.close()
 
     def fetch_into(self, node: bytes, host: str, port: int, oid: bytes, fd: int,
                    size: int, offset: int = 0, length: int | None = None) -> None:
@@ -189,21 +226,31 @@ class BulkClient:
         into ``fd`` (a file of ``size`` bytes) at the same place; raises
         ``ConnectionError`` when the holder lacks it, dies, or stalls past the timeout."""
         length = size - offset if length is None else length
-        raw = socket.create_connection((host, port), timeout=self._timeout)
-        with self._lock:
-            self._open.setdefault(node, set()).add(raw)
         try:
-            with self._ctx.wrap_socket(raw, server_hostname=SAN) as conn:
-                conn.sendall(struct.pack("<I", len(self._token)) + self._token
-                             + _REQUEST.pack(oid, offset, length))
-                ok, sent = _ANSWER.unpack(_recv_exact(conn, _ANSWER.size))
-                if not ok:
-                    raise ConnectionError(f"object {oid.hex()} is not in that node's store")
-                if sent != length:
-                    raise ConnectionError(f"object {oid.hex()}: {sent} bytes there at "
-                                          f"{offset}, {length} expected")
-                if length == 0:
-                    return
+            self._fetch(node, host, port, oid, fd, size, offset, length, reuse=True)
+        except _StaleConnection:
+            # a kept connection the holder had closed (it restarted, or timed it out)
+            self._fetch(node, host, port, oid, fd, size, offset, length, reuse=False)
+
+    def _fetch(self, node: bytes, host: str, port: int, oid: bytes, fd: int, size: int,
+               offset: int, length: int, reuse: bool) -> None:
+        try:
+            conn, reused = self._connect(node, host, port, reuse)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConnectionError(str(exc) or type(exc).__name__) from exc
+        reusable = False
+        answered = False
+        try:
+            conn.sendall(_REQUEST.pack(oid, offset, length))
+            ok, sent = _ANSWER.unpack(_recv_exact(conn, _ANSWER.size))
+            answered = True
+            if not ok:
+                reusable = True
+                raise ConnectionError(f"object {oid.hex()} is not in that node's store")
+            if sent != length:
+                raise ConnectionError(f"object {oid.hex()}: {sent} bytes there at "
+                                      f"{offset}, {length} expected")
+            if length:
                 with mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE) as mm, \
                         memoryview(mm) as whole, whole[offset:offset + length] as view:
                     got = 0
@@ -212,18 +259,16 @@ class BulkClient:
                         if not k:
                             raise ConnectionError("the holder closed the transfer")
                         got += k
+            reusable = True
         except (OSError, ssl.SSLError) as exc:
+            if reused and not answered:
+                raise _StaleConnection() from exc
             if isinstance(exc, ConnectionError):
                 raise
             raise ConnectionError(str(exc) or type(exc).__name__) from exc
         finally:
-            with self._lock:
-                socks = self._open.get(node)
-                if socks is not None:
-                    socks.discard(raw)
-                    if not socks:
-                        self._open.pop(node, None)
-            try:
-                raw.close()
-            except OSError:
-                pass
+            self._done(node, conn, reusable)
+
+
+class _StaleConnection(Exception):
+    pass

@@ -124,6 +124,7 @@ class TaskRouter:
             self.peers.send(spec.owner_node, (m.TASK_REJECTED, spec, self.node_id))
             return
         self.ready.setdefault(spec.shape_key(), deque()).append(spec)
+        self._prefetch_args(spec)
         self._schedule_dispatch()
 
     def on_task_rejected(self, node: bytes, msg) -> None:
@@ -177,6 +178,7 @@ class TaskRouter:
             self._forward(spec, node)
         elif where == scheduler.LOCAL or (where == scheduler.WAIT and self._only_here(spec)):
             self.ready.setdefault(spec.shape_key(), deque()).append(spec)
+            self._prefetch_args(spec)
             self._schedule_dispatch()
         else:
             # (a placement group's task waits for its group, which is the demand)

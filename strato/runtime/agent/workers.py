@@ -36,6 +36,9 @@ class WorkerState(enum.Enum):
     DEAD = "dead"
 
 
+#: bytes of queued tasks' arguments pulled ahead of their turn at once, at most
+PREFETCH_BYTES = 512 * 1024 * 1024
+
 @dataclass
 class Worker:
     worker_id: bytes
@@ -66,6 +69,7 @@ class WorkerPool:
         self.idle_workers: list[Worker] = []
         self.starting_workers = 0
         self.ready: dict[tuple, deque] = {}       # shape key -> specs placed here
+        self._prefetching = 0                     # bytes of queued tasks' args being pulled
         self._dispatch_scheduled = False
 
     def ready_count(self) -> int:
@@ -334,6 +338,24 @@ class WorkerPool:
         self._schedule_dispatch()
         if self.waiting:
             self._retry_waiting()
+
+    def _prefetch_args(self, spec) -> None:
+        """A task queued here: start pulling its arguments that live on other nodes now,
+        while it waits for a worker (up to ``PREFETCH_BYTES`` in flight), so it does not
+        wait for them after it got one. ``_prefetch_then_send`` joins these pulls."""
+        if not spec.dep_values:
+            return
+        for oid, info in spec.dep_values.items():
+            if info[0] != m.AT_NODE or info[1] == self.node_id or oid in self.store \
+                    or oid in self.pulls:
+                continue
+            if self._prefetching + info[2] > PREFETCH_BYTES:
+                return
+            self._prefetching += info[2]
+
+            def done(ok, err=None, size=info[2]):
+                self._prefetching -= size
+            self._pull(oid, info[1], info[2], done)
 
     def _prefetch_then_send(self, w: Worker, specs: list, fns: dict) -> None:
         """Pull remote arguments into the local store before the worker sees the task."""
