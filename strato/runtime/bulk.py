@@ -37,7 +37,7 @@ _ANSWER = struct.Struct("<BQ")            # ok, length that follows
 _TOKEN_MAX = 1024
 _PIECE = 8 * 1024 * 1024                 # one send/recv call at most (SSL record batches)
 HANDSHAKE_TIMEOUT = 10.0
-# page tables filled in one call, not a fault per 4 KiB page as the bytes stream through
+# the holder maps the file it sends with page tables filled in one call (its pages exist)
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
@@ -251,7 +251,9 @@ class BulkClient:
                 raise ConnectionError(f"object {oid.hex()}: {sent} bytes there at "
                                       f"{offset}, {length} expected")
             if length:
-                with mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE) as mm, \
+                # no MAP_POPULATE here: pages fault in as the bytes arrive, overlapping
+                # the network (populating first costs a serial pass per stream)
+                with mmap.mmap(fd, size, flags=mmap.MAP_SHARED) as mm, \
                         memoryview(mm) as whole, whole[offset:offset + length] as view:
                     got = 0
                     while got < length:
