@@ -50,6 +50,7 @@ class ReturnValue:
     node: bytes | None
     size: int
     error: bool = False
+    contained: list | None = None   # [(oid, owner_node)] refs inside the value
 
 
 class ArgRef:

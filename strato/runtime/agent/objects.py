@@ -4,7 +4,9 @@ Owns: ``objects`` (entries for objects this node's clients own: state, inline va
 location, lineage), ``remote_wants`` (callbacks waiting for another owner's answer) and
 ``pulls`` (chunked copies from other nodes into the local ``store`` in flight).
 Answers WANT from clients and OBJ_WANT from peers once a value or location is known,
-serves PULL_CHUNK requests, frees copies, and rebuilds lost objects from lineage.
+serves PULL_CHUNK requests, frees copies, and rebuilds lost objects from lineage. When an
+object may be freed is ``refs``' concern (reference counting); freeing it, every copy
+included, is this module's.
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ class ObjState(enum.Enum):
 
 
 class ObjEntry:
-    """An object owned by one of this node's clients."""
+    """An object owned by one of this node's clients (and what keeps it alive: ``refs``)."""
 
-    __slots__ = ("state", "inline", "node", "size", "lineage", "waiters", "owner_client")
+    __slots__ = ("state", "inline", "node", "size", "lineage", "waiters", "owner_client",
+                 "owner_holds", "borrowers", "contained_in", "contains", "copies")
 
     def __init__(self, owner_client: bytes, lineage: TaskSpec | None = None):
         self.state = ObjState.PENDING
@@ -51,6 +54,11 @@ class ObjEntry:
         self.lineage = lineage
         self.waiters: list = []
         self.owner_client = owner_client
+        self.owner_holds = True          # the owning client still has a ref
+        self.borrowers: set | None = None        # local client ids, other node ids
+        self.contained_in: dict | None = None    # container oid -> [count, its owner node]
+        self.contains: list | None = None        # [(oid, owner_node)] refs in the value
+        self.copies: set | None = None           # other nodes that pulled a copy
 
     def info(self) -> tuple:
         """Where the value is, as ``messages`` object info."""
@@ -72,8 +80,11 @@ class ObjectManager:
 
     # ------------------------------------------------------------------ from clients
     def on_put(self, client, msg) -> None:
-        _, oid, inline, size = msg
+        _, oid, inline, size, contained = msg
         entry = ObjEntry(client.client_id)
+        if contained:
+            entry.contains = contained
+            self._contains(oid, self.node_id, contained)
         entry.state = ObjState.READY
         entry.size = size
         if inline is not None:
@@ -100,11 +111,16 @@ class ObjectManager:
                 if out is returns:
                     out = list(returns)
                 out[i] = ReturnValue(ret.oid, data, None, len(data), True)
+                if ret.contained:
+                    self._release_contained(ret.oid, ret.contained)
         return out
 
-    def on_free(self, client, msg) -> None:
-        for oid in msg[1]:
-            self._free_owned(oid)
+    def _discard_returns(self, returns: list) -> None:
+        """Results nobody will keep (a retry follows, or nobody waits): the refs inside
+        them are held by them no more."""
+        for ret in returns:
+            if ret.contained:
+                self._release_contained(ret.oid, ret.contained)
 
     def on_want(self, client, msg) -> None:
         for oid, owner_node in msg[1]:
@@ -129,10 +145,10 @@ class ObjectManager:
                                                                  attempt + 1))
                 else:
                     client.conn.send((m.OBJ, oid, m.ERROR, err))
-            self._pull(oid, info[1], info[2], pulled)
+            self._pull(oid, info[1], info[2], pulled, owner_node)
             return
         if where == m.AT_NODE and client.remote:
-            self._deliver_remote(client, oid, info)
+            self._deliver_remote(client, oid, info, owner_node)
             return
         if where == m.AT_NODE:
             client.conn.send((m.OBJ, oid, m.LOCAL, None))
@@ -197,7 +213,13 @@ class ObjectManager:
             # freed already: drop stored copy
             if ret.node is not None:
                 self._delete_copy(oid, ret.node)
+            if ret.contained:
+                self._release_contained(oid, ret.contained)
             return
+        old = entry.contains
+        entry.contains = ret.contained
+        if old:   # an earlier run's value (rebuilt by lineage): its refs go
+            self._release_contained(oid, old)
         entry.size = ret.size
         entry.inline = ret.inline
         entry.node = ret.node
@@ -210,11 +232,33 @@ class ObjectManager:
             self._durable_finished(oid)
 
     def _free_owned(self, oid: bytes) -> None:
+        """Free an owned object now (every copy), and release the refs its value holds,
+        which may free those in turn: a loop, not a recursion, however deep the nesting."""
+        pending = self._freeing
+        pending.append(oid)
+        if len(pending) > 1:
+            return     # an outer call is freeing: it takes this one too
+        try:
+            i = 0
+            while i < len(pending):
+                self._free_one(pending[i])
+                i += 1
+        finally:
+            pending.clear()
+
+    def _free_one(self, oid: bytes) -> None:
         entry = self.objects.pop(oid, None)
         if entry is None:
             return
         if entry.node is not None:
             self._delete_copy(oid, entry.node)
+        if entry.copies:
+            for node in entry.copies:
+                self._delete_copy(oid, node)
+        if entry.node != self.node_id and oid in self.store:
+            self.store.delete(oid)   # a copy pulled here for this node's clients
+        if entry.contains:
+            self._release_contained(oid, entry.contains)
 
     def _delete_copy(self, oid: bytes, node: bytes) -> None:
         if node == self.node_id:
@@ -228,10 +272,17 @@ class ObjectManager:
                 self._free_owned(oid)
 
     def _objects_lost_with(self, node: bytes) -> None:
-        for entry in self.objects.values():
+        for oid, entry in self.objects.items():
+            if entry.copies:
+                entry.copies.discard(node)
             if entry.node == node and entry.state is ObjState.READY:
-                entry.state = ObjState.LOST
-                entry.node = None
+                if oid in self.store:       # a copy here: it becomes the primary
+                    entry.node = self.node_id
+                elif entry.copies:          # a copy on another node: that one
+                    entry.node = entry.copies.pop()
+                else:
+                    entry.state = ObjState.LOST
+                    entry.node = None
 
     def _reconstruct_or_fail(self, oid: bytes, entry: ObjEntry, callback) -> None:
         spec = entry.lineage
@@ -252,9 +303,21 @@ class ObjectManager:
         self.owned_tasks[spec.task_id] = (spec, None)
         self._resolve_then_place(spec)
 
+    def _copy_made(self, oid: bytes, owner: bytes | None) -> None:
+        """A copy was pulled here: its owner frees it with the object. (A copy whose
+        owner is unknown stays until this node stops, as every copy did before.)"""
+        if owner is None or owner == self.node_id:
+            if owner is not None and oid not in self.objects:
+                self.store.delete(oid)   # freed while the pull ran (a client waiting
+                                         # holds a ref, so this is nobody's)
+            return
+        self.peers.send(owner, (m.OBJ_COPY, oid, self.node_id))
+
     # ------------------------------------------------------------------ transfer
-    def _pull(self, oid: bytes, node: bytes, size: int, done) -> None:
-        """Fetch a remote object into the local store in chunks, a bounded window at once."""
+    def _pull(self, oid: bytes, node: bytes, size: int, done,
+              owner: bytes | None = None) -> None:
+        """Fetch a remote object into the local store in chunks, a bounded window at once;
+        its ``owner`` learns of the copy (OBJ_COPY) and frees it with the object."""
         if oid in self.store:
             done(True)
             return
@@ -262,14 +325,15 @@ class ObjectManager:
         if fut is None:
             fut = self.loop.create_future()
             self.pulls[oid] = fut
-            self.loop.create_task(self._run_pull(oid, node, size, fut))
+            self.loop.create_task(self._run_pull(oid, node, size, fut, owner))
 
         def _finished(f):
             exc = f.exception()
             done(exc is None, None if exc is None else error_bytes(exc))
         fut.add_done_callback(_finished)
 
-    async def _run_pull(self, oid: bytes, node: bytes, size: int, fut) -> None:
+    async def _run_pull(self, oid: bytes, node: bytes, size: int, fut,
+                        owner: bytes | None = None) -> None:
         fd, tmp = self.store.new_file(oid, size)
         pending: dict[int, asyncio.Future] = {}
         try:
@@ -292,6 +356,7 @@ class ObjectManager:
             fd = -1
             if not self.store.finish_file(oid, tmp, size):
                 raise ObjectStoreFullError(self.store.full_message(size))
+            self._copy_made(oid, owner)
             fut.set_result(True)
         except Exception as exc:
             for other in pending.values():
