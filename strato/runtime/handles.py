@@ -12,7 +12,7 @@ import cloudpickle
 from strato.runtime import calls, context
 from strato.runtime import messages as m
 from strato.runtime import options as opts_check
-from strato.runtime.core import CoreWorker, ObjectRef, require_current
+from strato.runtime.core import CoreWorker, ObjectRef, ref_pairs, require_current
 from strato.runtime.serialization import serialize
 from strato.runtime.spec import ACTOR_CALL, ACTOR_CREATE, INLINE_MAX, TASK, ArgRef, TaskSpec
 
@@ -273,12 +273,14 @@ class ActorClass:
         spec = TaskSpec(actor_id, ACTOR_CREATE, core.job_id, core.node_id, core.client_id, fid,
                         self._name, blob, deps, [], resources, 0, False, actor_id=actor_id,
                         actor_options=actor_options, runtime_env=core.runtime_env)
-        if keep:
-            core.pinned[actor_id] = keep
         # the head keeps the creation spec to restart the actor; its args must be inline
         if deps:
             spec.dep_values = None
-        core.send((m.ACTOR_CREATE, spec, meta))
+        # the agent keeps the argument refs alive until the actor is dead for good
+        # (restarts read them again); this process may drop its own refs once sent,
+        # but must not unlink their files then
+        core.mark_escaped(keep)
+        core.send((m.ACTOR_CREATE, spec, meta, ref_pairs(keep) if keep else None))
         return ActorHandle(actor_id, meta, actor_options, core.node_id)
 
 

@@ -23,7 +23,8 @@ PUT = "put"                    # (PUT, oid, inline bytes | None, size, [(oid, ow
 REFS = "refs"                  # (REFS, [ref op])   reference counting, in the order the client
                                # did it, ahead of whatever it sends next (``REF_*`` below)
 WANT = "want"                  # (WANT, [(oid, owner_node)])
-ACTOR_CREATE = "actor_create"  # (ACTOR_CREATE, TaskSpec, meta)
+ACTOR_CREATE = "actor_create"  # (ACTOR_CREATE, TaskSpec, meta, [(oid, owner_node)] | None)
+                               # the last field: argument refs, kept until the actor is dead
 ACTOR_CALLS = "actor_call"     # (ACTOR_CALLS, [TaskSpec])
 CANCEL = "cancel"              # (CANCEL, task_id, force)   also peer -> agent
 KILL_ACTOR = "kill_actor"      # (KILL_ACTOR, actor_id, no_restart)   also agent -> head

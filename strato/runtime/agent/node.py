@@ -270,6 +270,8 @@ class NodeAgent(WorkerPool, ObjectManager, RefCounting, ActorHost, TaskRouter,
                 "waiting": len(self.waiting),
                 "workers": {w.pid: (w.state.value, len(w.inflight), w.blocked)
                             for w in self.workers.values()},
+                "objects": len(self.objects), "borrowed": len(self.borrowed),
+                "store_used": self.store.used,
                 "view": {n.hex()[:8]: dict(v.available) for n, v in self.view.items()}}
 
     # ------------------------------------------------------------------ head

@@ -80,7 +80,8 @@ class ObjectManager:
 
     # ------------------------------------------------------------------ from clients
     def on_put(self, client, msg) -> None:
-        _, oid, inline, size, contained = msg
+        oid, inline, size = msg[1], msg[2], msg[3]
+        contained = msg[4] if len(msg) > 4 else None
         entry = ObjEntry(client.client_id)
         if contained:
             entry.contains = contained
