@@ -97,6 +97,12 @@ class ObjectRef:
                 core.keep_forever([self])
         return (_rebuild_ref, (self.id, self.owner_node))
 
+    def __copy__(self) -> ObjectRef:
+        return ObjectRef(self.id, self.owner_node)   # one more local ref, nothing leaves
+
+    def __deepcopy__(self, memo) -> ObjectRef:
+        return ObjectRef(self.id, self.owner_node)
+
     def __repr__(self) -> str:
         return f"ObjectRef({self.id.hex()})"
 
@@ -304,7 +310,7 @@ class CoreWorker:
         frees the object once nobody anywhere holds it)."""
         value = self.values.pop(oid, None)
         if value is not None and self.covers:
-            cover = self.covers.pop(oid, None)
+            cover = self.covers.pop(oid, None)   # (the refs its value holds)
             if cover:
                 self._uncover(cover)
         if oid in self.owned:
@@ -324,7 +330,13 @@ class CoreWorker:
                     os.unlink(os.path.join(self.store_paths[0], oid.hex()))
                 except OSError:
                     pass
-            self._add_op(oid)
+            ops = self._ops           # (_add_op, inlined: this is every object's end)
+            ops.append(oid)
+            if not self._flush_armed:
+                self._flush_armed = True
+                self._flush_wanted.set()
+            if len(ops) >= 1000:
+                self.conn.try_flush(block=False)
         elif self.borrowed and self.borrowed.pop(oid, None) is not None:
             self._add_op((m.REF_UNBORROWED, oid))
 
@@ -352,23 +364,30 @@ class CoreWorker:
 
     def _rebuilder(self, key):
         """The function deserialize() rebuilds refs with (for a value that holds refs):
-        refs not owned here are covered by ``key`` (the value's oid, or a task's key)."""
+        they are covered by ``key``, the value's own oid (bytes) or a task's key
+        (tuple). A value never changes: the refs in it are noted the first time it is
+        read; reading it again (while its ref is held) notes nothing."""
         cover = self.covers.get(key)
+        counts = self.refcounts
+        if cover is not None and type(key) is bytes:
+            def rebuild(oid, owner_node, _new=_new_ref, _cls=ObjectRef):
+                ref = _new(_cls)
+                ref.id = oid
+                ref.owner_node = owner_node
+                counts[oid] = counts.get(oid, 0) + 1
+                return ref
+            return rebuild
         if cover is None:
             cover = self.covers[key] = {}
-        counts = self.refcounts
-        owned = self.owned
 
-        def rebuild(oid, owner_node, _new=_new_ref, _cls=ObjectRef):
+        def rebuild_noting(oid, owner_node, _new=_new_ref, _cls=ObjectRef):
             ref = _new(_cls)
             ref.id = oid
             ref.owner_node = owner_node
-            n = counts.get(oid, 0)
-            counts[oid] = n + 1
-            if not n and oid not in owned:
-                cover[oid] = owner_node
+            counts[oid] = counts.get(oid, 0) + 1
+            cover[oid] = owner_node
             return ref
-        return rebuild
+        return rebuild_noting
 
     def uncover(self, key) -> None:
         """The cover ``key`` goes (a task is done): refs it covered that are still held

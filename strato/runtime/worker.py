@@ -331,9 +331,9 @@ class Executor:
         self.done(spec, returns, False)
 
 
-def _cover_key(spec: TaskSpec) -> bytes:
-    """What covers the refs in a task's arguments (never an object id)."""
-    return b"task:" + spec.task_id
+def _cover_key(spec: TaskSpec) -> tuple:
+    """What covers the refs in a task's arguments (a tuple: never an object id)."""
+    return ("task", spec.task_id)
 
 
 def _picklable(exc) -> bool:

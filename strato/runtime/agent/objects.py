@@ -40,11 +40,24 @@ class ObjState(enum.Enum):
     LOST = "lost"         # its only copy was on a node that died
 
 
+class RefState:
+    """What an object's reference counting needs beyond its owner's own refs (most
+    objects never need one: ``ObjEntry.rc`` stays None)."""
+
+    __slots__ = ("borrowers", "contained_in", "contains", "copies")
+
+    def __init__(self):
+        self.borrowers: set | None = None        # local client ids, other node ids
+        self.contained_in: dict | None = None    # container oid -> [count, its owner node]
+        self.contains: list | None = None        # [(oid, owner_node)] refs in the value
+        self.copies: set | None = None           # other nodes that pulled a copy
+
+
 class ObjEntry:
     """An object owned by one of this node's clients (and what keeps it alive: ``refs``)."""
 
     __slots__ = ("state", "inline", "node", "size", "lineage", "waiters", "owner_client",
-                 "owner_holds", "borrowers", "contained_in", "contains", "copies")
+                 "owner_holds", "rc")
 
     def __init__(self, owner_client: bytes, lineage: TaskSpec | None = None):
         self.state = ObjState.PENDING
@@ -55,10 +68,13 @@ class ObjEntry:
         self.waiters: list = []
         self.owner_client = owner_client
         self.owner_holds = True          # the owning client still has a ref
-        self.borrowers: set | None = None        # local client ids, other node ids
-        self.contained_in: dict | None = None    # container oid -> [count, its owner node]
-        self.contains: list | None = None        # [(oid, owner_node)] refs in the value
-        self.copies: set | None = None           # other nodes that pulled a copy
+        self.rc: RefState | None = None
+
+    def refstate(self) -> RefState:
+        rc = self.rc
+        if rc is None:
+            rc = self.rc = RefState()
+        return rc
 
     def info(self) -> tuple:
         """Where the value is, as ``messages`` object info."""
@@ -84,7 +100,7 @@ class ObjectManager:
         contained = msg[4] if len(msg) > 4 else None
         entry = ObjEntry(client.client_id)
         if contained:
-            entry.contains = contained
+            entry.refstate().contains = contained
             self._contains(oid, self.node_id, contained)
         entry.state = ObjState.READY
         entry.size = size
@@ -217,10 +233,12 @@ class ObjectManager:
             if ret.contained:
                 self._release_contained(oid, ret.contained)
             return
-        old = entry.contains
-        entry.contains = ret.contained
-        if old:   # an earlier run's value (rebuilt by lineage): its refs go
-            self._release_contained(oid, old)
+        rc = entry.rc
+        old = rc.contains if rc is not None else None
+        if ret.contained or old:
+            entry.refstate().contains = ret.contained
+            if old:   # an earlier run's value (rebuilt by lineage): its refs go
+                self._release_contained(oid, old)
         entry.size = ret.size
         entry.inline = ret.inline
         entry.node = ret.node
@@ -236,30 +254,46 @@ class ObjectManager:
         """Free an owned object now (every copy), and release the refs its value holds,
         which may free those in turn: a loop, not a recursion, however deep the nesting."""
         pending = self._freeing
-        pending.append(oid)
-        if len(pending) > 1:
-            return     # an outer call is freeing: it takes this one too
-        try:
-            i = 0
-            while i < len(pending):
-                self._free_one(pending[i])
-                i += 1
-        finally:
-            pending.clear()
-
-    def _free_one(self, oid: bytes) -> None:
+        if pending is not None:
+            pending.append(oid)   # an outer call is freeing: it takes this one too
+            return
         entry = self.objects.pop(oid, None)
         if entry is None:
             return
-        if entry.node is not None:
-            self._delete_copy(oid, entry.node)
-        if entry.copies:
-            for node in entry.copies:
-                self._delete_copy(oid, node)
-        if entry.node != self.node_id and oid in self.store:
-            self.store.delete(oid)   # a copy pulled here for this node's clients
-        if entry.contains:
-            self._release_contained(oid, entry.contains)
+        node = entry.node
+        rc = entry.rc
+        if node is not None:
+            self._delete_copy(oid, node)
+            if node != self.node_id and oid in self.store:
+                self.store.delete(oid)   # a copy pulled here for this node's clients
+            if rc is not None and rc.copies:
+                for other in rc.copies:
+                    self._delete_copy(oid, other)
+        if rc is not None and rc.contains:
+            self._freeing = pending = []
+            try:
+                self._release_contained(oid, rc.contains)
+                while pending:
+                    self._free_one(pending.pop())
+            finally:
+                self._freeing = None
+
+    def _free_one(self, oid: bytes) -> None:
+        """``_free_owned`` inside its loop: frees it may cause join the loop."""
+        entry = self.objects.pop(oid, None)
+        if entry is None:
+            return
+        node = entry.node
+        rc = entry.rc
+        if node is not None:
+            self._delete_copy(oid, node)
+            if node != self.node_id and oid in self.store:
+                self.store.delete(oid)
+            if rc is not None and rc.copies:
+                for other in rc.copies:
+                    self._delete_copy(oid, other)
+        if rc is not None and rc.contains:
+            self._release_contained(oid, rc.contains)
 
     def _delete_copy(self, oid: bytes, node: bytes) -> None:
         if node == self.node_id:
@@ -274,13 +308,14 @@ class ObjectManager:
 
     def _objects_lost_with(self, node: bytes) -> None:
         for oid, entry in self.objects.items():
-            if entry.copies:
-                entry.copies.discard(node)
+            copies = entry.rc.copies if entry.rc is not None else None
+            if copies:
+                copies.discard(node)
             if entry.node == node and entry.state is ObjState.READY:
                 if oid in self.store:       # a copy here: it becomes the primary
                     entry.node = self.node_id
-                elif entry.copies:          # a copy on another node: that one
-                    entry.node = entry.copies.pop()
+                elif copies:                # a copy on another node: that one
+                    entry.node = copies.pop()
                 else:
                     entry.state = ObjState.LOST
                     entry.node = None

@@ -4,10 +4,12 @@ An object is owned by one agent (``ObjEntry`` in ``objects``) for one of its cli
 lives while any of these holds it:
 
 - its owning client (``entry.owner_holds``; the client says when its last ref goes),
-- a borrower (``entry.borrowers``): a local client, by client id, or another node, by
+- a borrower (``entry.rc.borrowers``): a local client, by client id, or another node, by
   node id, that holds refs to it,
-- a live object whose value contains it (``entry.contained_in``: container oid ->
+- a live object whose value contains it (``entry.rc.contained_in``: container oid ->
   [count, container's owner node]); the container's owner says when it is freed.
+(``entry.rc``, a ``RefState``, exists only for objects that ever needed more than the
+first: most never do.)
 
 Owns: ``borrowed`` (objects owned elsewhere that local clients hold: oid -> [owner node,
 {client ids}]; the owner knows this node as one borrower), ``client_borrows`` (client id
@@ -56,19 +58,23 @@ class RefCounting:
         self._ref_out: deque = deque()               # [node, kind, ops | message]
         self._unacked: dict[bytes, int] = {}         # node -> hold batches not acked yet
         self._ref_pump_scheduled = False
-        self._freeing: list = []                     # frees in progress (see _free_owned)
+        self._freeing: list | None = None            # frees in progress (_free_owned)
 
     # ------------------------------------------------------------------ from clients
     def on_refs(self, client, msg) -> None:
         cid = client.client_id
         objects = self.objects
+        free = self._free_owned
         for op in msg[1]:
             if type(op) is bytes:      # the owner client dropped its last ref
                 e = objects.get(op)
-                if e is not None and e.owner_client == cid and e.owner_holds:
+                if e is None or e.owner_client != cid:
+                    continue
+                rc = e.rc
+                if rc is None or (rc.borrowers is None and rc.contained_in is None):
+                    free(op)           # the usual case: nobody else holds it
+                else:
                     e.owner_holds = False
-                    if not e.borrowers and not e.contained_in:
-                        self._free_owned(op)
                 continue
             kind = op[0]
             if kind == m.REF_BORROWED:
@@ -85,10 +91,11 @@ class RefCounting:
             e = self.objects.get(oid)
             if e is None:
                 return    # freed already (or never made): nothing left to keep
-            if e.borrowers is None:
-                e.borrowers = {cid}
+            rc = e.refstate()
+            if rc.borrowers is None:
+                rc.borrowers = {cid}
             else:
-                e.borrowers.add(cid)
+                rc.borrowers.add(cid)
         else:
             rec = self.borrowed.get(oid)
             if rec is None:
@@ -110,11 +117,12 @@ class RefCounting:
             mine.discard(oid)
         e = self.objects.get(oid)
         if e is not None:
-            b = e.borrowers
+            rc = e.rc
+            b = rc.borrowers if rc is not None else None
             if b and cid in b:
                 b.discard(cid)
                 if not b:
-                    e.borrowers = None
+                    rc.borrowers = None
                     self._maybe_free(oid, e)
             return
         rec = self.borrowed.get(oid)
@@ -156,30 +164,37 @@ class RefCounting:
         """Ops from another node about objects owned here (``src`` is the reply
         function when the sender wants an acknowledgement: holds)."""
         _, sender, ops = msg
-        if sender not in self._dead_nodes:   # a dead node's late word changes nothing
-            objects = self.objects
-            for op in ops:
-                kind, oid = op[0], op[1]
-                if kind == m.PEER_BORROW:
-                    e = objects.get(oid)
-                    if e is not None:
-                        if e.borrowers is None:
-                            e.borrowers = {sender}
-                        else:
-                            e.borrowers.add(sender)
-                elif kind == m.PEER_UNBORROW:
-                    e = objects.get(oid)
-                    if e is not None and e.borrowers and sender in e.borrowers:
-                        e.borrowers.discard(sender)
-                        if not e.borrowers:
-                            e.borrowers = None
-                            self._maybe_free(oid, e)
-                elif kind == m.PEER_CONTAIN:
-                    self._add_contain(oid, op[2], op[3], 1)
-                elif kind == m.PEER_UNCONTAIN:
-                    self._add_contain(oid, op[2], None, -1)
-        if callable(src):
-            src(True)
+        try:
+            if sender not in self._dead_nodes:   # a dead node's late word changes nothing
+                self._apply_peer_ops(sender, ops)
+        finally:
+            if callable(src):
+                src(True)
+
+    def _apply_peer_ops(self, sender: bytes, ops: list) -> None:
+        objects = self.objects
+        for op in ops:
+            kind, oid = op[0], op[1]
+            if kind == m.PEER_BORROW:
+                e = objects.get(oid)
+                if e is not None:
+                    rc = e.refstate()
+                    if rc.borrowers is None:
+                        rc.borrowers = {sender}
+                    else:
+                        rc.borrowers.add(sender)
+            elif kind == m.PEER_UNBORROW:
+                e = objects.get(oid)
+                rc = e.rc if e is not None else None
+                if rc is not None and rc.borrowers and sender in rc.borrowers:
+                    rc.borrowers.discard(sender)
+                    if not rc.borrowers:
+                        rc.borrowers = None
+                        self._maybe_free(oid, e)
+            elif kind == m.PEER_CONTAIN:
+                self._add_contain(oid, op[2], op[3], 1)
+            elif kind == m.PEER_UNCONTAIN:
+                self._add_contain(oid, op[2], None, -1)
 
     def on_obj_copy(self, node: bytes, msg) -> None:
         """``node`` pulled a copy of an object owned here: freed with it (now, if the
@@ -189,10 +204,11 @@ class RefCounting:
         if e is None:
             self._delete_copy(oid, holder)
         elif holder != e.node:
-            if e.copies is None:
-                e.copies = {holder}
+            rc = e.refstate()
+            if rc.copies is None:
+                rc.copies = {holder}
             else:
-                e.copies.add(holder)
+                rc.copies.add(holder)
 
     # ------------------------------------------------------------------ owner side
     def _add_contain(self, oid: bytes, container: bytes, container_owner: bytes | None,
@@ -202,9 +218,10 @@ class RefCounting:
         e = self.objects.get(oid)
         if e is None:
             return
-        d = e.contained_in
+        rc = e.refstate()
+        d = rc.contained_in
         if d is None:
-            d = e.contained_in = {}
+            d = rc.contained_in = {}
         c = d.get(container)
         if c is None:
             c = d[container] = [0, container_owner]
@@ -214,33 +231,37 @@ class RefCounting:
         if c[0] == 0:    # (below zero: a release came first; kept until it balances)
             del d[container]
             if not d:
-                e.contained_in = None
+                rc.contained_in = None
                 self._maybe_free(oid, e)
 
     def _maybe_free(self, oid: bytes, e) -> None:
-        if not e.owner_holds and not e.borrowers and not e.contained_in:
+        rc = e.rc
+        if not e.owner_holds and (rc is None or (not rc.borrowers and not rc.contained_in)):
             self._free_owned(oid)
 
     def _refs_lost_with(self, node: bytes) -> None:
         """``node`` died: its borrows and the containers it owned are gone; objects it
         owned are no longer borrowed from here; what waited on its acks goes on."""
         for oid, e in list(self.objects.items()):
+            rc = e.rc
+            if rc is None:
+                continue
             changed = False
-            if e.borrowers and node in e.borrowers:
-                e.borrowers.discard(node)
+            if rc.borrowers and node in rc.borrowers:
+                rc.borrowers.discard(node)
                 changed = True
-            if e.contained_in:
-                for container, (_n, owner) in list(e.contained_in.items()):
+            if rc.contained_in:
+                for container, (_n, owner) in list(rc.contained_in.items()):
                     if owner == node:
-                        del e.contained_in[container]
+                        del rc.contained_in[container]
                         changed = True
-            if e.copies:
-                e.copies.discard(node)
+            if rc.copies:
+                rc.copies.discard(node)
             if changed:
-                if not e.borrowers:
-                    e.borrowers = None
-                if not e.contained_in:
-                    e.contained_in = None
+                if not rc.borrowers:
+                    rc.borrowers = None
+                if not rc.contained_in:
+                    rc.contained_in = None
                 self._maybe_free(oid, e)
         for oid in [o for o, rec in self.borrowed.items() if rec[0] == node]:
             del self.borrowed[oid]
