@@ -156,6 +156,15 @@ def deserialize(data, refs_hook=None, key=None) -> Any:
     return pickle.loads(pickled, buffers=buffers)
 
 
+def picklable(value: Any) -> bool:
+    """Whether ``value`` serializes (refs inside it are only noted, not kept)."""
+    try:
+        serialize(value)
+        return True
+    except Exception:
+        return False
+
+
 def dumps(value: Any) -> bytes:
     """Plain cloudpickle for code and small control payloads."""
     return cloudpickle.dumps(value, protocol=5)

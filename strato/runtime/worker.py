@@ -21,7 +21,7 @@ from strato.exceptions import ActorDiedError, TaskCancelledError, TaskError
 from strato.runtime import context
 from strato.runtime import messages as m
 from strato.runtime.core import CoreWorker, ObjectRef, ref_pairs, set_current
-from strato.runtime.serialization import deserialize, serialize
+from strato.runtime.serialization import deserialize, picklable, serialize
 from strato.runtime.spec import ACTOR_CALL, INLINE_MAX, ArgRef, ReturnValue, TaskSpec
 from strato.runtime.store import read_object, write_object
 from strato.runtime.workdir import unpack_working_dir, working_dir_root
@@ -242,17 +242,22 @@ class Executor:
             err = exc
         else:
             tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            try:
-                cloudpickle.dumps(exc)
-                cause = exc
-            except Exception:
-                cause = None
+            cause = exc if picklable(exc) else None
             err = TaskError(spec.name, tb, cause)
             retry = spec.retry_exceptions
             if retry is True or (isinstance(retry, (list, tuple)) and isinstance(exc, tuple(retry))):
                 self._retryable = True
-        data = serialize(err).to_bytes()
-        return [ReturnValue(oid, data, None, len(data), True) for oid in spec.return_ids]
+        sv = serialize(err)
+        data = sv.to_bytes()
+        contained = None
+        if sv.contained_refs:   # an exception that holds refs keeps them, like a value
+            core = self.core
+            core.mark_escaped(sv.contained_refs)
+            contained = ref_pairs(sv.contained_refs)
+            for oid in spec.return_ids:
+                core.add_op((m.REF_CONTAINS, oid, spec.owner_node, contained))
+        return [ReturnValue(oid, data, None, len(data), True, contained)
+                for oid in spec.return_ids]
 
     # ------------------------------------------------------------------ actors
     def init_actor(self, spec: TaskSpec) -> None:
@@ -337,11 +342,7 @@ def _cover_key(spec: TaskSpec) -> tuple:
 
 
 def _picklable(exc) -> bool:
-    try:
-        cloudpickle.dumps(exc)
-        return True
-    except Exception:
-        return False
+    return picklable(exc)
 
 
 def _safe_call(fn) -> None:

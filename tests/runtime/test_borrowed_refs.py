@@ -229,6 +229,33 @@ def test_refs_put_by_a_failed_attempt_do_not_leak(local):
     wait_empty(_local_dirs(), "the results of a retried task to be freed")
 
 
+class CarriesRef(Exception):
+    def __init__(self, ref):
+        super().__init__("carries a ref")
+        self.ref = ref
+
+    def __reduce__(self):
+        return (CarriesRef, (self.ref,))
+
+
+def test_refs_inside_a_raised_exception(local):
+    strato = local
+
+    @strato.remote
+    def fails():
+        raise CarriesRef(strato.put(big(16)))
+
+    with pytest.raises(CarriesRef) as info:
+        strato.get(fails.remote(), timeout=30)
+    ref = info.value.cause.ref   # (the TaskError carries the raised exception)
+    del info
+    gc.collect()
+    time.sleep(0.3)
+    assert int(strato.get(ref, timeout=30)[0]) == 16
+    del ref
+    wait_empty(_local_dirs(), "an object carried by an exception to be freed")
+
+
 # ------------------------------------------------------------------ across nodes
 def _all_dirs(cluster) -> list[str]:
     return [d for ds in _node_dirs(cluster).values() for d in ds]
