@@ -369,7 +369,7 @@ class CoreWorker:
         read; reading it again (while its ref is held) notes nothing."""
         cover = self.covers.get(key)
         counts = self.refcounts
-        if cover is not None and type(key) is bytes:
+        if cover is not None and None in cover and type(key) is bytes:   # complete
             def rebuild(oid, owner_node, _new=_new_ref, _cls=ObjectRef):
                 ref = _new(_cls)
                 ref.id = oid
@@ -398,7 +398,7 @@ class CoreWorker:
 
     def _uncover(self, cover: dict) -> None:
         counts, owned, borrowed = self.refcounts, self.owned, self.borrowed
-        for oid, owner_node in list(cover.items()):
+        for oid, owner_node in list(cover.items()):   # (the None key is never in counts)
             if oid in counts and oid not in owned and oid not in borrowed:
                 borrowed[oid] = owner_node
                 self._add_op((m.REF_BORROWED, oid, owner_node))
@@ -545,11 +545,17 @@ class CoreWorker:
     def _decode(self, oid: bytes, v: tuple, cover=None):
         kind = v[0]
         if kind == INLINE:
-            return deserialize(v[1], self._rebuilder, cover or oid)
+            value = deserialize(v[1], self._rebuilder, cover or oid)
+            if cover is None and oid in self.covers:
+                self.covers[oid][None] = None   # every ref of it noted (see _rebuilder)
+            return value
         if kind == AT_NODE:
             self.recyclable.pop(oid, None)  # a zero-copy view may now outlive the ref
             try:
-                return read_object(self.store_paths, oid, self._rebuilder, cover or oid)
+                value = read_object(self.store_paths, oid, self._rebuilder, cover or oid)
+                if cover is None and oid in self.covers:
+                    self.covers[oid][None] = None
+                return value
             except FileNotFoundError:
                 from strato.exceptions import ObjectLostError
                 raise ObjectLostError(f"object {oid.hex()} is gone from the local store") from None

@@ -185,6 +185,25 @@ def test_d_inside_a_put_object(local):
     wait_empty(_local_dirs(), "a chain of 2000 nested puts to be freed")
 
 
+def test_a_ref_kept_from_a_second_read_of_a_value(local):
+    """The refs in a value are noted once, at its first read; one kept from a later read
+    is still registered when the value's ref goes."""
+    strato = local
+    inner = strato.put(big(17))
+    outer = strato.put([inner])
+    del inner
+    first = strato.get(outer)
+    del first
+    gc.collect()
+    kept = strato.get(outer)[0]
+    del outer
+    gc.collect()
+    time.sleep(0.3)
+    assert int(strato.get(kept, timeout=30)[0]) == 17
+    del kept
+    wait_empty(_local_dirs(), "an object kept from a second read to be freed")
+
+
 def test_f_borrower_worker_killed(local):
     strato = local
 
