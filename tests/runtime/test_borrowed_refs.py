@@ -68,7 +68,10 @@ def wait_empty(dirs, what: str, tables: bool = True) -> None:
     try:
         wait_until(empty, EMPTY_WITHIN_S, 0.1, what)
     except BaseException:
+        from strato.runtime.core import current
+
         print("left in the stores:", _files(dirs), "owner tables:", _owner_tables())
+        print("the driver's agent:", current().rpc("debug_refs"))
         raise
 
 

@@ -159,6 +159,27 @@ class RefCounting:
                     e.owner_holds = False
                     self._maybe_free(oid, e)
 
+    def _rpc_debug_refs(self, limit: int = 200) -> dict:
+        """What keeps objects alive here (for failing tests): owned objects with their
+        holders, objects borrowed from elsewhere, holds not acknowledged yet."""
+        def ids(xs):
+            return sorted(x.hex()[:16] for x in xs)
+        owned = {}
+        for oid, e in list(self.objects.items())[:limit]:
+            rc = e.rc
+            owned[oid.hex()] = {
+                "state": e.state.value, "owner_holds": e.owner_holds,
+                "owner_client": e.owner_client.hex()[:16],
+                "borrowers": ids(rc.borrowers or ()) if rc else [],
+                "contained_in": {c.hex(): n for c, (n, _o) in (rc.contained_in or {}).items()}
+                if rc else {},
+                "contains": len(rc.contains or ()) if rc else 0}
+        borrowed = {oid.hex(): {"owner": rec[0].hex()[:16], "clients": ids(rec[1])}
+                    for oid, rec in list(self.borrowed.items())[:limit]}
+        return {"node": self.node_id.hex()[:16], "owned": owned, "borrowed": borrowed,
+                "unacked": {n.hex()[:16]: c for n, c in self._unacked.items()},
+                "outbox": len(self._ref_out)}
+
     # ------------------------------------------------------------------ from peers
     def on_ref_ops(self, src, msg) -> None:
         """Ops from another node about objects owned here (``src`` is the reply
