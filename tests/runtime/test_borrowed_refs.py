@@ -372,6 +372,107 @@ def test_f_borrower_actor_on_another_node_killed(nodes):
     wait_empty(_all_dirs(nodes), "an object borrowed by a killed actor on C to be freed")
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+def test_random_passing_across_nodes(nodes, seed):
+    """150 random steps: puts, results made on any node, refs relayed through tasks,
+    kept, read and dropped by actors on A, B and C, actors killed and replaced, the
+    driver dropping refs. Every value the driver holds stays readable throughout; at the
+    end every store is empty."""
+    import random
+
+    import strato
+
+    rng = random.Random(seed)
+
+    def val(v: int) -> np.ndarray:
+        return np.full(MB // 16, v, dtype=np.int64)
+
+    @strato.remote(num_cpus=0)
+    class Keeper:
+        def __init__(self):
+            self.kept = []
+
+        def keep(self, refs):
+            self.kept.extend(refs)
+
+        def check(self):
+            return [int(strato.get(r)[0]) for r in self.kept]
+
+        def drop_some(self, k):
+            random.shuffle(self.kept)
+            del self.kept[:k]
+
+        def give(self, k):
+            return [self.kept[:k]]
+
+        def make(self, v):
+            return [strato.put(val(v))]
+
+    @strato.remote
+    def relay(refs):
+        return [refs[: max(1, len(refs) // 2)]]
+
+    @strato.remote
+    def make(v):
+        return {"r": strato.put(val(v))}
+
+    @strato.remote
+    def read(refs):
+        return [int(strato.get(r)[0]) for r in refs]
+
+    where = [{}, {"resources": {"node_b": 0.01}}, {"resources": {"node_c": 0.01}}]
+    keepers = [Keeper.options(**w).remote() for w in where]
+    held: dict = {}   # ref -> the value it holds
+    for step in range(150):
+        op = rng.randrange(9)
+        if op == 0 or not held:
+            v = rng.randrange(1000)
+            held[strato.put(val(v))] = v
+        elif op == 1:
+            v = rng.randrange(1000)
+            held[strato.get(make.options(**rng.choice(where)).remote(v), timeout=30)["r"]] = v
+        elif op == 2:
+            refs = rng.sample(list(held), min(len(held), 3))
+            back = strato.get(relay.options(**rng.choice(where)).remote(refs), timeout=30)[0]
+            assert all(r in held for r in back)
+        elif op == 3:
+            refs = rng.sample(list(held), min(len(held), 2))
+            strato.get(rng.choice(keepers).keep.remote(refs), timeout=30)
+        elif op == 4:
+            k = rng.choice(keepers)
+            strato.get(k.check.remote(), timeout=30)
+            strato.get(k.drop_some.remote(rng.randrange(3)), timeout=30)
+        elif op == 5 and len(held) > 2:
+            for r in rng.sample(list(held), rng.randrange(1, 3)):
+                del held[r]
+        elif op == 6:
+            refs = rng.sample(list(held), min(len(held), 4))
+            assert strato.get(read.options(**rng.choice(where)).remote(refs),
+                              timeout=30) == [held[r] for r in refs]
+        elif op == 7:
+            k = rng.choice(keepers)
+            v = rng.randrange(1000)
+            held[strato.get(k.make.remote(v), timeout=30)[0]] = v
+            for given in strato.get(k.give.remote(2), timeout=30)[0]:
+                strato.get(given, timeout=30)
+        elif op == 8:
+            i = rng.randrange(3)
+            strato.kill(keepers[i])
+            keepers[i] = Keeper.options(**where[i]).remote()
+        if step % 25 == 0:
+            for r, v in held.items():
+                assert int(strato.get(r, timeout=30)[0]) == v
+    for k in keepers:
+        strato.get(k.check.remote(), timeout=30)
+        strato.kill(k)
+    for r, v in held.items():
+        assert int(strato.get(r, timeout=30)[0]) == v
+    del keepers, k, r, refs, back, given
+    held.clear()
+    wait_empty(_all_dirs(nodes), "every object of the random run to be freed")
+
+
+# ------------------------------------------------------------------ last: kills a node
 def test_borrower_node_dies(multinode_fn):
     import strato
 
