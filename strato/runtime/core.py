@@ -1,6 +1,19 @@
 """The core worker embedded in drivers and workers: submits work, owns the refs it
 creates, and resolves refs to values (inline, zero-copy from the local store, or pulled
-by the agent from another node)."""
+by the agent from another node).
+
+Reference counting (the client's half; the agent's is ``agent.refs``): ``refcounts``
+counts this process's live ObjectRefs per object. Of an object it owns, the last ref
+dropped tells the agent (a bare oid in REFS). A ref it does not own is a borrow, but
+registering every ref rebuilt from a value would cost one message per ref: a ref rebuilt
+from a value is first only *covered* by it (``covers``): the value's own ref (or the
+running task, for arguments) keeps it alive at its owner. Only when the cover goes (the
+value's last ref dropped, the task done) are the refs of it still alive registered as
+borrows (REF_BORROWED), ahead of the message that drops the cover. Refs this process
+serializes into a put or a result are declared with it (the put's contained refs,
+REF_CONTAINS); those nested in task arguments stay pinned until the task is done.
+All ops go to the agent in program order, ahead of the next message (``_take_ops``).
+"""
 
 from __future__ import annotations
 
@@ -76,8 +89,19 @@ class ObjectRef:
             pass
 
     def __reduce__(self):
-        serialization.note_serialized_ref(self)
+        if not serialization.note_serialized_ref(self):
+            # pickled outside serialize() (a closure, the user's own pickle): the runtime
+            # cannot follow where it goes, so this process keeps the object alive for good
+            core = _current
+            if core is not None:
+                core.keep_forever([self])
         return (_rebuild_ref, (self.id, self.owner_node))
+
+    def __copy__(self) -> ObjectRef:
+        return ObjectRef(self.id, self.owner_node)   # one more local ref, nothing leaves
+
+    def __deepcopy__(self, memo) -> ObjectRef:
+        return ObjectRef(self.id, self.owner_node)
 
     def __repr__(self) -> str:
         return f"ObjectRef({self.id.hex()})"
@@ -117,7 +141,16 @@ _kind = operator.itemgetter(0)
 
 
 def _rebuild_ref(oid: bytes, owner_node: bytes) -> ObjectRef:
-    return ObjectRef(oid, owner_node)
+    """A ref unpickled with no cover (a plain pickle): registered as a borrow at once."""
+    ref = ObjectRef(oid, owner_node)
+    core = _current
+    if core is not None:
+        core.borrow(oid, owner_node)
+    return ref
+
+
+_new_ref = ObjectRef.__new__
+FLUSH_DELAY_S = 0.05     # ops wait at most this long for a message to ride with
 
 
 class CoreWorker:
@@ -132,12 +165,19 @@ class CoreWorker:
         self.refcounts: dict[bytes, int] = {}
         self.values: dict[bytes, tuple] = {}
         self.owned: set[bytes] = set()
-        self.escaped: set[bytes] = set()
+        self.escaped: set[bytes] = set()        # owned, serialized: others may hold it
+        self.borrowed: dict[bytes, bytes] = {}  # not owned, registered: oid -> owner node
+        self.covers: dict = {}                  # value oid | task key -> {oid: owner_node}
+        self._forever: list = []                # refs kept for this process's life
         self.pinned: dict[bytes, list] = {}     # task id -> arg refs kept alive until done
         self.task_of: dict[bytes, bytes] = {}   # return oid -> task id (for pinned args)
         self.wanted: set[bytes] = set()
         self.recyclable: dict[bytes, int] = {}  # put by us, never shared or read: oid -> size
-        self._to_free: list[bytes] = []
+        # reference-counting ops not sent yet, in order (never rebound: appends need no
+        # lock; _take_ops cuts a prefix under the connection's send lock)
+        self._ops: list = []
+        self._flush_armed = False
+        self._flush_wanted = threading.Event()
         self.cond = threading.Condition()
         self.rpc_replies: dict[int, tuple] = {}
         self._rpc_seq = 0
@@ -158,11 +198,13 @@ class CoreWorker:
         if not self._welcome.wait(30):
             raise StratoError(f"the node agent at {socket_path or 'the client endpoint'} "
                               "did not answer")
+        threading.Thread(target=self._flusher, name="strato-refs", daemon=True).start()
 
     def _open(self, sock: socket.socket) -> FrameClient:
         conn = FrameClient(sock, self._on_batch, self._on_close)
         conn.start()
         conn.send((m.HELLO, self.role, self.client_id, None, self._worker_id))
+        conn.prefix = self._take_ops   # after HELLO, which must come first
         return conn
 
     # ------------------------------------------------------------------ incoming
@@ -246,11 +288,7 @@ class CoreWorker:
 
     # ------------------------------------------------------------------ outgoing
     def send(self, msg) -> None:
-        if self._to_free:
-            frees, self._to_free = self._to_free, []
-            self.conn.send_many([(m.FREE, frees), msg])
-        else:
-            self.conn.send(msg)
+        self.conn.send(msg)    # pending reference-counting ops go first (_take_ops)
 
     def export_function(self, fn_id: bytes, blob: bytes) -> None:
         if fn_id not in self.exported:
@@ -268,14 +306,22 @@ class CoreWorker:
         return ids
 
     def release(self, oid: bytes) -> None:
-        """The last local ref is gone: forget the value; the owner frees the object."""
+        """The last local ref is gone: forget the value; tell the agent (the owner
+        frees the object once nobody anywhere holds it)."""
         value = self.values.pop(oid, None)
+        if value is not None and self.covers:
+            cover = self.covers.pop(oid, None)   # (the refs its value holds)
+            if cover:
+                self._uncover(cover)
         if oid in self.owned:
             self.owned.discard(oid)
             size = self.recyclable.pop(oid, None)
+            escaped = oid in self.escaped
+            if escaped:
+                self.escaped.discard(oid)
             if size is not None:
                 self.pool.add(oid, size)
-            elif oid not in self.escaped and value is not None and value[0] == AT_NODE \
+            elif not escaped and value is not None and value[0] == AT_NODE \
                     and value[1] == self.local_node:
                 # nobody else holds a ref: give the memory back now rather than when the
                 # agent gets to the free (it may lag behind a tight loop); mappings that
@@ -284,27 +330,126 @@ class CoreWorker:
                     os.unlink(os.path.join(self.store_paths[0], oid.hex()))
                 except OSError:
                     pass
-            if oid not in self.escaped:
-                self._to_free.append(oid)
-                if len(self._to_free) >= 1000:
-                    frees, self._to_free = self._to_free, []
-                    self.conn.send((m.FREE, frees))
+            ops = self._ops           # (_add_op, inlined: this is every object's end)
+            ops.append(oid)
+            if not self._flush_armed:
+                self._flush_armed = True
+                self._flush_wanted.set()
+            if len(ops) >= 1000:
+                self.conn.try_flush(block=False)
+        elif self.borrowed and self.borrowed.pop(oid, None) is not None:
+            self._add_op((m.REF_UNBORROWED, oid))
 
     def mark_escaped(self, refs) -> None:
-        """These refs were serialized into a value another process may read: never free
-        or recycle their objects from here."""
+        """These refs were serialized into a value another process may read: never
+        unlink or recycle their objects from here (the agent frees them)."""
+        owned = self.owned
         for ref in refs:
-            self.escaped.add(ref.id)
-            self.recyclable.pop(ref.id, None)
+            if ref.id in owned:
+                self.escaped.add(ref.id)
+                self.recyclable.pop(ref.id, None)
+
+    def keep_forever(self, refs) -> None:
+        """Hold these refs as long as this process lives (their objects then live until
+        their owner exits): for refs that left in a way the runtime cannot follow."""
+        self.mark_escaped(refs)
+        self._forever.extend(refs)
+
+    # ------------------------------------------------------------------ borrows
+    def borrow(self, oid: bytes, owner_node: bytes) -> None:
+        """This process holds a ref it does not own: register it now."""
+        if oid not in self.owned and oid not in self.borrowed:
+            self.borrowed[oid] = owner_node
+            self._add_op((m.REF_BORROWED, oid, owner_node))
+
+    def _rebuilder(self, key):
+        """The function deserialize() rebuilds refs with (for a value that holds refs):
+        they are covered by ``key``, the value's own oid (bytes) or a task's key
+        (tuple). A value never changes: the refs in it are noted the first time it is
+        read; reading it again (while its ref is held) notes nothing."""
+        cover = self.covers.get(key)
+        counts = self.refcounts
+        if cover is not None and None in cover and type(key) is bytes:   # complete
+            def rebuild(oid, owner_node, _new=_new_ref, _cls=ObjectRef):
+                ref = _new(_cls)
+                ref.id = oid
+                ref.owner_node = owner_node
+                counts[oid] = counts.get(oid, 0) + 1
+                return ref
+            return rebuild
+        if cover is None:
+            cover = self.covers[key] = {}
+
+        def rebuild_noting(oid, owner_node, _new=_new_ref, _cls=ObjectRef):
+            ref = _new(_cls)
+            ref.id = oid
+            ref.owner_node = owner_node
+            counts[oid] = counts.get(oid, 0) + 1
+            cover[oid] = owner_node
+            return ref
+        return rebuild_noting
+
+    def uncover(self, key) -> None:
+        """The cover ``key`` goes (a task is done): refs it covered that are still held
+        become registered borrows, ahead of whatever the caller sends next."""
+        cover = self.covers.pop(key, None)
+        if cover:
+            self._uncover(cover)
+
+    def _uncover(self, cover: dict) -> None:
+        counts, owned, borrowed = self.refcounts, self.owned, self.borrowed
+        for oid, owner_node in list(cover.items()):   # (the None key is never in counts)
+            if oid in counts and oid not in owned and oid not in borrowed:
+                borrowed[oid] = owner_node
+                self._add_op((m.REF_BORROWED, oid, owner_node))
+
+    # ------------------------------------------------------------------ ops out
+    def add_op(self, op) -> None:
+        self._add_op(op)
+
+    def _add_op(self, op) -> None:
+        ops = self._ops
+        ops.append(op)
+        if not self._flush_armed:
+            self._flush_armed = True
+            self._flush_wanted.set()
+        if len(ops) >= 1000:
+            # not blocking: this may run inside a send (a ref freed by the garbage
+            # collector), and a send under way takes these ops anyway
+            self.conn.try_flush(block=False)
+
+    def _take_ops(self):
+        """The pending ops as one REFS message (None: none); called under the send lock."""
+        ops = self._ops
+        n = len(ops)
+        if not n:
+            return None
+        batch = ops[:n]
+        del ops[:n]
+        return (m.REFS, batch)
+
+    def _flusher(self) -> None:
+        """Ops that no message took along within FLUSH_DELAY_S go on their own."""
+        while not self.closed:
+            self._flush_wanted.wait()
+            time.sleep(FLUSH_DELAY_S)
+            self._flush_armed = False
+            self._flush_wanted.clear()
+            if self._ops and not self.closed:
+                self.conn.try_flush()
+            if self._ops:
+                self._flush_armed = True
+                self._flush_wanted.set()
 
     def flush_frees(self) -> None:
-        if self._to_free:
-            frees, self._to_free = self._to_free, []
-            self.conn.send((m.FREE, frees))
+        """Send pending reference-counting ops now."""
+        if self._ops:
+            self.conn.try_flush()
 
     # ------------------------------------------------------------------ objects
     def _serialize_for_put(self, value):
-        """A new owned id and the serialized value (refs inside it marked escaped)."""
+        """A new owned id, the serialized value and the refs it holds, as PUT names them
+        (the object keeps them alive until it is freed itself)."""
         if isinstance(value, ObjectRef):
             raise TypeError("put() of an ObjectRef is not allowed; pass the ref itself")
         oid = self.ids.next()
@@ -312,21 +457,24 @@ class CoreWorker:
             sv = serialize(value)
         except Exception as exc:
             raise TypeError(f"put() could not serialize the value: {exc}") from exc
-        self.mark_escaped(sv.contained_refs)
+        contained = None
+        if sv.contained_refs:
+            self.mark_escaped(sv.contained_refs)
+            contained = ref_pairs(sv.contained_refs)
         self.owned.add(oid)
-        return oid, sv
+        return oid, sv, contained
 
     def put(self, value) -> ObjectRef:
-        oid, sv = self._serialize_for_put(value)
+        oid, sv, contained = self._serialize_for_put(value)
         if sv.total_size <= INLINE_MAX:
             data = sv.to_bytes()
             self.values[oid] = (INLINE, data)
-            self.send((m.PUT, oid, data, len(data)))
+            self.send((m.PUT, oid, data, len(data), contained))
         else:
             size = write_object(self.store_paths[0], oid, sv, self.pool.take(sv.total_size))
             self.values[oid] = (AT_NODE, self.node_id, size)
             self.recyclable[oid] = size
-            self.send((m.PUT, oid, None, size))
+            self.send((m.PUT, oid, None, size, contained))
         return ObjectRef(oid, self.node_id)
 
     def _is_ready(self, oid: bytes) -> bool:
@@ -349,15 +497,18 @@ class CoreWorker:
         if want:
             self.send((m.WANT, want))
 
-    def get(self, refs: list, timeout: float | None) -> list:
+    def get(self, refs: list, timeout: float | None, cover=None) -> list:
+        """``cover``: the key that covers refs inside the values (default: each value's
+        own oid, so they stay covered while the caller holds that ref)."""
         values = self.values
         if not all(self._is_ready(r.id) for r in refs):
             self._wait_ready(refs, len(refs), timeout, need_local=True, raise_on_timeout=True)
-        return [self._decode(r.id, values[r.id]) for r in refs]
+        return [self._decode(r.id, values[r.id], cover) for r in refs]
 
     def _wait_ready(self, refs, num: int, timeout: float | None, need_local: bool,
                     raise_on_timeout: bool = False) -> list:
-        self.flush_frees()
+        if self._ops:
+            self.conn.try_flush()
         self._request_missing(refs, need_local)
         check = self._is_ready if need_local else (lambda oid: oid in self.values)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -391,14 +542,20 @@ class CoreWorker:
             if blocked:
                 self.on_block(False)
 
-    def _decode(self, oid: bytes, v: tuple):
+    def _decode(self, oid: bytes, v: tuple, cover=None):
         kind = v[0]
         if kind == INLINE:
-            return deserialize(v[1])
+            value = deserialize(v[1], self._rebuilder, cover or oid)
+            if cover is None and oid in self.covers:
+                self.covers[oid][None] = None   # every ref of it noted (see _rebuilder)
+            return value
         if kind == AT_NODE:
             self.recyclable.pop(oid, None)  # a zero-copy view may now outlive the ref
             try:
-                return read_object(self.store_paths, oid)
+                value = read_object(self.store_paths, oid, self._rebuilder, cover or oid)
+                if cover is None and oid in self.covers:
+                    self.covers[oid][None] = None
+                return value
             except FileNotFoundError:
                 from strato.exceptions import ObjectLostError
                 raise ObjectLostError(f"object {oid.hex()} is gone from the local store") from None
@@ -470,4 +627,10 @@ class CoreWorker:
         if pool is not None:
             pool.clear()
         self.closed = True
+        self._flush_wanted.set()   # the flusher thread ends
         self.conn.close()
+
+
+def ref_pairs(refs) -> list:
+    """[(oid, owner_node)] of these refs, each object once."""
+    return list({r.id: r.owner_node for r in refs}.items())

@@ -12,7 +12,7 @@ import cloudpickle
 from strato.runtime import calls, context
 from strato.runtime import messages as m
 from strato.runtime import options as opts_check
-from strato.runtime.core import CoreWorker, ObjectRef, require_current
+from strato.runtime.core import CoreWorker, ObjectRef, ref_pairs, require_current
 from strato.runtime.serialization import serialize
 from strato.runtime.spec import ACTOR_CALL, ACTOR_CREATE, INLINE_MAX, TASK, ArgRef, TaskSpec
 
@@ -36,7 +36,10 @@ def export(holder, target) -> bytes:
 
 
 def prepare_args(core: CoreWorker, args: tuple, kwargs: dict):
-    """Top-level refs become dependencies; large values are put in the store first."""
+    """Top-level refs become dependencies; large values are put in the store first.
+
+    ``keep``: the refs the caller pins until the task is done: top-level ones and those
+    nested in the arguments (the worker registers those it keeps past the task)."""
     deps = []
     keep = []
     if args or kwargs:
@@ -83,7 +86,9 @@ def prepare_args(core: CoreWorker, args: tuple, kwargs: dict):
                     deps.append((ref.id, ref.owner_node))
                     keep.append(ref)
             sv = serialize((big_args, new_kwargs))
-        core.mark_escaped(sv.contained_refs)
+        if sv.contained_refs:
+            core.mark_escaped(sv.contained_refs)
+            keep.extend(sv.contained_refs)
         return sv.to_bytes(), deps, keep
     return _EMPTY_ARGS, deps, keep
 
@@ -177,7 +182,9 @@ class RemoteFunction:
         origin = getattr(self, "_export_key", self)
         fid = export(origin, origin._fn)
         blob, deps, keep = prepare_args(core, args, kwargs)
-        core.mark_escaped(keep)   # the head takes its arguments over; never freed from here
+        # the head takes its arguments over (they outlive this session): never freed
+        # from here, nested refs included
+        core.keep_forever(keep)
         task_id = core.ids.next()
         spec = TaskSpec(task_id, TASK, core.job_id, core.node_id, core.client_id, fid,
                         self._name, blob, deps, [task_id], self._resources, self._max_retries,
@@ -266,12 +273,14 @@ class ActorClass:
         spec = TaskSpec(actor_id, ACTOR_CREATE, core.job_id, core.node_id, core.client_id, fid,
                         self._name, blob, deps, [], resources, 0, False, actor_id=actor_id,
                         actor_options=actor_options, runtime_env=core.runtime_env)
-        if keep:
-            core.pinned[actor_id] = keep
         # the head keeps the creation spec to restart the actor; its args must be inline
         if deps:
             spec.dep_values = None
-        core.send((m.ACTOR_CREATE, spec, meta))
+        # the agent keeps the argument refs alive until the actor is dead for good
+        # (restarts read them again); this process may drop its own refs once sent,
+        # but must not unlink their files then
+        core.mark_escaped(keep)
+        core.send((m.ACTOR_CREATE, spec, meta, ref_pairs(keep) if keep else None))
         return ActorHandle(actor_id, meta, actor_options, core.node_id)
 
 

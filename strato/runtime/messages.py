@@ -18,10 +18,13 @@ import enum
 HELLO = "hello"                # (HELLO, role, client_id, job_id | None, worker_id)
 FN = "fn"                      # (FN, function_id, pickled function or class)
 SUBMIT = "submit"              # (SUBMIT, [TaskSpec])
-PUT = "put"                    # (PUT, oid, inline bytes | None, size)
-FREE = "free"                  # (FREE, [oid])
+PUT = "put"                    # (PUT, oid, inline bytes | None, size, [(oid, owner_node)] | None)
+                               # the last field: refs the value holds (it keeps them alive)
+REFS = "refs"                  # (REFS, [ref op])   reference counting, in the order the client
+                               # did it, ahead of whatever it sends next (``REF_*`` below)
 WANT = "want"                  # (WANT, [(oid, owner_node)])
-ACTOR_CREATE = "actor_create"  # (ACTOR_CREATE, TaskSpec, meta)
+ACTOR_CREATE = "actor_create"  # (ACTOR_CREATE, TaskSpec, meta, [(oid, owner_node)] | None)
+                               # the last field: argument refs, kept until the actor is dead
 ACTOR_CALLS = "actor_call"     # (ACTOR_CALLS, [TaskSpec])
 CANCEL = "cancel"              # (CANCEL, task_id, force)   also peer -> agent
 KILL_ACTOR = "kill_actor"      # (KILL_ACTOR, actor_id, no_restart)   also agent -> head
@@ -91,8 +94,26 @@ OBJ_INFO = "obj_info"          # (OBJ_INFO, oid, object info)
 PULL_CHUNK = "pull_chunk"      # (PULL_CHUNK, oid, offset, length)   a REQUEST: reply (ok, bytes | reason)
 BULK_PORT = "bulk_port"        # (BULK_PORT,)   a REQUEST: reply the node's bulk port (0: none)
 FREE_COPIES = "free_copies"    # (FREE_COPIES, [oid])
+OBJ_COPY = "obj_copy"          # (OBJ_COPY, oid, node_id)   to the owner: that node pulled a copy
+                               # (freed with the object; at once if it is freed already)
+REF_OPS = "ref_ops"            # (REF_OPS, sender node_id, [peer ref op])   to an object's owner;
+                               # a REQUEST (acknowledged) when it holds PEER_BORROW/PEER_CONTAIN
 PEER_ACTOR_CALL = "peer_actor_call"  # (PEER_ACTOR_CALL, TaskSpec)   to the actor's node
 JOB_LOG = "job_log"            # (JOB_LOG, job_id, [line])   to the driver's node
+
+# ---------------------------------------------------------------- reference counting
+# An object lives while its owning client holds a ref, or a borrower (a local client, or
+# another node on behalf of its clients) holds one, or a live object's value contains it.
+# Ops of REFS (client -> its agent): a bare oid: the owner client dropped its last ref;
+REF_BORROWED = 1               # (REF_BORROWED, oid, owner_node)   holds a ref it does not own
+REF_UNBORROWED = 2             # (REF_UNBORROWED, oid)   dropped its last copy of it
+REF_CONTAINS = 3               # (REF_CONTAINS, container oid, container owner_node,
+                               #  [(oid, owner_node)])   a task result holds these refs
+# Ops of REF_OPS (agent -> the owner's agent):
+PEER_BORROW = 1                # (PEER_BORROW, oid)   the sender's clients hold it
+PEER_UNBORROW = 2              # (PEER_UNBORROW, oid)   ... no longer
+PEER_CONTAIN = 3               # (PEER_CONTAIN, oid, container oid, container owner_node)
+PEER_UNCONTAIN = 4             # (PEER_UNCONTAIN, oid, container oid)   the container is freed
 
 # ---------------------------------------------------------------- object info
 # Where an object's value is, as owners and agents pass it around (TaskSpec.dep_values,

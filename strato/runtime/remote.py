@@ -59,19 +59,21 @@ class RemoteCoreWorker(CoreWorker):
                            on_raw_done=self._raw_done)
         conn.start()
         conn.send((m.HELLO, self.role, self.client_id, None, b""))
+        conn.prefix = self._take_ops   # after HELLO, which must come first
         return conn
 
     # ------------------------------------------------------------------ objects
     def put(self, value) -> ObjectRef:
-        oid, sv = self._serialize_for_put(value)
+        oid, sv, contained = self._serialize_for_put(value)
         size = sv.total_size
         if size <= INLINE_MAX:
             data = sv.to_bytes()
             self.values[oid] = (INLINE, data)
-            self.send((m.PUT, oid, data, len(data)))
+            self.send((m.PUT, oid, data, len(data), contained))
         else:
             self.values[oid] = (AT_NODE, self.node_id, size)
-            while not self.conn.send_raw(oid, size, sv.segments(), (m.PUT, oid, None, size)):
+            while not self.conn.send_raw(oid, size, sv.segments(),
+                                         (m.PUT, oid, None, size, contained)):
                 self._wait_connected()   # the head restarts a partial upload at offset 0
         return ObjectRef(oid, self.node_id)
 
@@ -179,6 +181,10 @@ class RemoteCoreWorker(CoreWorker):
                     pass
                 self.conn = conn
                 if not conn.closed:
+                    # ops sent just before the drop may be lost: register this
+                    # session's borrows again (the head keeps them as a set)
+                    for oid, owner in list(self.borrowed.items()):
+                        self._add_op((m.REF_BORROWED, oid, owner))
                     return
             self.closed = True
         finally:

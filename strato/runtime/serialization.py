@@ -4,10 +4,15 @@ A serialized value is a small pickle plus a list of raw buffers (numpy data, byt
 the object store they are laid out in one file, buffers 64-byte aligned, so a reader maps
 the file and rebuilds arrays that point straight into shared memory (zero copy,
 read-only).
+
+A value that holds ObjectRefs says so in its header (``_MAGIC_REFS``): only such values
+take the slower unpickler that tells the reader's core worker which refs it rebuilt (its
+borrows, ``CoreWorker``); every other value is one ``pickle.loads``.
 """
 
 from __future__ import annotations
 
+import io
 import pickle
 import struct
 import threading
@@ -18,6 +23,7 @@ import cloudpickle
 _ALIGN = 64
 _HEADER = struct.Struct("<II")  # magic, number of buffers
 _MAGIC = 0x5354524F
+_MAGIC_REFS = 0x53545246   # the same layout; the pickle holds ObjectRefs
 _LEN = struct.Struct("<Q")
 
 _context = threading.local()
@@ -45,7 +51,7 @@ class SerializedValue:
     def write_into(self, dest: memoryview) -> None:
         """Write the framed layout into ``dest`` (a bytearray or an mmap view)."""
         n = len(self.buffers)
-        _HEADER.pack_into(dest, 0, _MAGIC, n)
+        _HEADER.pack_into(dest, 0, _MAGIC_REFS if self.contained_refs else _MAGIC, n)
         pos = _HEADER.size
         _LEN.pack_into(dest, pos, len(self.pickled))
         pos += _LEN.size
@@ -65,7 +71,7 @@ class SerializedValue:
         buffers stay views of the value's own memory)."""
         n = len(self.buffers)
         head = bytearray(_HEADER.size + _LEN.size * (n + 1))
-        _HEADER.pack_into(head, 0, _MAGIC, n)
+        _HEADER.pack_into(head, 0, _MAGIC_REFS if self.contained_refs else _MAGIC, n)
         _LEN.pack_into(head, _HEADER.size, len(self.pickled))
         for i, b in enumerate(self.buffers):
             _LEN.pack_into(head, _HEADER.size + _LEN.size * (i + 1), b.nbytes)
@@ -98,18 +104,36 @@ def serialize(value: Any) -> SerializedValue:
     return SerializedValue(pickled, buffers, refs)
 
 
-def note_serialized_ref(ref) -> None:
-    """Called by ObjectRef.__reduce__ so the enclosing serialize() learns of nested refs."""
+def note_serialized_ref(ref) -> bool:
+    """Called by ObjectRef.__reduce__ so the enclosing serialize() learns of nested refs;
+    False when no serialize() is under way (a plain pickle the runtime cannot follow)."""
     refs = getattr(_context, "refs", None)
-    if refs is not None:
-        refs.append(ref)
+    if refs is None:
+        return False
+    refs.append(ref)
+    return True
 
 
-def deserialize(data) -> Any:
-    """Rebuild a value from the framed layout; buffers stay views into ``data``."""
+class _RefUnpickler(pickle.Unpickler):
+    """Rebuilds ObjectRefs with the reader's own function (``rebuild``) instead of
+    ``strato.runtime.core._rebuild_ref``: looked up once per value, not once per ref."""
+
+    rebuild = None
+
+    def find_class(self, module, name):
+        if name == "_rebuild_ref" and module == "strato.runtime.core":
+            return self.rebuild
+        return super().find_class(module, name)
+
+
+def deserialize(data, refs_hook=None, key=None) -> Any:
+    """Rebuild a value from the framed layout; buffers stay views into ``data``.
+
+    ``refs_hook(key)``, called only for a value that holds refs, returns the function
+    that rebuilds each of them (``CoreWorker`` notes them as covered by ``key``)."""
     view = memoryview(data)
     magic, n = _HEADER.unpack_from(view, 0)
-    if magic != _MAGIC:
+    if magic != _MAGIC and magic != _MAGIC_REFS:
         raise ValueError("corrupt object: bad magic")
     pos = _HEADER.size
     (plen,) = _LEN.unpack_from(view, pos)
@@ -125,7 +149,20 @@ def deserialize(data) -> Any:
         pos = _align(pos)
         buffers.append(view[pos:pos + size])
         pos += size
+    if magic == _MAGIC_REFS and refs_hook is not None:
+        up = _RefUnpickler(io.BytesIO(pickled), buffers=buffers)
+        up.rebuild = refs_hook(key)
+        return up.load()
     return pickle.loads(pickled, buffers=buffers)
+
+
+def picklable(value: Any) -> bool:
+    """Whether ``value`` serializes (refs inside it are only noted, not kept)."""
+    try:
+        serialize(value)
+        return True
+    except Exception:
+        return False
 
 
 def dumps(value: Any) -> bytes:

@@ -50,6 +50,15 @@ class ReturnValue:
     node: bytes | None
     size: int
     error: bool = False
+    contained: list | None = None   # [(oid, owner_node)] refs inside the value
+
+    def __reduce__(self):
+        # the fields as a plain tuple (the dataclass default goes through Python-level
+        # __getstate__/__setstate__: twice the time, on every hop of every result)
+        if self.contained is None:
+            return (ReturnValue, (self.oid, self.inline, self.node, self.size, self.error))
+        return (ReturnValue, (self.oid, self.inline, self.node, self.size, self.error,
+                              self.contained))
 
 
 class ArgRef:

@@ -88,12 +88,13 @@ def open_object(paths: tuple[str, ...], oid: bytes):
     return None
 
 
-def read_object(paths: tuple[str, ...], oid: bytes):
-    """Deserialize a stored object zero-copy; raises FileNotFoundError if absent."""
+def read_object(paths: tuple[str, ...], oid: bytes, refs_hook=None, key=None):
+    """Deserialize a stored object zero-copy; raises FileNotFoundError if absent.
+    ``refs_hook``, ``key``: as ``deserialize`` takes them."""
     mm = open_object(paths, oid)
     if mm is None:
         raise FileNotFoundError(oid.hex())
-    return deserialize(mm)
+    return deserialize(mm, refs_hook, key)
 
 
 class FilePool:

@@ -20,8 +20,8 @@ import cloudpickle
 from strato.exceptions import ActorDiedError, TaskCancelledError, TaskError
 from strato.runtime import context
 from strato.runtime import messages as m
-from strato.runtime.core import CoreWorker, ObjectRef, set_current
-from strato.runtime.serialization import deserialize, serialize
+from strato.runtime.core import CoreWorker, ObjectRef, ref_pairs, set_current
+from strato.runtime.serialization import deserialize, picklable, serialize
 from strato.runtime.spec import ACTOR_CALL, INLINE_MAX, ArgRef, ReturnValue, TaskSpec
 from strato.runtime.store import read_object, write_object
 from strato.runtime.workdir import unpack_working_dir, working_dir_root
@@ -123,8 +123,14 @@ class Executor:
             elif spec.actor_id is not None:
                 self.init_actor(spec)
             else:
-                self.core.send((m.DONE, spec.task_id, self.execute(spec, self.load(spec)),
-                                self._retryable))
+                returns = self.execute(spec, self.load(spec))
+                self.done(spec, returns, self._retryable)
+
+    def done(self, spec: TaskSpec, returns: list, retryable: bool) -> None:
+        """Refs from the task's arguments it keeps become borrows, then DONE: the
+        caller unpins the arguments only after the agent knows of them."""
+        self.core.uncover(_cover_key(spec))
+        self.core.send((m.DONE, spec.task_id, returns, retryable))
 
     def enter_runtime_env(self, env: dict) -> None:
         """A client's ``working_dir``: unpacked once per node (fetched from the head's
@@ -156,7 +162,11 @@ class Executor:
         return fn
 
     def resolve_args(self, spec: TaskSpec):
-        args, kwargs = deserialize(spec.args)
+        """The call's arguments. Refs inside them are covered by the task (the caller
+        pins them until it is done), see ``done``."""
+        core = self.core
+        key = _cover_key(spec)
+        args, kwargs = deserialize(spec.args, core._rebuilder, key)
         if not spec.deps:
             return args, kwargs
         values = []
@@ -167,15 +177,15 @@ class Executor:
                 need_get.append(i)
                 values.append(None)
             elif info[0] == m.INLINE:
-                values.append(deserialize(info[1]))
+                values.append(deserialize(info[1], core._rebuilder, key))
             elif info[0] == m.AT_NODE:
-                values.append(read_object(self.core.store_paths, oid))
+                values.append(read_object(core.store_paths, oid, core._rebuilder, key))
             else:
                 err = deserialize(info[1])
                 raise err.as_instanceof_cause() if isinstance(err, TaskError) else err
         if need_get:
             refs = [ObjectRef(spec.deps[i][0], spec.deps[i][1]) for i in need_get]
-            for i, v in zip(need_get, self.core.get(refs, None)):
+            for i, v in zip(need_get, core.get(refs, None, cover=key)):
                 values[i] = v
         args = [values[a.index] if isinstance(a, ArgRef) else a for a in args]
         kwargs = {k: values[v.index] if isinstance(v, ArgRef) else v for k, v in kwargs.items()}
@@ -209,15 +219,22 @@ class Executor:
                 raise ValueError(f"{spec.name} declared num_returns={n} but returned "
                                  f"{len(results)} values")
         out = []
+        core = self.core
         for oid, value in zip(spec.return_ids, results):
             sv = serialize(value)
-            self.core.mark_escaped(sv.contained_refs)
+            contained = None
+            if sv.contained_refs:
+                # the result keeps these alive: said now, before this process can drop
+                # its own refs to them (the agent registers it with their owners)
+                core.mark_escaped(sv.contained_refs)
+                contained = ref_pairs(sv.contained_refs)
+                core.add_op((m.REF_CONTAINS, oid, spec.owner_node, contained))
             if sv.total_size <= INLINE_MAX:
                 data = sv.to_bytes()
-                out.append(ReturnValue(oid, data, None, len(data)))
+                out.append(ReturnValue(oid, data, None, len(data), False, contained))
             else:
-                size = write_object(self.core.store_paths[0], oid, sv)
-                out.append(ReturnValue(oid, None, self.core.node_id, size))
+                size = write_object(core.store_paths[0], oid, sv)
+                out.append(ReturnValue(oid, None, core.node_id, size, False, contained))
         return out
 
     def pack_error(self, spec: TaskSpec, exc: BaseException) -> list:
@@ -225,17 +242,22 @@ class Executor:
             err = exc
         else:
             tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            try:
-                cloudpickle.dumps(exc)
-                cause = exc
-            except Exception:
-                cause = None
+            cause = exc if picklable(exc) else None
             err = TaskError(spec.name, tb, cause)
             retry = spec.retry_exceptions
             if retry is True or (isinstance(retry, (list, tuple)) and isinstance(exc, tuple(retry))):
                 self._retryable = True
-        data = serialize(err).to_bytes()
-        return [ReturnValue(oid, data, None, len(data), True) for oid in spec.return_ids]
+        sv = serialize(err)
+        data = sv.to_bytes()
+        contained = None
+        if sv.contained_refs:   # an exception that holds refs keeps them, like a value
+            core = self.core
+            core.mark_escaped(sv.contained_refs)
+            contained = ref_pairs(sv.contained_refs)
+            for oid in spec.return_ids:
+                core.add_op((m.REF_CONTAINS, oid, spec.owner_node, contained))
+        return [ReturnValue(oid, data, None, len(data), True, contained)
+                for oid in spec.return_ids]
 
     # ------------------------------------------------------------------ actors
     def init_actor(self, spec: TaskSpec) -> None:
@@ -245,6 +267,7 @@ class Executor:
         context.set_actor(spec.actor_id)
         self._retryable = False
         token = context.enter(spec, self.gpu_ids)
+        args = kwargs = None
         try:
             args, kwargs = self.resolve_args(spec)
             self.actor = cls(*args, **kwargs)
@@ -256,10 +279,14 @@ class Executor:
                                  f"{type(exc).__name__}: {exc}\n{tb}")
             err.cause = exc if _picklable(exc) else None
             err.traceback_str = tb
+            args = kwargs = None
+            self.core.uncover(_cover_key(spec))
             self.core.send((m.ACTOR_READY, spec.actor_id, serialize(err).to_bytes()))
             return
         finally:
             context.leave(token)
+        args = kwargs = None
+        self.core.uncover(_cover_key(spec))   # what __init__ kept becomes borrows
         if opts.get("is_async"):
             self.async_loop = asyncio.new_event_loop()
             limit = opts.get("max_concurrency") or 1000
@@ -286,14 +313,15 @@ class Executor:
     def _sync_call(self, spec: TaskSpec) -> None:
         method = getattr(self.actor, spec.method)
         returns = self.execute(spec, method)
-        self.core.send((m.DONE, spec.task_id, returns, self._retryable))
+        del method
+        self.done(spec, returns, self._retryable)
 
     async def _async_call(self, spec: TaskSpec) -> None:
         async with self.async_sem:
             token = context.enter(spec, self.gpu_ids)
             try:
                 args, kwargs = await asyncio.get_running_loop().run_in_executor(
-                    None, self.resolve_args, spec) if spec.deps else deserialize(spec.args)
+                    None, self.resolve_args, spec) if spec.deps else self.resolve_args(spec)
                 method = getattr(self.actor, spec.method)
                 result = method(*args, **kwargs)
                 if asyncio.iscoroutine(result):
@@ -303,15 +331,18 @@ class Executor:
                 returns = self.pack_error(spec, exc)
             finally:
                 context.leave(token)
-        self.core.send((m.DONE, spec.task_id, returns, False))
+                # what the call kept of its arguments is what still holds them now
+                args = kwargs = method = result = None
+        self.done(spec, returns, False)
+
+
+def _cover_key(spec: TaskSpec) -> tuple:
+    """What covers the refs in a task's arguments (a tuple: never an object id)."""
+    return ("task", spec.task_id)
 
 
 def _picklable(exc) -> bool:
-    try:
-        cloudpickle.dumps(exc)
-        return True
-    except Exception:
-        return False
+    return picklable(exc)
 
 
 def _safe_call(fn) -> None:

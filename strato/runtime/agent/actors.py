@@ -1,8 +1,9 @@
 """The agent's actors: hosting actors on this node and routing calls to them.
 
 Owns: ``actor_locations`` (the head's last word on each actor this node calls or
-hosts), ``actor_queues`` (calls waiting for an actor to be placed or restarted) and
-``actor_workers`` (the dedicated worker of each actor hosted here). The head decides
+hosts), ``actor_queues`` (calls waiting for an actor to be placed or restarted),
+``actor_workers`` (the dedicated worker of each actor hosted here) and ``actor_pins``
+(actors created here whose argument refs this node keeps alive until they are dead). The head decides
 where actors live and whether they restart; this side creates them when told
 (CREATE_ACTOR), reports their state (ACTOR_STATE), and sends calls straight to the
 actor's node, in the caller's order.
@@ -43,11 +44,20 @@ class ActorHost:
         self._dead_actors: deque = deque()
         self.actor_queues: dict[bytes, list] = {}
         self.actor_workers: dict[bytes, Worker] = {}
+        # actors created here whose argument refs this node keeps (the actor id is the
+        # borrower, ``refs``) until the head says they are dead for good
+        self.actor_pins: set[bytes] = set()
 
     # ------------------------------------------------------------------ from clients
     def on_actor_create(self, client, msg) -> None:
-        _, spec, meta = msg
-        # the head owns creation from here (placement, restarts); nothing to track here
+        _, spec, meta, pins = msg
+        if pins:
+            # the actor (its id as the borrower) holds its arguments: every restart
+            # reads them again; let go when the head says it is dead for good
+            for oid, owner in pins:
+                self._borrow(spec.actor_id, oid, owner)
+            self.actor_pins.add(spec.actor_id)
+        # the head owns creation from here (placement, restarts)
         self.head.send((m.ACTOR_REGISTER, spec, meta, self.fns.get(spec.function_id)))
 
     def on_actor_calls(self, client, msg) -> None:
@@ -86,6 +96,9 @@ class ActorHost:
         _, actor_id, state, node, error = msg
         self.actor_locations[actor_id] = ActorLocation(state, node, error)
         if state is ActorState.DEAD:
+            if actor_id in self.actor_pins:   # the arguments it was created with
+                self.actor_pins.discard(actor_id)
+                self._client_refs_gone(actor_id, owned=False)
             self._dead_actors.append(actor_id)
             while len(self._dead_actors) > DEAD_ACTORS_KEPT:
                 old = self._dead_actors.popleft()

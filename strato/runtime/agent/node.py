@@ -4,7 +4,7 @@ Owns: the unix-socket server, ``clients``, resource totals (``total``, ``availab
 the ``store``, the links (``head``, ``peers``), ``draining`` and the agent-side RPCs.
 Every message the agent receives is routed by ``ROUTES``: message kind -> handler and
 the links it may arrive on. Handlers live in the concern's mixin: ``workers``,
-``objects``, ``actors``, ``routing``.
+``objects``, ``refs``, ``actors``, ``routing``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from strato.runtime.agent.actors import ActorHost
 from strato.runtime.agent.bundles import BundleHost
 from strato.runtime.agent.durable import HEAD_OWNED, DurableCalls
 from strato.runtime.agent.objects import ObjectManager
+from strato.runtime.agent.refs import RefCounting
 from strato.runtime.agent.routing import TaskRouter
 from strato.runtime.agent.sessions import ClientSessions
 from strato.runtime.agent.workers import Worker, WorkerPool
@@ -53,8 +54,8 @@ class Client:
     exported: set = field(default_factory=set)   # function ids it sent (kept while here)
 
 
-class NodeAgent(WorkerPool, ObjectManager, ActorHost, TaskRouter, ClientSessions,
-                DurableCalls, BundleHost):
+class NodeAgent(WorkerPool, ObjectManager, RefCounting, ActorHost, TaskRouter,
+                ClientSessions, DurableCalls, BundleHost):
     """One per node, on one asyncio loop: worker pool, local scheduling, resource
     accounting, object store and transfer, and the owner-side bookkeeping (retries,
     lineage) for its clients. Local processes reach it over framed unix sockets;
@@ -89,6 +90,7 @@ class NodeAgent(WorkerPool, ObjectManager, ActorHost, TaskRouter, ClientSessions
         self.exit_requested: Callable[[str], None] | None = None   # node.py stops on it
         self._init_workers(resources)
         self._init_objects()
+        self._init_refs()
         self._init_actors()
         self._init_routing()
         self._init_sessions()
@@ -211,15 +213,18 @@ class NodeAgent(WorkerPool, ObjectManager, ActorHost, TaskRouter, ClientSessions
         self.clients.pop(client.client_id, None)
         if client.remote:
             if not client.bye:
-                self._session_lost(client)
+                self._session_lost(client)   # its refs are kept for the grace period
                 return
             self._session_closed(client)
         if client.role == "driver":
             self._job_over(client.client_id, client.job_id)
+        else:   # a worker that exited (or was killed) holds nothing any more
+            self._client_refs_gone(client.client_id, owned=True)
 
     def _job_over(self, client_id: bytes, job_id: bytes) -> None:
-        """A driver left: free what it owned, drop its queued tasks (not its durable
-        calls, which the head owns), stop its actors."""
+        """A driver left: free what it owned, drop its borrows and queued tasks (not its
+        durable calls, which the head owns), stop its actors."""
+        self._client_refs_gone(client_id, owned=False)
         self._free_client_objects(client_id)
         for key, q in self.ready.items():
             self.ready[key] = deque(s for s in q if s.job_id != job_id
@@ -265,6 +270,8 @@ class NodeAgent(WorkerPool, ObjectManager, ActorHost, TaskRouter, ClientSessions
                 "waiting": len(self.waiting),
                 "workers": {w.pid: (w.state.value, len(w.inflight), w.blocked)
                             for w in self.workers.values()},
+                "objects": len(self.objects), "borrowed": len(self.borrowed),
+                "store_used": self.store.used,
                 "view": {n.hex()[:8]: dict(v.available) for n, v in self.view.items()}}
 
     # ------------------------------------------------------------------ head
@@ -313,6 +320,7 @@ class NodeAgent(WorkerPool, ObjectManager, ActorHost, TaskRouter, ClientSessions
             self.peers.forget(node)
         self._tasks_lost_with(node)
         self._objects_lost_with(node)
+        self._refs_lost_with(node)
         self._schedule_dispatch()
 
 
@@ -323,7 +331,7 @@ ROUTES: dict[str, tuple[Callable, int]] = {
     m.SUBMIT: (TaskRouter.on_submit, CLIENT),
     m.CANCEL: (TaskRouter.on_cancel, CLIENT | PEER),
     m.PUT: (ObjectManager.on_put, CLIENT),
-    m.FREE: (ObjectManager.on_free, CLIENT),
+    m.REFS: (RefCounting.on_refs, CLIENT),
     m.WANT: (ObjectManager.on_want, CLIENT),
     m.ACTOR_CREATE: (ActorHost.on_actor_create, CLIENT),
     m.ACTOR_CALLS: (ActorHost.on_actor_calls, CLIENT),
@@ -359,6 +367,8 @@ ROUTES: dict[str, tuple[Callable, int]] = {
     m.OBJ_WANT: (ObjectManager.on_obj_want, PEER),
     m.OBJ_INFO: (ObjectManager.on_obj_info, PEER),
     m.FREE_COPIES: (ObjectManager.on_free_copies, PEER),
+    m.OBJ_COPY: (RefCounting.on_obj_copy, PEER),
+    m.REF_OPS: (RefCounting.on_ref_ops, PEER | REQUEST),
     m.JOB_LOG: (WorkerPool.on_job_log, PEER),
     m.PULL_CHUNK: (ObjectManager.on_pull_chunk, REQUEST),
     m.BULK_PORT: (ObjectManager.on_bulk_port, REQUEST),

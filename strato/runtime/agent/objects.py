@@ -6,7 +6,9 @@ location, lineage), ``remote_wants`` (callbacks waiting for another owner's answ
 the bulk channel, ``runtime/bulk.py``; 4 MB chunks over the peer link where a node has
 no bulk port).
 Answers WANT from clients and OBJ_WANT from peers once a value or location is known,
-serves PULL_CHUNK requests, frees copies, and rebuilds lost objects from lineage.
+serves PULL_CHUNK requests, frees copies, and rebuilds lost objects from lineage. When an
+object may be freed is ``refs``' concern (reference counting); freeing it, every copy
+included, is this module's.
 """
 
 from __future__ import annotations
@@ -42,10 +44,24 @@ class ObjState(enum.Enum):
     LOST = "lost"         # its only copy was on a node that died
 
 
-class ObjEntry:
-    """An object owned by one of this node's clients."""
+class RefState:
+    """What an object's reference counting needs beyond its owner's own refs (most
+    objects never need one: ``ObjEntry.rc`` stays None)."""
 
-    __slots__ = ("state", "inline", "node", "size", "lineage", "waiters", "owner_client")
+    __slots__ = ("borrowers", "contained_in", "contains", "copies")
+
+    def __init__(self):
+        self.borrowers: set | None = None        # local client ids, other node ids
+        self.contained_in: dict | None = None    # container oid -> [count, its owner node]
+        self.contains: list | None = None        # [(oid, owner_node)] refs in the value
+        self.copies: set | None = None           # other nodes that pulled a copy
+
+
+class ObjEntry:
+    """An object owned by one of this node's clients (and what keeps it alive: ``refs``)."""
+
+    __slots__ = ("state", "inline", "node", "size", "lineage", "waiters", "owner_client",
+                 "owner_holds", "rc")
 
     def __init__(self, owner_client: bytes, lineage: TaskSpec | None = None):
         self.state = ObjState.PENDING
@@ -55,6 +71,14 @@ class ObjEntry:
         self.lineage = lineage
         self.waiters: list = []
         self.owner_client = owner_client
+        self.owner_holds = True          # the owning client still has a ref
+        self.rc: RefState | None = None
+
+    def refstate(self) -> RefState:
+        rc = self.rc
+        if rc is None:
+            rc = self.rc = RefState()
+        return rc
 
     def info(self) -> tuple:
         """Where the value is, as ``messages`` object info."""
@@ -81,8 +105,12 @@ class ObjectManager:
 
     # ------------------------------------------------------------------ from clients
     def on_put(self, client, msg) -> None:
-        _, oid, inline, size = msg
+        oid, inline, size = msg[1], msg[2], msg[3]
+        contained = msg[4] if len(msg) > 4 else None
         entry = ObjEntry(client.client_id)
+        if contained:
+            entry.refstate().contains = contained
+            self._contains(oid, self.node_id, contained)
         entry.state = ObjState.READY
         entry.size = size
         if inline is not None:
@@ -109,11 +137,16 @@ class ObjectManager:
                 if out is returns:
                     out = list(returns)
                 out[i] = ReturnValue(ret.oid, data, None, len(data), True)
+                if ret.contained:
+                    self._release_contained(ret.oid, ret.contained)
         return out
 
-    def on_free(self, client, msg) -> None:
-        for oid in msg[1]:
-            self._free_owned(oid)
+    def _discard_returns(self, returns: list) -> None:
+        """Results nobody will keep (a retry follows, or nobody waits): the refs inside
+        them are held by them no more."""
+        for ret in returns:
+            if ret.contained:
+                self._release_contained(ret.oid, ret.contained)
 
     def on_want(self, client, msg) -> None:
         for oid, owner_node in msg[1]:
@@ -138,10 +171,10 @@ class ObjectManager:
                                                                  attempt + 1))
                 else:
                     client.conn.send((m.OBJ, oid, m.ERROR, err))
-            self._pull(oid, info[1], info[2], pulled)
+            self._pull(oid, info[1], info[2], pulled, owner_node)
             return
         if where == m.AT_NODE and client.remote:
-            self._deliver_remote(client, oid, info)
+            self._deliver_remote(client, oid, info, owner_node)
             return
         if where == m.AT_NODE:
             client.conn.send((m.OBJ, oid, m.LOCAL, None))
@@ -209,7 +242,15 @@ class ObjectManager:
             # freed already: drop stored copy
             if ret.node is not None:
                 self._delete_copy(oid, ret.node)
+            if ret.contained:
+                self._release_contained(oid, ret.contained)
             return
+        rc = entry.rc
+        old = rc.contains if rc is not None else None
+        if ret.contained or old:
+            entry.refstate().contains = ret.contained
+            if old:   # an earlier run's value (rebuilt by lineage): its refs go
+                self._release_contained(oid, old)
         entry.size = ret.size
         entry.inline = ret.inline
         entry.node = ret.node
@@ -222,11 +263,49 @@ class ObjectManager:
             self._durable_finished(oid)
 
     def _free_owned(self, oid: bytes) -> None:
+        """Free an owned object now (every copy), and release the refs its value holds,
+        which may free those in turn: a loop, not a recursion, however deep the nesting."""
+        pending = self._freeing
+        if pending is not None:
+            pending.append(oid)   # an outer call is freeing: it takes this one too
+            return
         entry = self.objects.pop(oid, None)
         if entry is None:
             return
-        if entry.node is not None:
-            self._delete_copy(oid, entry.node)
+        node = entry.node
+        rc = entry.rc
+        if node is not None:
+            self._delete_copy(oid, node)
+            if node != self.node_id and oid in self.store:
+                self.store.delete(oid)   # a copy pulled here for this node's clients
+            if rc is not None and rc.copies:
+                for other in rc.copies:
+                    self._delete_copy(oid, other)
+        if rc is not None and rc.contains:
+            self._freeing = pending = []
+            try:
+                self._release_contained(oid, rc.contains)
+                while pending:
+                    self._free_one(pending.pop())
+            finally:
+                self._freeing = None
+
+    def _free_one(self, oid: bytes) -> None:
+        """``_free_owned`` inside its loop: frees it may cause join the loop."""
+        entry = self.objects.pop(oid, None)
+        if entry is None:
+            return
+        node = entry.node
+        rc = entry.rc
+        if node is not None:
+            self._delete_copy(oid, node)
+            if node != self.node_id and oid in self.store:
+                self.store.delete(oid)
+            if rc is not None and rc.copies:
+                for other in rc.copies:
+                    self._delete_copy(oid, other)
+        if rc is not None and rc.contains:
+            self._release_contained(oid, rc.contains)
 
     def _delete_copy(self, oid: bytes, node: bytes) -> None:
         if node == self.node_id:
@@ -240,10 +319,18 @@ class ObjectManager:
                 self._free_owned(oid)
 
     def _objects_lost_with(self, node: bytes) -> None:
-        for entry in self.objects.values():
+        for oid, entry in self.objects.items():
+            copies = entry.rc.copies if entry.rc is not None else None
+            if copies:
+                copies.discard(node)
             if entry.node == node and entry.state is ObjState.READY:
-                entry.state = ObjState.LOST
-                entry.node = None
+                if oid in self.store:       # a copy here: it becomes the primary
+                    entry.node = self.node_id
+                elif copies:                # a copy on another node: that one
+                    entry.node = copies.pop()
+                else:
+                    entry.state = ObjState.LOST
+                    entry.node = None
 
     def _reconstruct_or_fail(self, oid: bytes, entry: ObjEntry, callback) -> None:
         spec = entry.lineage
@@ -264,9 +351,21 @@ class ObjectManager:
         self.owned_tasks[spec.task_id] = (spec, None)
         self._resolve_then_place(spec)
 
+    def _copy_made(self, oid: bytes, owner: bytes | None) -> None:
+        """A copy was pulled here: its owner frees it with the object. (A copy whose
+        owner is unknown stays until this node stops, as every copy did before.)"""
+        if owner is None or owner == self.node_id:
+            if owner is not None and oid not in self.objects:
+                self.store.delete(oid)   # freed while the pull ran (a client waiting
+                                         # holds a ref, so this is nobody's)
+            return
+        self.peers.send(owner, (m.OBJ_COPY, oid, self.node_id))
+
     # ------------------------------------------------------------------ transfer
-    def _pull(self, oid: bytes, node: bytes, size: int, done) -> None:
-        """Fetch a remote object into the local store in chunks, a bounded window at once."""
+    def _pull(self, oid: bytes, node: bytes, size: int, done,
+              owner: bytes | None = None) -> None:
+        """Fetch a remote object into the local store in chunks, a bounded window at once;
+        its ``owner`` learns of the copy (OBJ_COPY) and frees it with the object."""
         if oid in self.store:
             done(True)
             return
@@ -274,7 +373,7 @@ class ObjectManager:
         if fut is None:
             fut = self.loop.create_future()
             self.pulls[oid] = fut
-            self.loop.create_task(self._run_pull(oid, node, size, fut))
+            self.loop.create_task(self._run_pull(oid, node, size, fut, owner))
 
         def _finished(f):
             exc = f.exception()
@@ -288,7 +387,8 @@ class ObjectManager:
             self.bulk_ports[node] = port
         return port
 
-    async def _run_pull(self, oid: bytes, node: bytes, size: int, fut) -> None:
+    async def _run_pull(self, oid: bytes, node: bytes, size: int, fut,
+                        owner: bytes | None = None) -> None:
         fd, tmp = self.store.new_file(oid, size)
         pending: dict[int, asyncio.Future] = {}
         try:
@@ -326,6 +426,7 @@ class ObjectManager:
             fd = -1
             if not self.store.finish_file(oid, tmp, size):
                 raise ObjectStoreFullError(self.store.full_message(size))
+            self._copy_made(oid, owner)
             fut.set_result(True)
         except Exception as exc:
             for other in pending.values():

@@ -272,11 +272,16 @@ class TaskRouter:
     def _task_finished(self, spec: TaskSpec, returns: list, retryable: bool,
                        ran_on: bytes) -> None:
         if spec.owner_node != self.node_id:
-            self.peers.send(spec.owner_node, (m.TASK_DONE, spec, returns, retryable, ran_on))
+            # after the holds the task registered (borrows of its arguments, refs in its
+            # results) are acknowledged: the owner then unpins its arguments
+            self.send_after_holds(spec.owner_node,
+                                  (m.TASK_DONE, spec, returns, retryable, ran_on))
             return
         if spec.task_id not in self.owned_tasks:
+            self._discard_returns(returns)
             return
         if retryable and self._may_retry(spec):
+            self._discard_returns(returns)
             self._retry(spec)
             return
         self.owned_tasks.pop(spec.task_id, None)

@@ -264,12 +264,13 @@ class ClientSessions:
                     pass
 
     # ------------------------------------------------------------------ objects out
-    def _deliver_remote(self, client, oid: bytes, info: tuple) -> None:
+    def _deliver_remote(self, client, oid: bytes, info: tuple,
+                        owner_node: bytes | None = None) -> None:
         """A remote driver wants an object held in a store: pull it here, then stream."""
         if info[1] != self.node_id:
             self._pull(oid, info[1], info[2], lambda ok, err=None: (
                 self.loop.create_task(self._stream_object(client, oid)) if ok
-                else client.conn.send((m.OBJ, oid, m.ERROR, err))))
+                else client.conn.send((m.OBJ, oid, m.ERROR, err))), owner_node)
             return
         self.loop.create_task(self._stream_object(client, oid))
 

@@ -217,6 +217,7 @@ class WorkerPool:
         w = client.worker
         spec = w.inflight.pop(task_id, None)
         if spec is None:
+            self._discard_returns(returns)
             return
         if w.state is WorkerState.LEASED and not w.inflight:
             self._end_lease(w)
@@ -364,7 +365,8 @@ class WorkerPool:
             if spec.dep_values:
                 for oid, info in spec.dep_values.items():
                     if info[0] == m.AT_NODE and info[1] != self.node_id and oid not in self.store:
-                        remote.append((oid, info))
+                        owner = next((o for d, o in spec.deps if d == oid), None)
+                        remote.append((oid, info, owner))
         gpu = w.gpu_ids
         if not remote:
             w.conn.send((m.EXEC, specs, fns, gpu))
@@ -378,8 +380,9 @@ class WorkerPool:
             state["n"] -= 1
             if state["n"] == 0:
                 self._send_pulled(w, specs, fns, gpu, failed)
-        for oid, info in remote:
-            self._pull(oid, info[1], info[2], lambda ok, err=None, o=oid: one_done(o, ok, err))
+        for oid, info, owner in remote:
+            self._pull(oid, info[1], info[2], lambda ok, err=None, o=oid: one_done(o, ok, err),
+                       owner)
 
     def _send_pulled(self, w: Worker, specs: list, fns: dict, gpu, failed: dict) -> None:
         """Arguments are in: run the tasks. One whose argument could not be pulled (its

@@ -192,6 +192,9 @@ class FrameClient:
         self._on_raw = on_raw
         self._on_raw_done = on_raw_done
         self._send_lock = threading.Lock()
+        # called under the send lock before every frame: a message to go first (the
+        # core worker's reference-counting ops, which must precede what follows them)
+        self.prefix: Callable[[], object] | None = None
         self._queue: list = []
         self.closed = False
         self._reader = threading.Thread(target=self._read_loop, name=name, daemon=True)
@@ -207,10 +210,32 @@ class FrameClient:
         with self._send_lock:
             if self.closed:
                 return
+            prefix = self.prefix
+            if prefix is not None:
+                first = prefix()
+                if first is not None:
+                    msgs = [first, *msgs]
             try:
                 self.sock.sendall(encode(msgs))
             except OSError:
                 self.closed = True
+
+    def try_flush(self, block: bool = True) -> None:
+        """Send what ``prefix`` has now, if anything (``block=False``: unless another
+        thread is sending, which sends it anyway)."""
+        if not self._send_lock.acquire(block):
+            return
+        try:
+            if self.closed or self.prefix is None:
+                return
+            first = self.prefix()
+            if first is not None:
+                try:
+                    self.sock.sendall(encode([first]))
+                except OSError:
+                    self.closed = True
+        finally:
+            self._send_lock.release()
 
     def send_raw(self, oid: bytes, total: int, segments: list, then=None) -> bool:
         """Send an object's bytes (``segments``, ``total`` bytes in all) as raw frames,
@@ -219,6 +244,9 @@ class FrameClient:
             if self.closed:
                 return False
             try:
+                first = self.prefix() if self.prefix is not None else None
+                if first is not None:
+                    self.sock.sendall(encode([first]))
                 offset = 0
                 for part in chunks(segments):
                     n = sum(len(p) for p in part)
