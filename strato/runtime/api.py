@@ -67,8 +67,9 @@ def check_init_kwargs(extra: dict[str, Any], temp_dir: str | None) -> str | None
 
 
 def _log_line(lines: list[str]) -> None:
-    for line in lines:
-        print(line, flush=False)
+    """Task output on this driver's stdout: the batch in one write, so a line of it is
+    never split by the driver's own prints (print() writes its pieces one by one)."""
+    sys.stdout.write("".join(line + "\n" for line in lines))
     sys.stdout.flush()
 
 

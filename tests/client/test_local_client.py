@@ -84,7 +84,7 @@ def first_client(home, config):
         def shout(x):
             print("shouting", x)
             return x + 1
-        print("result", strato.get(shout.remote(41)), flush=True)
+        print(f"result {strato.get(shout.remote(41))}", flush=True)   # one write
         print("cold start", round(time.time() - t, 2))
         strato.shutdown()
     """)
