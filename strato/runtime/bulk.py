@@ -37,6 +37,7 @@ _ANSWER = struct.Struct("<BQ")            # ok, length that follows
 _TOKEN_MAX = 1024
 _PIECE = 8 * 1024 * 1024                 # one send/recv call at most (SSL record batches)
 HANDSHAKE_TIMEOUT = 10.0
+IDLE_TIMEOUT = 300.0
 # the holder maps the file it sends with page tables filled in one call (its pages exist)
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
@@ -115,7 +116,9 @@ class BulkServer:
                 if n > _TOKEN_MAX or not hmac.compare_digest(_recv_exact(conn, n),
                                                              self._token):
                     return   # wrong token: nothing parsed, nothing answered
-                conn.settimeout(None)
+                # a kept connection may idle between pulls; one idle this long (its
+                # node gone without a word) is closed: the puller reconnects if it wants
+                conn.settimeout(IDLE_TIMEOUT)
                 while True:
                     try:
                         head = _recv_exact(conn, _REQUEST.size)
