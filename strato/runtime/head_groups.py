@@ -124,7 +124,8 @@ class PlacementGroups:
         self.place_pending_actors()
 
     def rpc_remove_placement_group(self, pg_id: bytes) -> bool:
-        """Give the bundles back and kill the group's actors (no restart)."""
+        """Give the bundles back, kill the group's actors (no restart) and have every
+        node fail the group's tasks."""
         group = self.groups.get(pg_id)
         if group is None or group.state == "REMOVED":
             return False
@@ -133,6 +134,9 @@ class PlacementGroups:
         group.state = "REMOVED"
         for actor_id in self.group_actors(group):
             self.kill_actor(actor_id, no_restart=True, reason="its placement group was removed")
+        for rec in self.nodes.values():   # its tasks, wherever they wait or run, fail
+            if rec.alive:
+                rec.link.send((m.PG_REMOVED, pg_id))
         self.broadcast_view()
         return True
 

@@ -81,6 +81,7 @@ ACTOR_CHECKPOINT = "actor_checkpoint"  # (ACTOR_CHECKPOINT, actor_id)
 RESERVE_BUNDLES = "reserve_bundles"    # (RESERVE_BUNDLES, pg_id, [(index, shape)])   a
                                # placement group's bundles on this node (``placement``)
 RELEASE_BUNDLES = "release_bundles"    # (RELEASE_BUNDLES, pg_id)   give them back
+PG_REMOVED = "pg_removed"      # (PG_REMOVED, pg_id)   to every node: fail its tasks
 
 # ---------------------------------------------------------------- agent -> agent
 PEER_HELLO = "hello"           # (PEER_HELLO, node_id)   first message of a peer stream

@@ -54,6 +54,40 @@ def test_group_reserved_then_tasks_and_actors_run_in_its_bundles(strato_local_fn
     assert placement_group_table(pg)["state"] == "REMOVED"
 
 
+def test_removing_a_group_fails_its_running_queued_and_waiting_tasks(strato_local_fn):
+    """As in Ray, what uses a removed group's resources is stopped: a task running in
+    it, one queued behind it, and one submitted after the removal all raise
+    TaskCancelledError at once (none waits forever for a group that is gone)."""
+    import time
+
+    strato = strato_local_fn(num_cpus=2)
+    pg = placement_group([{"CPU": 1}])
+    assert strato.get(pg.ready(), timeout=30) == pg
+
+    @strato.remote(num_cpus=1)
+    def hold(started):
+        open(started, "w").close()
+        time.sleep(120)
+
+    started = f"/tmp/strato-pg-started-{os.getpid()}"
+    in_group = hold.options(scheduling_strategy=InGroup(pg, 0))
+    running = in_group.remote(started)
+    wait_until(lambda: os.path.exists(started), 30, 0.05, "the task in the group to start")
+    queued = in_group.remote(started + "-2")      # waits for the busy bundle
+    t0 = time.monotonic()
+    remove_placement_group(pg)
+    for ref in (running, queued):
+        with pytest.raises(exc.TaskCancelledError):
+            strato.get(ref, timeout=30)
+    after = in_group.remote(started + "-3")        # the group is gone already
+    with pytest.raises(exc.TaskCancelledError):
+        strato.get(after, timeout=30)
+    assert time.monotonic() - t0 < 20
+    assert not os.path.exists(started + "-2") and not os.path.exists(started + "-3")
+    os.unlink(started)
+    wait_until(lambda: cpus(strato) == 2.0, 10, 0.05, "every CPU free again")
+
+
 def test_group_is_all_or_nothing_and_pending_groups_are_gang_demand(strato_local_fn):
     strato = strato_local_fn(num_cpus=2)
     with pytest.raises(ValueError, match="strategy"):

@@ -8,7 +8,10 @@ group ask for those, so the rest of the agent schedules them like any other shap
 
 from __future__ import annotations
 
+from strato.exceptions import TaskCancelledError
 from strato.runtime import placement, scheduler
+from strato.runtime.bounded import BoundedSet
+from strato.runtime.spec import TASK
 
 
 class BundleHost:
@@ -16,6 +19,29 @@ class BundleHost:
 
     def _init_bundles(self) -> None:
         self.bundles: dict[bytes, list] = {}
+        self.removed_groups = BoundedSet(maxlen=10_000)   # pg ids, hex
+
+    def on_pg_removed(self, _head, msg) -> None:
+        """The group was removed (not rescheduled): its tasks fail now, queued here,
+        waiting for it, or running (their workers are stopped), as Ray kills what uses a
+        removed group's resources. The head kills its actors."""
+        pg_hex = msg[1].hex()
+        self.removed_groups.add(pg_hex)
+        doomed = [s for q in self.ready.values() for s in q if self.in_removed_group(s)]
+        doomed += [s for s in self.waiting if self.in_removed_group(s)]
+        doomed += [s for w in self.workers.values() for s in w.inflight.values()
+                   if s.kind == TASK and self.in_removed_group(s)]
+        for spec in doomed:
+            self._cancel(spec.task_id, force=True)
+
+    def in_removed_group(self, spec) -> bool:
+        return bool(self.removed_groups) and any(
+            placement.is_group_resource(k) and k.rsplit("_", 1)[-1] in self.removed_groups
+            for k in spec.resources)
+
+    def fail_removed_group_task(self, spec) -> None:
+        self._complete_with_error(spec, TaskCancelledError(
+            f"task {spec.name} cancelled: its placement group was removed"))
 
     def on_reserve_bundles(self, _head, msg) -> None:
         _, pg_id, bundles = msg

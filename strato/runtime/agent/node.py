@@ -359,6 +359,7 @@ ROUTES: dict[str, tuple[Callable, int]] = {
     m.ACTOR_CHECKPOINT: (ActorHost.on_actor_checkpoint, HEAD),
     m.RESERVE_BUNDLES: (BundleHost.on_reserve_bundles, HEAD),
     m.RELEASE_BUNDLES: (BundleHost.on_release_bundles, HEAD),
+    m.PG_REMOVED: (BundleHost.on_pg_removed, HEAD),
     # from other agents
     m.RUN_TASK: (TaskRouter.on_run_task, PEER),
     m.TASK_REJECTED: (TaskRouter.on_task_rejected, PEER),

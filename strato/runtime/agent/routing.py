@@ -180,6 +180,8 @@ class TaskRouter:
             self.ready.setdefault(spec.shape_key(), deque()).append(spec)
             self._prefetch_args(spec)
             self._schedule_dispatch()
+        elif self.in_removed_group(spec):
+            self.fail_removed_group_task(spec)   # it would wait for a group that is gone
         else:
             # (a placement group's task waits for its group, which is the demand)
             if where == scheduler.INFEASIBLE and spec.task_id not in self.warned_infeasible \

@@ -323,10 +323,12 @@ class WorkerPool:
         return best
 
     def _release_lease(self, w: Worker) -> None:
+        # (live_part: bundle resources of a group released meanwhile are not given back)
+        shape = self.live_part(w.lease_shape)
         if not w.blocked:
-            scheduler.release(self.available, w.lease_shape)
+            scheduler.release(self.available, shape)
         else:  # a blocked worker's CPU was given back when it blocked
-            scheduler.release(self.available, {k: v for k, v in w.lease_shape.items() if k != "CPU"})
+            scheduler.release(self.available, {k: v for k, v in shape.items() if k != "CPU"})
 
     def _end_lease(self, w: Worker) -> None:
         self._release_lease(w)
