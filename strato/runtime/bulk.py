@@ -134,7 +134,9 @@ class BulkServer:
             except OSError:
                 pass
 
-    def _open(self, oid: bytes):
+    def _open(self, oid: bytes, offset: int, length: int):
+        """Map just the asked range of the object's file: (mapping or b"", where the
+        range starts in it, its length); None if this node's store lacks the object."""
         name = oid.hex()
         for directory in self._paths():
             try:
@@ -143,25 +145,29 @@ class BulkServer:
                 continue
             try:
                 size = os.fstat(fd).st_size
-                return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE,
-                                 prot=mmap.PROT_READ) if size else b""
+                start = min(offset, size)
+                end = min(size, offset + length)
+                base = start - start % mmap.ALLOCATIONGRANULARITY
+                if end <= start:
+                    return b"", 0, 0
+                mm = mmap.mmap(fd, end - base, offset=base, prot=mmap.PROT_READ,
+                               flags=mmap.MAP_SHARED | _POPULATE)
+                return mm, start - base, end - start
             finally:
                 os.close(fd)
         return None
 
     def _answer(self, conn, oid: bytes, offset: int, length: int) -> None:
-        mm = self._open(oid)
-        if mm is None:
+        found = self._open(oid, offset, length)
+        if found is None:
             conn.sendall(_ANSWER.pack(0, 0))
             return
+        mm, at, n = found
         try:
-            total = len(mm)
-            end = min(total, offset + length)
-            start = min(offset, end)
-            conn.sendall(_ANSWER.pack(1, end - start))
+            conn.sendall(_ANSWER.pack(1, n))
             with memoryview(mm) as view:
-                for at in range(start, end, _PIECE):
-                    conn.sendall(view[at:min(end, at + _PIECE)])
+                for pos in range(at, at + n, _PIECE):
+                    conn.sendall(view[pos:min(at + n, pos + _PIECE)])
         finally:
             if isinstance(mm, mmap.mmap):
                 mm.close()
