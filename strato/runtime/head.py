@@ -556,4 +556,5 @@ ROUTES = {
     m.ACTOR_WATCH: HeadService._m_actor_watch,
     m.KILL_ACTOR: HeadService._m_kill_actor,
     m.RPC: HeadService._m_rpc,
+    m.RESERVE_REFUSED: HeadService._m_reserve_refused,
 }

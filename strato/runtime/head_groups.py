@@ -99,6 +99,21 @@ class PlacementGroups:
                 and any(k.endswith(tail) and placement.is_group_resource(k)
                         for k in r.spec.resources)]
 
+    def _m_reserve_refused(self, link, msg) -> None:
+        """A node had no room for its bundles when they arrived (the head's view of it
+        lagged): the group goes back to pending, reserved again at a later tick."""
+        _, pg_id, node_id = msg
+        group = self.groups.get(pg_id)
+        if group is not None and group.state == "CREATED" and node_id in group.nodes:
+            shapes = [b for n, b in zip(group.nodes, group.bundles) if n == node_id]
+            self.reschedule_group(group, f"node {node_id.hex()[:8]} had no room for its "
+                                         "bundles any more")
+            rec = self.nodes.get(node_id)
+            if rec is not None:   # until its next heartbeat, count that room as taken
+                for shape in shapes:
+                    for name in shape:
+                        rec.available[name] = 0.0
+
     def reschedule_group(self, group: GroupRecord, reason: str) -> None:
         """One of the group's nodes is gone: the whole group goes back to pending (its
         bundles elsewhere are given back) and its actors restart per max_restarts."""

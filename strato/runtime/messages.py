@@ -81,6 +81,8 @@ ACTOR_CHECKPOINT = "actor_checkpoint"  # (ACTOR_CHECKPOINT, actor_id)
 RESERVE_BUNDLES = "reserve_bundles"    # (RESERVE_BUNDLES, pg_id, [(index, shape)])   a
                                # placement group's bundles on this node (``placement``)
 RELEASE_BUNDLES = "release_bundles"    # (RELEASE_BUNDLES, pg_id)   give them back
+RESERVE_REFUSED = "reserve_refused"    # (RESERVE_REFUSED, pg_id, node_id)   no room here
+                               # now (the head's view lagged): the group goes back to pending
 PG_REMOVED = "pg_removed"      # (PG_REMOVED, pg_id)   to every node: fail its tasks
 
 # ---------------------------------------------------------------- agent -> agent

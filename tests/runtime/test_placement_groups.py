@@ -88,6 +88,34 @@ def test_removing_a_group_fails_its_running_queued_and_waiting_tasks(strato_loca
     wait_until(lambda: cpus(strato) == 2.0, 10, 0.05, "every CPU free again")
 
 
+def test_a_node_refuses_bundles_it_no_longer_has_room_for(strato_local_fn, monkeypatch):
+    """The head reserves from its view, which lags the nodes by a heartbeat: a node
+    whose CPU a task took meanwhile refuses the bundle instead of running both, and the
+    group is reserved once the CPU is free again."""
+    import time
+
+    monkeypatch.setenv("STRATO_HEARTBEAT_INTERVAL", "2")   # a view that lags on purpose
+    strato = strato_local_fn(num_cpus=1)
+    started = f"/tmp/strato-pg-busy-{os.getpid()}"
+
+    @strato.remote(num_cpus=1)
+    def busy(flag):
+        open(flag, "w").close()
+        time.sleep(4)
+        os.unlink(flag)
+        return "done"
+
+    ref = busy.remote(started)
+    wait_until(lambda: os.path.exists(started), 30, 0.01, "the task to take the CPU")
+    pg = placement_group([{"CPU": 1}])        # the head still sees the CPU free
+    ready = pg.ready()
+    done, _ = strato.wait([ready], timeout=2)
+    assert done == [] and os.path.exists(started)   # not reserved while the CPU is taken
+    assert strato.get(ref, timeout=30) == "done"
+    assert strato.get(ready, timeout=30) == pg       # reserved once it is free
+    remove_placement_group(pg)
+
+
 def test_group_is_all_or_nothing_and_pending_groups_are_gang_demand(strato_local_fn):
     strato = strato_local_fn(num_cpus=2)
     with pytest.raises(ValueError, match="strategy"):

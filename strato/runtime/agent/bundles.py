@@ -9,6 +9,7 @@ group ask for those, so the rest of the agent schedules them like any other shap
 from __future__ import annotations
 
 from strato.exceptions import TaskCancelledError
+from strato.runtime import messages as m
 from strato.runtime import placement, scheduler
 from strato.runtime.bounded import BoundedSet
 from strato.runtime.spec import TASK
@@ -46,6 +47,15 @@ class BundleHost:
     def on_reserve_bundles(self, _head, msg) -> None:
         _, pg_id, bundles = msg
         pg_hex = pg_id.hex()
+        need: dict = {}
+        for _index, shape in bundles:
+            for name, amount in shape.items():
+                need[name] = need.get(name, 0.0) + amount
+        if not scheduler.fits(need, self.available):
+            # the head reserved from a view a heartbeat old and work took the room
+            # meanwhile: refuse rather than run both (the head tries again later)
+            self.head.send((m.RESERVE_REFUSED, pg_id, self.node_id))
+            return
         for index, shape in bundles:
             scheduler.acquire(self.available, shape)
             for name, amount in placement.bundle_resources(pg_hex, index, shape).items():
