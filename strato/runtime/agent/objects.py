@@ -269,26 +269,13 @@ class ObjectManager:
         if pending is not None:
             pending.append(oid)   # an outer call is freeing: it takes this one too
             return
-        entry = self.objects.pop(oid, None)
-        if entry is None:
-            return
-        node = entry.node
-        rc = entry.rc
-        if node is not None:
-            self._delete_copy(oid, node)
-            if node != self.node_id and oid in self.store:
-                self.store.delete(oid)   # a copy pulled here for this node's clients
-            if rc is not None and rc.copies:
-                for other in rc.copies:
-                    self._delete_copy(oid, other)
-        if rc is not None and rc.contains:
-            self._freeing = pending = []
-            try:
-                self._release_contained(oid, rc.contains)
-                while pending:
-                    self._free_one(pending.pop())
-            finally:
-                self._freeing = None
+        self._freeing = pending = []
+        try:
+            self._free_one(oid)
+            while pending:
+                self._free_one(pending.pop())
+        finally:
+            self._freeing = None
 
     def _free_one(self, oid: bytes) -> None:
         """``_free_owned`` inside its loop: frees it may cause join the loop."""
@@ -300,7 +287,7 @@ class ObjectManager:
         if node is not None:
             self._delete_copy(oid, node)
             if node != self.node_id and oid in self.store:
-                self.store.delete(oid)
+                self.store.delete(oid)   # a copy pulled here for this node's clients
             if rc is not None and rc.copies:
                 for other in rc.copies:
                     self._delete_copy(oid, other)
