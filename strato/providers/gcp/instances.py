@@ -202,15 +202,7 @@ class InstancesMixin:
             self._deleted.add(name)
             if zone is None:
                 continue
-            try:
-                op = self.clients.instances.delete_unary(
-                    project=self.project, zone=zone, instance=name)
-            except errors.NotFound:
-                continue
-            except errors.GoogleAPICallError as e:
-                problems.append(f"{name}: {http_error_text(e)}")
-                continue
-            pending.append((name, zone, op))
+            self._issue(self.clients.instances.delete_unary, name, zone, pending, problems)
         for name, zone, op in pending:
             try:
                 failure = self._operation_failure(self._wait(op, zone))
@@ -233,6 +225,20 @@ class InstancesMixin:
                 found[inst.name] = inst
         return found
 
+    def _issue(self, call, name: str, zone: str, pending: list, problems: list) -> None:
+        """Start one instance operation (delete, stop, start): its operation joins
+        ``pending``; an error joins ``problems``; an instance GCE no longer knows is
+        skipped."""
+        errors = api_errors()
+        try:
+            op = call(project=self.project, zone=zone, instance=name)
+        except errors.NotFound:
+            return
+        except errors.GoogleAPICallError as e:
+            problems.append(f"{name}: {http_error_text(e)}")
+            return
+        pending.append((name, zone, op))
+
     def _wait_all(self, pending: list[tuple[str, str, Any]], problems: list[str]) -> None:
         """Wait for every (name, zone, operation); failures other than NOT_FOUND are added
         to ``problems`` (with a capacity code where GCE gave one)."""
@@ -253,7 +259,6 @@ class InstancesMixin:
         names = list(dict.fromkeys(node_ids))
         if not names:
             return
-        errors = api_errors()
         current = self._current(set(names))
         spot = [n for n in names if n in current and is_spot(current[n])]
         if spot:
@@ -264,16 +269,8 @@ class InstancesMixin:
             inst = current.get(name)
             if inst is None or name in spot or inst.status not in _STOPPABLE:
                 continue
-            zone = short(inst.zone)
-            try:
-                op = self.clients.instances.stop_unary(project=self.project, zone=zone,
-                                                       instance=name)
-            except errors.NotFound:
-                continue
-            except errors.GoogleAPICallError as e:
-                problems.append(f"{name}: {http_error_text(e)}")
-                continue
-            pending.append((name, zone, op))
+            self._issue(self.clients.instances.stop_unary, name, short(inst.zone), pending,
+                        problems)
         self._wait_all(pending, problems)
         if problems:
             raise ProviderError("GCE could not stop " + "; ".join(problems))
@@ -285,7 +282,6 @@ class InstancesMixin:
         names = list(dict.fromkeys(node_ids))
         if not names:
             return
-        errors = api_errors()
         deadline = time.monotonic() + timeout
         while True:
             current = self._current(set(names))
@@ -305,14 +301,8 @@ class InstancesMixin:
                 continue
             if inst.status != "TERMINATED":
                 continue
-            zone = short(inst.zone)
-            try:
-                op = self.clients.instances.start_unary(project=self.project, zone=zone,
-                                                        instance=name)
-            except errors.GoogleAPICallError as e:
-                problems.append(f"{name}: {http_error_text(e)}")
-                continue
-            pending.append((name, zone, op))
+            self._issue(self.clients.instances.start_unary, name, short(inst.zone), pending,
+                        problems)
         self._wait_all(pending, problems)
         if problems:
             raise ProviderError("GCE could not start " + "; ".join(problems))
