@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 from strato.localfiles import write_secret
 from strato.runtime.bounded import BoundedSet
+from strato.runtime.protocol.framing import recv_exactly
 from strato.runtime.tls import SAN, Credentials
 
 log = logging.getLogger("strato.bulk")
@@ -58,18 +59,6 @@ def _contexts(creds: Credentials) -> tuple[ssl.SSLContext, ssl.SSLContext]:
         ctx.verify_mode = ssl.CERT_REQUIRED
     client.check_hostname = True   # certificates name SAN "strato-node", see tls.py
     return server, client
-
-
-def _recv_exact(sock, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if not k:
-            raise ConnectionError("the other side closed the connection")
-        got += k
-    return bytes(buf)
 
 
 class BulkServer:
@@ -112,8 +101,8 @@ class BulkServer:
         try:
             raw.settimeout(HANDSHAKE_TIMEOUT)
             with self._server_ctx.wrap_socket(raw, server_side=True) as conn:
-                (n,) = struct.unpack("<I", _recv_exact(conn, 4))
-                if n > _TOKEN_MAX or not hmac.compare_digest(_recv_exact(conn, n),
+                (n,) = struct.unpack("<I", recv_exactly(conn, 4))
+                if n > _TOKEN_MAX or not hmac.compare_digest(recv_exactly(conn, n),
                                                              self._token):
                     return   # wrong token: nothing parsed, nothing answered
                 # a kept connection may idle between pulls; one idle this long (its
@@ -121,7 +110,7 @@ class BulkServer:
                 conn.settimeout(IDLE_TIMEOUT)
                 while True:
                     try:
-                        head = _recv_exact(conn, _REQUEST.size)
+                        head = recv_exactly(conn, _REQUEST.size)
                     except ConnectionError:
                         return
                     oid, offset, length = _REQUEST.unpack(head)
@@ -251,7 +240,7 @@ class BulkClient:
         answered = False
         try:
             conn.sendall(_REQUEST.pack(oid, offset, length))
-            ok, sent = _ANSWER.unpack(_recv_exact(conn, _ANSWER.size))
+            ok, sent = _ANSWER.unpack(recv_exactly(conn, _ANSWER.size))
             answered = True
             if not ok:
                 reusable = True

@@ -60,6 +60,20 @@ def chunks(segments: list, size: int = RAW_CHUNK):
         yield out
 
 
+def recv_exactly(sock: socket.socket, n: int, closed: str = "the other side closed the "
+                 "connection") -> bytes:
+    """``n`` bytes from a blocking socket; ``ConnectionError(closed)`` if it ends first."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if not k:
+            raise ConnectionError(closed)
+        got += k
+    return bytes(buf)
+
+
 def sendmsg_all(sock: socket.socket, buffers: list) -> None:
     """``sendall`` for a list of buffers (scatter-gather, no joining copy)."""
     views = [memoryview(b) for b in buffers]

@@ -19,6 +19,9 @@ import struct
 import sys
 
 from strato.exceptions import AuthenticationError, VersionMismatchError
+from strato.runtime.protocol.framing import recv_exactly
+
+_CLOSED = "the client endpoint closed the connection during the handshake"
 
 _LEN = struct.Struct("<I")
 MAX_HANDSHAKE = 64 * 1024
@@ -79,11 +82,11 @@ def client_handshake(sock: socket.socket, token: str, session: str,
     sock.settimeout(timeout)
     try:
         sock.sendall(encode({"token": token, "session": session, "versions": versions}))
-        head = _recv_exactly(sock, 4)
+        head = recv_exactly(sock, 4, _CLOSED)
         (n,) = _LEN.unpack(head)
         if n > MAX_HANDSHAKE:
             raise ConnectionError("the client endpoint answered with an oversized handshake")
-        answer = json.loads(_recv_exactly(sock, n))
+        answer = json.loads(recv_exactly(sock, n, _CLOSED))
     finally:
         sock.settimeout(None)
     if not answer.get("ok"):
@@ -92,14 +95,3 @@ def client_handshake(sock: socket.socket, token: str, session: str,
             raise VersionMismatchError(mismatch_message(versions, theirs))
         raise AuthenticationError(f"the cluster refused this client: {answer.get('error')}")
     return answer
-
-
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        part = sock.recv(n - len(data))
-        if not part:
-            raise ConnectionError("the client endpoint closed the connection during the "
-                                  "handshake")
-        data += part
-    return bytes(data)
