@@ -252,13 +252,17 @@ _ref_id = operator.attrgetter("id")
 def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
     core = require_current()
     # a task's first return id is its task id
+    if core.cancel_direct(ref.id):
+        return
     core.send((m.CANCEL, ref.id, force))
 
 
 def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
     if not isinstance(actor, ActorHandle):
         raise TypeError(f"kill() takes an actor handle, got {type(actor).__name__}")
-    require_current().send((m.KILL_ACTOR, actor._actor_id, no_restart))
+    core = require_current()
+    core.forget_direct(actor._actor_id)
+    core.send((m.KILL_ACTOR, actor._actor_id, no_restart))
 
 
 #: Ray's ``ray.nodes()`` keys for the head's node schema (``HeadClient.nodes()``)

@@ -22,6 +22,7 @@ from strato.exceptions import (
 from strato.runtime import messages as m
 from strato.runtime import serialization
 from strato.runtime.core_refs import RefCounting
+from strato.runtime.direct import DirectCalling
 from strato.runtime.ids import IdFactory
 from strato.runtime.messages import AT_NODE, ERROR, INLINE, LOCAL, OBJ, RESULT, RPC_REPLY
 from strato.runtime.protocol.framing import FrameClient
@@ -141,7 +142,7 @@ def _rebuild_ref(oid: bytes, owner_node: bytes) -> ObjectRef:
 RefCounting.ref_class = ObjectRef   # what refs rebuilt from values are made of
 
 
-class CoreWorker(RefCounting):
+class CoreWorker(RefCounting, DirectCalling):
     remote = False     # a remote driver (``strato.runtime.remote``) cannot map the store
 
     def __init__(self, socket_path: str | None, role: str, worker_id: bytes = b"", *,
@@ -178,6 +179,7 @@ class CoreWorker(RefCounting):
         self._exec_lock = threading.Lock()
         self._early: list = []   # work that arrived before the executor was attached
         self.runtime_env: dict | None = None   # given to every task this driver submits
+        self._init_direct()
         if sock is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.connect(socket_path)
@@ -214,6 +216,8 @@ class CoreWorker(RefCounting):
                     tid = self.task_of.pop(ret.oid, None)
                     if tid is not None:
                         self.pinned.pop(tid, None)
+                if self.agent_call_of:
+                    self._agent_call_done(msg[1])
                 notify = True
             elif kind == OBJ:
                 _, oid, how, payload = msg
@@ -250,6 +254,8 @@ class CoreWorker(RefCounting):
                 self.pool = FilePool(shm_dir)
                 self.job_id = self.node_id + self.client_id
                 self._welcome.set()
+            elif kind == m.ACTOR_HERE:
+                self._on_actor_here(msg)
             elif kind == m.RESUMED:
                 self._on_resumed(msg[1], msg[2])
                 notify = True
@@ -469,6 +475,8 @@ class CoreWorker(RefCounting):
         return value
 
     def close(self) -> None:
+        self.closed = True         # (direct channels closing now send nothing)
+        self.close_direct()
         self.flush_frees()
         pool = getattr(self, "pool", None)
         if pool is not None:

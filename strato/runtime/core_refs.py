@@ -33,6 +33,8 @@ class RefCounting:
     def release(self, oid: bytes) -> None:
         """The last local ref is gone: forget the value; tell the agent (the owner
         frees the object once nobody anywhere holds it)."""
+        if (self.direct_pending or self.direct_unknown) and self.direct_release(oid):
+            return                    # a direct actor call's result (runtime.direct)
         value = self.values.pop(oid, None)
         if value is not None and self.covers:
             cover = self.covers.pop(oid, None)   # (the refs its value holds)
@@ -69,10 +71,13 @@ class RefCounting:
         """These refs were serialized into a value another process may read: never
         unlink or recycle their objects from here (the agent frees them)."""
         owned = self.owned
+        direct = self.direct_pending or self.direct_unknown
         for ref in refs:
             if ref.id in owned:
                 self.escaped.add(ref.id)
                 self.recyclable.pop(ref.id, None)
+                if direct:
+                    self.adopt(ref.id)
 
     def keep_forever(self, refs) -> None:
         """Hold these refs as long as this process lives (their objects then live until

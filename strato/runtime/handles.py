@@ -45,6 +45,11 @@ def prepare_args(core: CoreWorker, args: tuple, kwargs: dict):
     if args or kwargs:
         recyclable = core.recyclable
         new_args = []
+        if core.direct_pending or core.direct_unknown:
+            # a direct actor call's result passed on: its agent must know it first
+            for a in (*args, *kwargs.values()):
+                if type(a) is ObjectRef:
+                    core.adopt(a.id)
         for a in args:
             if type(a) is ObjectRef:
                 recyclable.pop(a.id, None)
@@ -348,7 +353,8 @@ class ActorHandle:
             core.pinned[task_id] = keep
             for oid in return_ids:
                 core.task_of[oid] = task_id
-        core.send((m.ACTOR_CALLS, [spec]))
+        # no ref arguments: it may go straight to the actor's worker (runtime.direct)
+        core.submit_actor_call(spec, direct_ok=not keep)
         node = core.node_id
         if num_returns == 1:
             return ObjectRef(return_ids[0], node)

@@ -38,11 +38,18 @@ DONE = "done"                  # (DONE, task_id, [ReturnValue], retryable)
 BLOCKED = "blocked"            # (BLOCKED, [task_id handed back])
 UNBLOCKED = "unblocked"        # (UNBLOCKED,)
 BOUNCE = "bounce"              # (BOUNCE, [task_id that arrived after BLOCKED])
-ACTOR_READY = "actor_ready"    # (ACTOR_READY, actor_id, error bytes | None)
+ACTOR_READY = "actor_ready"    # (ACTOR_READY, actor_id, error bytes | None,
+                               #  direct socket path | None)   see ``runtime.direct``
+# direct actor calls (``runtime.direct``): a caller asks where a local actor takes calls
+ACTOR_WHERE = "actor_where"    # (ACTOR_WHERE, actor_id)
+DIRECT_LOST = "direct_lost"    # (DIRECT_LOST, actor_id, worker pid, [TaskSpec])   calls in
+                               # flight on a direct channel whose process went away: the
+                               # agent retries or fails them as if it had routed them
 
 # ---------------------------------------------------------------- agent -> client
 WELCOME = "welcome"            # (WELCOME, node_id, shm_dir, spill_dir, agent address)
-RESULT = "result"              # (RESULT, [ReturnValue])
+RESULT = "result"              # (RESULT, [ReturnValue])   also actor worker -> caller, direct
+ACTOR_HERE = "actor_here"      # (ACTOR_HERE, actor_id, direct socket path | None, worker pid)
 OBJ = "obj"                    # (OBJ, oid, LOCAL | INLINE | ERROR, payload)
 RPC_REPLY = "rpc_reply"        # (RPC_REPLY, request id, ok, value)   also head -> agent
 LOG = "log"                    # (LOG, [line])   to a driver
@@ -56,6 +63,8 @@ ACTOR_INIT = "actor_init"      # (ACTOR_INIT, TaskSpec, blob | None, gpu_ids)
 CANCEL_EXEC = "cancel_exec"    # (CANCEL_EXEC, task_id)
 CHECKPOINT = "checkpoint"      # (CHECKPOINT,)   the actor's drain hook
 FORGET_FNS = "forget_fns"      # (FORGET_FNS, [function ids])   the agent pruned them
+# caller -> actor worker, on a direct channel (``runtime.direct``)
+DIRECT_CALLS = "dcalls"        # (DIRECT_CALLS, [TaskSpec])   also CANCEL_EXEC
 
 # ---------------------------------------------------------------- agent -> head
 REGISTER = "register"          # (REGISTER, node_id, address, total, labels[, hosted actor ids])
@@ -112,6 +121,10 @@ REF_BORROWED = 1               # (REF_BORROWED, oid, owner_node)   holds a ref i
 REF_UNBORROWED = 2             # (REF_UNBORROWED, oid)   dropped its last copy of it
 REF_CONTAINS = 3               # (REF_CONTAINS, container oid, container owner_node,
                                #  [(oid, owner_node)])   a task result holds these refs
+REF_ADOPT = 4                  # (REF_ADOPT, oid, object info | None)   a direct call's
+                               # result the agent never saw escapes: keep it from now on
+                               # (None: not finished yet, REF_ADOPTED_READY follows)
+REF_ADOPTED_READY = 5          # (REF_ADOPTED_READY, oid, object info)   if still kept
 # Ops of REF_OPS (agent -> the owner's agent):
 PEER_BORROW = 1                # (PEER_BORROW, oid)   the sender's clients hold it
 PEER_UNBORROW = 2              # (PEER_UNBORROW, oid)   ... no longer

@@ -21,6 +21,7 @@ from strato.exceptions import ActorDiedError, TaskCancelledError, TaskError
 from strato.runtime import context
 from strato.runtime import messages as m
 from strato.runtime.core import CoreWorker, ObjectRef, ref_pairs, set_current
+from strato.runtime.direct_host import DirectHost
 from strato.runtime.serialization import deserialize, picklable, serialize
 from strato.runtime.spec import ACTOR_CALL, INLINE_MAX, ArgRef, ReturnValue, TaskSpec
 from strato.runtime.store import read_object, write_object
@@ -43,6 +44,7 @@ class Executor:
         self.gpu_ids: list = []
         self.blocked = False
         self.working_dir: str | None = None   # content hash of the one entered
+        self.direct_reply: dict = {}          # task id -> caller's channel (direct calls)
         core.on_block = self.on_block
         core.set_exec_handler(self.on_message)
 
@@ -82,7 +84,7 @@ class Executor:
                     self.inbox.remove(item)
             for spec, _ in queued:  # not started yet: answer at once
                 err = TaskCancelledError(f"task {spec.name} cancelled")
-                self.core.send((m.DONE, spec.task_id, self.pack_error(spec, err), False))
+                self.done(spec, self.pack_error(spec, err), False)
                 return
             if self.running is not None and self.running.task_id == task_id and self.actor is None:
                 # a real signal: unlike interrupt_main() it also breaks a blocking sleep
@@ -128,9 +130,29 @@ class Executor:
 
     def done(self, spec: TaskSpec, returns: list, retryable: bool) -> None:
         """Refs from the task's arguments it keeps become borrows, then DONE: the
-        caller unpins the arguments only after the agent knows of them."""
+        caller unpins the arguments only after the agent knows of them. A direct call's
+        results go straight back to its caller (``runtime.direct``)."""
         self.core.uncover(_cover_key(spec))
-        self.core.send((m.DONE, spec.task_id, returns, retryable))
+        reply = self.direct_reply.pop(spec.task_id, None) if self.direct_reply else None
+        if reply is None:
+            self.core.send((m.DONE, spec.task_id, returns, retryable))
+            return
+        if any(r.inline is None or r.contained is not None for r in returns):
+            # in the store or holding refs: the agent keeps it, and knows it before the
+            # caller does (who may pass the ref on at once)
+            returns = self.core.rpc("direct_results", spec.owner_client, returns)
+        reply.send((m.RESULT, returns))
+
+    def on_direct_calls(self, caller, specs: list) -> None:
+        """Calls straight from a caller on this node: the same queue as the agent's."""
+        with self.cond:
+            for spec in specs:
+                self.direct_reply[spec.task_id] = caller
+                self.inbox.append((spec, self.gpu_ids))
+            self.cond.notify()
+
+    def on_direct_cancel(self, task_id: bytes) -> None:
+        self.on_message((m.CANCEL_EXEC, task_id))
 
     def enter_runtime_env(self, env: dict) -> None:
         """A client's ``working_dir``: unpacked once per node (fetched from the head's
@@ -293,7 +315,9 @@ class Executor:
             threading.Thread(target=self._run_async_loop, args=(limit,), daemon=True).start()
         elif (opts.get("max_concurrency") or 1) > 1:
             self.pool = ThreadPoolExecutor(max_workers=opts["max_concurrency"])
-        self.core.send((m.ACTOR_READY, spec.actor_id, None))
+        self.direct_host = host = DirectHost(self.on_direct_calls, self.on_direct_cancel,
+                          os.path.dirname(os.environ.get("STRATO_AGENT_SOCKET", "")))
+        self.core.send((m.ACTOR_READY, spec.actor_id, None, host.path))
 
     def _run_async_loop(self, limit: int) -> None:
         asyncio.set_event_loop(self.async_loop)

@@ -91,16 +91,23 @@ def test_bounded_set_forgets_the_oldest():
 
 
 def test_agent_state_is_bounded():
-    """Cancellations, dead-node ids and dead actors' locations an agent keeps are bounded."""
+    """Cancellations, dead-node ids, dead actors' locations and deaths, and the direct-call
+    results freed before they were known that an agent keeps are bounded."""
     from strato.runtime.agent import actors
+    from strato.runtime.agent.direct import DirectCalls
     from strato.runtime.agent.routing import TaskRouter
 
-    host = actors.ActorHost.__new__(actors.ActorHost)
+    class Host(actors.ActorHost, DirectCalls):
+        pass
+    host = Host.__new__(Host)
     host._init_actors()
+    host._init_direct()
     for i in range(3000):
         host.on_actor_update(None, (m.ACTOR_UPDATE, _nid(i), ActorState.DEAD, None, b""))
+        host.note_actor_death(_nid(i), i, RuntimeError("died"), False)
     host.on_actor_update(None, (m.ACTOR_UPDATE, _nid(99999), ActorState.ALIVE, _nid(1), None))
     assert len(host.actor_locations) == actors.DEAD_ACTORS_KEPT + 1
+    assert len(host._deaths) <= 1000 and host.freed_unknown.maxlen <= 100_000
 
     router = TaskRouter.__new__(TaskRouter)
     router._init_routing()

@@ -77,8 +77,9 @@ class ActorHost:
 
     def on_actor_ready(self, client, msg) -> None:
         """The actor's worker ran ``__init__``: alive, or failed with ``error``."""
-        _, actor_id, error = msg
+        _, actor_id, error = msg[:3]
         w = client.worker
+        self.direct_ready(w, msg[3] if error is None and len(msg) > 3 else None)
         if error is None:
             self.head.send((m.ACTOR_STATE, actor_id, ActorState.ALIVE, self.node_id, None))
         else:
@@ -95,6 +96,8 @@ class ActorHost:
     def on_actor_update(self, _head, msg) -> None:
         _, actor_id, state, node, error = msg
         self.actor_locations[actor_id] = ActorLocation(state, node, error)
+        if self.direct_askers:
+            self.direct_placed(actor_id, state, node)
         if state is ActorState.DEAD:
             if actor_id in self.actor_pins:   # the arguments it was created with
                 self.actor_pins.discard(actor_id)
@@ -193,6 +196,8 @@ class ActorHost:
         if restart:
             call_err = ActorUnavailableError(f"actor {name} is restarting ({how}); this call "
                                              "was running and did not finish")
+        # (direct calls in flight on it that its callers hand back later end the same way)
+        self.note_actor_death(w.actor_id, w.pid, call_err, restart)
         for spec in w.inflight.values():
             # with a restart coming, the owner re-runs the call on the new process while
             # max_task_retries allows (crashed=True: retryable), else it gets call_err

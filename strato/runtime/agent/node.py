@@ -23,6 +23,7 @@ from strato.runtime import messages as m
 from strato.runtime import scheduler
 from strato.runtime.agent.actors import ActorHost
 from strato.runtime.agent.bundles import BundleHost
+from strato.runtime.agent.direct import DirectCalls
 from strato.runtime.agent.durable import HEAD_OWNED, DurableCalls
 from strato.runtime.agent.objects import ObjectManager
 from strato.runtime.agent.refs import RefCounting
@@ -55,7 +56,7 @@ class Client:
 
 
 class NodeAgent(WorkerPool, ObjectManager, RefCounting, ActorHost, TaskRouter,
-                ClientSessions, DurableCalls, BundleHost):
+                ClientSessions, DurableCalls, BundleHost, DirectCalls):
     """One per node, on one asyncio loop: worker pool, local scheduling, resource
     accounting, object store and transfer, and the owner-side bookkeeping (retries,
     lineage) for its clients. Local processes reach it over framed unix sockets;
@@ -96,6 +97,7 @@ class NodeAgent(WorkerPool, ObjectManager, RefCounting, ActorHost, TaskRouter,
         self._init_sessions()
         self._init_durable()
         self._init_bundles()
+        self._init_direct()
         self._routes: dict[int, dict[str, Callable]] = {CLIENT: {}, HEAD: {}, PEER: {}, REQUEST: {}}
         for kind, (handler, links) in ROUTES.items():
             for link, table in self._routes.items():
@@ -267,7 +269,7 @@ class NodeAgent(WorkerPool, ObjectManager, RefCounting, ActorHost, TaskRouter,
         """This agent's scheduling state, for `strato status` and failing tests."""
         return {"available": dict(self.available), "draining": self.draining,
                 "ready": {str(dict(k)): len(q) for k, q in self.ready.items() if q},
-                "waiting": len(self.waiting),
+                "waiting": len(self.waiting), "owned_tasks": len(self.owned_tasks),
                 "workers": {w.pid: (w.state.value, len(w.inflight), w.blocked)
                             for w in self.workers.values()},
                 "objects": len(self.objects), "borrowed": len(self.borrowed),
@@ -336,6 +338,8 @@ ROUTES: dict[str, tuple[Callable, int]] = {
     m.ACTOR_CREATE: (ActorHost.on_actor_create, CLIENT),
     m.ACTOR_CALLS: (ActorHost.on_actor_calls, CLIENT),
     m.KILL_ACTOR: (ActorHost.on_kill_actor, CLIENT),
+    m.ACTOR_WHERE: (DirectCalls.on_actor_where, CLIENT),
+    m.DIRECT_LOST: (DirectCalls.on_direct_lost, CLIENT),
     m.RPC: (NodeAgent.on_rpc, CLIENT),
     # from remote drivers (the client endpoint)
     m.SPAWN: (DurableCalls.on_spawn, CLIENT),

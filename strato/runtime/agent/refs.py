@@ -68,7 +68,11 @@ class RefCounting:
         for op in msg[1]:
             if type(op) is bytes:      # the owner client dropped its last ref
                 e = objects.get(op)
-                if e is None or e.owner_client != cid:
+                if e is None:
+                    # a direct call's result not heard of (yet): see agent.direct
+                    self.freed_unknown.add(op)
+                    continue
+                if e.owner_client != cid:
                     continue
                 rc = e.rc
                 if rc is None or (rc.borrowers is None and rc.contained_in is None):
@@ -83,6 +87,10 @@ class RefCounting:
                 self._unborrow(cid, op[1])
             elif kind == m.REF_CONTAINS:
                 self._contains(op[1], op[2], op[3])
+            elif kind == m.REF_ADOPT:
+                self.adopt(cid, op[1], op[2])
+            elif kind == m.REF_ADOPTED_READY:
+                self.adopted_ready(op[1], op[2])
             else:
                 log.warning("ignored an unknown reference op %r", kind)
 

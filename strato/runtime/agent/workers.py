@@ -58,6 +58,8 @@ class Worker:
     pending_actor: TaskSpec | None = None   # actor to become once the process connects
     final_stop: bool = False   # its actor was killed for good: no restart follows
     task_name: str = ""        # of the task it ran last (its output lines' prefix)
+    actor_ready: bool = False  # its actor's __init__ is done
+    direct_path: str | None = None   # where its actor takes direct calls (runtime.direct)
 
 
 class WorkerPool:
@@ -180,6 +182,8 @@ class WorkerPool:
         self.workers.pop(w.worker_id, None)
         if w in self.idle_workers:
             self.idle_workers.remove(w)
+        if w.actor_id is not None:
+            self.direct_worker_gone(w)
         if self.closing:
             return
         if prev is WorkerState.LEASED and w.lease_shape:

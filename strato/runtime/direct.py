@@ -1,0 +1,267 @@
+"""Direct actor calls, the caller's side: calls go straight to the actor's worker process
+when it runs on the caller's node (Ray's direct actor calls), a mixin of ``CoreWorker``.
+
+Through the agent a call takes four hops (caller, agent, worker, agent, caller) and two
+passes through the agent's event loop; straight to the worker it takes two. The agent
+stays in charge of what needs it:
+
+- *Where.* The caller asks its agent once per actor (ACTOR_WHERE); the agent answers with
+  the unix socket the actor's worker listens on (ACTOR_HERE), or none: the actor lives on
+  another node, is not ready, or the caller is a remote driver. Then calls go through the
+  agent as before, and the caller asks again after ``ASK_AGAIN_S``.
+- *Order.* A handle's calls run in the order made. The caller switches to the direct
+  channel only when none of its calls to that actor is still on the way through the
+  agent, and back to the agent (DIRECT_LOST first, then new calls) when the channel drops.
+- *Failures.* When the worker process dies, the calls in flight on its channel go to the
+  agent (DIRECT_LOST), which retries them on the restarted actor within
+  ``max_task_retries`` or fails them with the actor's error, as for calls it routed.
+- *Objects.* A direct call's small result lives only in the caller until its ref escapes
+  (an argument of another task, inside a put or a result): then the caller hands it to
+  the agent (the REF_ADOPT op, ahead of the message it escapes in). A result in the
+  store, or one holding refs, the worker registers with the agent before answering.
+
+Calls with ref arguments (top-level or nested) keep going through the agent, which
+resolves and pins them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+from strato.runtime import messages as m
+from strato.runtime.messages import AT_NODE, ERROR, INLINE, RESULT
+from strato.runtime.protocol.framing import FrameClient
+from strato.runtime.spec import TaskSpec
+
+ASK_AGAIN_S = 1.0          # an actor not reachable directly: ask the agent again after this
+#: ``STRATO_DIRECT_CALLS=0``: every actor call goes through the agent (to compare, or to
+#: rule direct calls out when chasing a problem)
+ENABLED = os.environ.get("STRATO_DIRECT_CALLS", "1") != "0"
+_ASKED = "asked"
+_AT = "at"
+
+
+class DirectChannel:
+    """One caller's connection to one actor's worker process on the same node."""
+
+    def __init__(self, core, actor_id: bytes, path: str, pid: int):
+        self.core = core
+        self.actor_id = actor_id
+        self.path = path
+        self.pid = pid
+        self.inflight: dict[bytes, TaskSpec] = {}   # task id -> spec sent, not answered
+        self.lost = False
+        self._lock = threading.Lock()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+        except OSError:
+            sock.close()
+            raise
+        self.conn = FrameClient(sock, self._on_batch, self._on_close, name="strato-direct")
+        self.conn.start()
+
+    def send(self, spec: TaskSpec) -> bool:
+        """Send one call; False when the channel is gone (the caller uses the agent)."""
+        with self._lock:
+            if self.lost or self.conn.closed:
+                return False
+            self.inflight[spec.task_id] = spec
+            self.conn.send((m.DIRECT_CALLS, [spec]))
+        return True
+
+    def cancel(self, task_id: bytes) -> bool:
+        with self._lock:
+            if self.lost or task_id not in self.inflight:
+                return False
+            self.conn.send((m.CANCEL_EXEC, task_id))
+        return True
+
+    def _on_batch(self, batch: list) -> None:
+        for msg in batch:
+            if msg[0] == RESULT:
+                self.core._direct_results(self, msg[1])
+
+    def _on_close(self) -> None:
+        with self._lock:
+            self.lost = True
+            specs = list(self.inflight.values())
+            self.inflight.clear()
+        self.core._direct_lost(self, specs)
+
+    def close(self) -> None:
+        with self._lock:
+            self.lost = True
+        self.conn.close()
+
+
+class DirectCalling:
+    """The ``CoreWorker`` state and methods of direct actor calls (see the module doc)."""
+
+    def _init_direct(self) -> None:
+        # actor id -> DirectChannel, or (_ASKED, when) / (_AT, path, pid) before it is one
+        self.direct: dict[bytes, object] = {}
+        # (re-entrant: a ref's __del__ may release inside a locked block, on this thread)
+        self._direct_lock = threading.RLock()
+        self.direct_pending: set[bytes] = set()     # return ids of direct calls in flight
+        self.direct_unknown: set[bytes] = set()     # results the agent never heard of
+        self.direct_adopted: set[bytes] = set()     # in flight, escaped: the agent waits
+        self.agent_call_of: dict[bytes, bytes] = {}   # task id -> actor: calls via the agent
+        self.agent_calls: dict[bytes, int] = {}       # actor -> such calls in flight
+
+    # ------------------------------------------------------------------ sending
+    def submit_actor_call(self, spec: TaskSpec, direct_ok: bool) -> None:
+        """Send an actor call, straight to the actor's worker when that keeps its order."""
+        if direct_ok and ENABLED and not self.remote:
+            chan = self._channel(spec.actor_id)
+            if chan is not None:
+                pending = self.direct_pending
+                with self._direct_lock:
+                    pending.update(spec.return_ids)
+                if chan.send(spec):
+                    return
+                with self._direct_lock:
+                    pending.difference_update(spec.return_ids)
+        with self._direct_lock:
+            self._count_agent_call(spec)
+        self.send((m.ACTOR_CALLS, [spec]))
+
+    def _count_agent_call(self, spec: TaskSpec) -> None:
+        actor = spec.actor_id
+        self.agent_call_of[spec.task_id] = actor
+        self.agent_calls[actor] = self.agent_calls.get(actor, 0) + 1
+
+    def _channel(self, actor_id: bytes) -> DirectChannel | None:
+        state = self.direct.get(actor_id)
+        if type(state) is DirectChannel:
+            if not state.lost and not self.agent_calls.get(actor_id):
+                return state
+            return None
+        now = time.monotonic()
+        if state is None or (state[0] == _ASKED and now - state[1] > ASK_AGAIN_S):
+            self.direct[actor_id] = (_ASKED, now)
+            self.send((m.ACTOR_WHERE, actor_id))
+            return None
+        if state[0] != _AT or self.agent_calls.get(actor_id):
+            return None
+        with self._direct_lock:
+            if self.direct.get(actor_id) is not state:
+                return None
+            try:
+                chan = DirectChannel(self, actor_id, state[1], state[2])
+            except OSError:     # the process went away meanwhile: ask again later
+                self.direct[actor_id] = (_ASKED, now)
+                return None
+            self.direct[actor_id] = chan
+        return chan
+
+    def _agent_call_done(self, returns: list) -> None:
+        """Calls routed through the agent finished (their results came)."""
+        with self._direct_lock:
+            for ret in returns:
+                actor = self.agent_call_of.pop(ret.oid, None)
+                if actor is not None:
+                    n = self.agent_calls.get(actor, 0) - 1
+                    if n > 0:
+                        self.agent_calls[actor] = n
+                    else:
+                        self.agent_calls.pop(actor, None)
+
+    def _on_actor_here(self, msg) -> None:
+        _, actor_id, path, pid = msg
+        if path:
+            self.direct[actor_id] = (_AT, path, pid)
+
+    def forget_direct(self, actor_id: bytes) -> None:
+        """kill(): calls made from now on go through the agent, which fails them at once
+        (calls in flight end with the process, DIRECT_LOST)."""
+        self.direct[actor_id] = (_ASKED, time.monotonic())
+
+    def cancel_direct(self, task_id: bytes) -> bool:
+        if task_id not in self.direct_pending:
+            return False
+        for chan in list(self.direct.values()):
+            if type(chan) is DirectChannel and chan.cancel(task_id):
+                return True
+        return False
+
+    def close_direct(self) -> None:
+        for chan in list(self.direct.values()):
+            if type(chan) is DirectChannel:
+                chan.close()
+        self.direct.clear()
+
+    # ------------------------------------------------------------------ receiving
+    def _direct_results(self, chan: DirectChannel, returns: list) -> None:
+        """Results from the actor's worker (on the channel's reader thread)."""
+        values, owned = self.values, self.owned
+        pending, unknown, adopted = self.direct_pending, self.direct_unknown, self.direct_adopted
+        with self._direct_lock:
+            for ret in returns:
+                oid = ret.oid
+                chan.inflight.pop(oid, None)     # (the first return id is the task id)
+                pending.discard(oid)
+                # in the store or holding refs: the worker registered it with the agent
+                registered = ret.inline is None or ret.contained is not None
+                if ret.error:
+                    info = (ERROR, ret.inline)
+                elif ret.inline is not None:
+                    info = (INLINE, ret.inline)
+                else:
+                    info = (AT_NODE, ret.node, ret.size)
+                if oid in adopted:     # (even if dropped since: others may wait for it)
+                    adopted.discard(oid)
+                    if not registered:
+                        self._add_op((m.REF_ADOPTED_READY, oid, info))
+                elif not registered and oid in owned:
+                    unknown.add(oid)
+                if oid in owned:
+                    values[oid] = info
+        with self.cond:
+            self.cond.notify_all()
+
+    def _direct_lost(self, chan: DirectChannel, specs: list) -> None:
+        """The actor's process went away: what was in flight goes to the agent, which
+        retries it on the restarted actor or fails it, and later calls take that road
+        until the caller asks again."""
+        if self.direct.get(chan.actor_id) is chan:
+            self.direct[chan.actor_id] = (_ASKED, time.monotonic())
+        if self.closed or not specs:
+            return
+        with self._direct_lock:
+            for spec in specs:
+                self.direct_pending.difference_update(spec.return_ids)
+                self.direct_adopted.difference_update(spec.return_ids)
+                self._count_agent_call(spec)
+        self.send((m.DIRECT_LOST, chan.actor_id, chan.pid, specs))
+
+    # ------------------------------------------------------------------ escaping
+    def adopt(self, oid: bytes) -> None:
+        """A direct call's result (``oid``, owned) may now be read by others: the agent
+        keeps it from here (ahead of the message it escapes in)."""
+        with self._direct_lock:
+            if oid in self.direct_unknown:
+                self.direct_unknown.discard(oid)
+                self._add_op((m.REF_ADOPT, oid, self.values.get(oid)))
+            elif oid in self.direct_pending and oid not in self.direct_adopted:
+                self.direct_adopted.add(oid)
+                self._add_op((m.REF_ADOPT, oid, None))
+
+    def direct_release(self, oid: bytes) -> bool:
+        """The last ref of an owned object went: True when it was a direct call's result,
+        now forgotten here (and at the agent, which may have it or get it later)."""
+        with self._direct_lock:
+            if oid in self.direct_unknown:        # the agent never heard of it
+                self.direct_unknown.discard(oid)
+            elif oid in self.direct_pending:      # not answered yet: the agent frees it
+                self.direct_pending.discard(oid)  # if it gets it (adopted, registered)
+                self._add_op(oid)
+            else:
+                return False
+            self.owned.discard(oid)
+            self.escaped.discard(oid)
+            self.values.pop(oid, None)
+        return True
