@@ -3,10 +3,14 @@
 The gRPC links carry messages; an object pulled from another node through them went
 through several fresh copies per 4 MB chunk (slice, pickle, protobuf, and back), and
 both sides took turns. Here a pull is one request on a TLS connection to the holder's
-bulk port and the object's bytes stream back from its store file straight into the
-puller's new store file (``recv_into`` a mapping of it): one encryption, one
-decryption, no Python-level copy. Blocking sockets in threads, so the event loops of
-both agents stay free (OpenSSL and the socket calls release the GIL).
+bulk port and the object's bytes stream back from a mapping of its store file into
+the puller's new store file: ``recv_into`` a 1 MB buffer of the pulling thread, then
+``pwrite`` to the file. One encryption, one decryption, no Python-level copy; the
+buffer stays in cache, and ``pwrite`` fills the new file's pages without a page fault
+each and without zeroing them first (receiving into a mapping of the new file took
+about a fifth more of the puller's CPU, mostly in those faults). Blocking sockets in
+threads, so the event loops of both agents stay free (OpenSSL and the socket calls
+release the GIL).
 
 The channel is as closed as the gRPC port: the cluster CA's certificates on both ends
 (no handshake, no byte read), then the cluster token compared in constant time before
@@ -36,7 +40,8 @@ log = logging.getLogger("strato.bulk")
 _REQUEST = struct.Struct("<16sQQ")        # oid, offset, length
 _ANSWER = struct.Struct("<BQ")            # ok, length that follows
 _TOKEN_MAX = 1024
-_PIECE = 8 * 1024 * 1024                 # one send/recv call at most (SSL record batches)
+_PIECE = 8 * 1024 * 1024                 # one send call at most (SSL record batches)
+_BOUNCE = 1024 * 1024                    # a puller's bytes between recv and pwrite
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 300.0
 # the holder maps the file it sends with page tables filled in one call (its pages exist)
@@ -176,6 +181,14 @@ class BulkClient:
         self._open: dict[bytes, set] = {}   # node -> its connections (closed if it dies)
         self._idle: dict[bytes, list] = {}  # node -> connections free for a request
         self._dead = BoundedSet(maxlen=10_000)   # nodes declared dead: never dialled again
+        self._local = threading.local()
+
+    def _buffer(self) -> memoryview:
+        """This thread's bounce buffer (pulls run in a few pool threads)."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = memoryview(bytearray(_BOUNCE))
+        return buf
 
     def cancel_node(self, node: bytes) -> None:
         """The node died: break every transfer from it now (never wait on a dead peer)."""
@@ -249,16 +262,22 @@ class BulkClient:
                 raise ConnectionError(f"object {oid.hex()}: {sent} bytes there at "
                                       f"{offset}, {length} expected")
             if length:
-                # no MAP_POPULATE here: pages fault in as the bytes arrive, overlapping
-                # the network (populating first costs a serial pass per stream)
-                with mmap.mmap(fd, size, flags=mmap.MAP_SHARED) as mm, \
-                        memoryview(mm) as whole, whole[offset:offset + length] as view:
-                    got = 0
-                    while got < length:
-                        k = conn.recv_into(view[got:], min(length - got, _PIECE))
+                # through a bounce buffer: os.pwrite fills the new file's pages without
+                # a page fault each (nor zeroing them first), and maps nothing
+                buf = self._buffer()
+                got = 0
+                while got < length:
+                    want = min(length - got, len(buf))
+                    fill = 0
+                    while fill < want:
+                        k = conn.recv_into(buf[fill:want], want - fill)
                         if not k:
                             raise ConnectionError("the holder closed the transfer")
-                        got += k
+                        fill += k
+                    done = 0
+                    while done < fill:
+                        done += os.pwrite(fd, buf[done:fill], offset + got + done)
+                    got += fill
             reusable = True
         except (OSError, ssl.SSLError) as exc:
             if reused and not answered:
