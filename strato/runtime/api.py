@@ -252,7 +252,7 @@ _ref_id = operator.attrgetter("id")
 def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
     core = require_current()
     # a task's first return id is its task id
-    if core.cancel_direct(ref.id):
+    if core.cancel_direct(ref.id, force):
         return
     core.send((m.CANCEL, ref.id, force))
 

@@ -24,6 +24,7 @@ from strato.runtime import serialization
 from strato.runtime.core_refs import RefCounting
 from strato.runtime.direct import DirectCalling
 from strato.runtime.ids import IdFactory
+from strato.runtime.leases import TaskLeasing
 from strato.runtime.messages import AT_NODE, ERROR, INLINE, LOCAL, OBJ, RESULT, RPC_REPLY
 from strato.runtime.protocol.framing import FrameClient
 from strato.runtime.serialization import deserialize, serialize
@@ -142,11 +143,11 @@ def _rebuild_ref(oid: bytes, owner_node: bytes) -> ObjectRef:
 RefCounting.ref_class = ObjectRef   # what refs rebuilt from values are made of
 
 
-class CoreWorker(RefCounting, DirectCalling):
+class CoreWorker(RefCounting, DirectCalling, TaskLeasing):
     remote = False     # a remote driver (``strato.runtime.remote``) cannot map the store
 
     def __init__(self, socket_path: str | None, role: str, worker_id: bytes = b"", *,
-                 sock: socket.socket | None = None):
+                 sock: socket.socket | None = None, direct_path: str | None = None):
         self.role = role
         self._worker_id = worker_id
         self.client_id = os.urandom(16)
@@ -180,6 +181,8 @@ class CoreWorker(RefCounting, DirectCalling):
         self._early: list = []   # work that arrived before the executor was attached
         self.runtime_env: dict | None = None   # given to every task this driver submits
         self._init_direct()
+        self._init_leases()
+        self._direct_path = direct_path   # a worker's (told in HELLO)
         if sock is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.connect(socket_path)
@@ -193,7 +196,8 @@ class CoreWorker(RefCounting, DirectCalling):
     def _open(self, sock: socket.socket) -> FrameClient:
         conn = FrameClient(sock, self._on_batch, self._on_close)
         conn.start()
-        conn.send((m.HELLO, self.role, self.client_id, None, self._worker_id))
+        hello = (m.HELLO, self.role, self.client_id, None, self._worker_id)
+        conn.send(hello if self._direct_path is None else (*hello, self._direct_path))
         conn.prefix = self._take_ops   # after HELLO, which must come first
         return conn
 
@@ -256,6 +260,10 @@ class CoreWorker(RefCounting, DirectCalling):
                 self._welcome.set()
             elif kind == m.ACTOR_HERE:
                 self._on_actor_here(msg)
+            elif kind == m.LEASE:
+                self._on_lease(msg)
+            elif kind == m.LEASE_REVOKE:
+                self._on_lease_revoke(msg)
             elif kind == m.RESUMED:
                 self._on_resumed(msg[1], msg[2])
                 notify = True
@@ -287,6 +295,7 @@ class CoreWorker(RefCounting, DirectCalling):
     def export_function(self, fn_id: bytes, blob: bytes) -> None:
         if fn_id not in self.exported:
             self.exported.add(fn_id)
+            self.fn_blobs[fn_id] = blob      # (a leased worker gets it from here)
             self.send((m.FN, fn_id, blob))
 
     def new_return_ids(self, n: int, task_id: bytes) -> list[bytes]:
@@ -476,6 +485,7 @@ class CoreWorker(RefCounting, DirectCalling):
 
     def close(self) -> None:
         self.closed = True         # (direct channels closing now send nothing)
+        self._lease_wake.set()     # (its keeper thread ends)
         self.close_direct()
         self.flush_frees()
         pool = getattr(self, "pool", None)

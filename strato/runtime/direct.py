@@ -45,11 +45,13 @@ _AT = "at"
 
 
 class DirectChannel:
-    """One caller's connection to one actor's worker process on the same node."""
+    """One caller's connection to one worker process on the same node: an actor's, or a
+    pool worker the agent leased to the caller (``runtime.leases``, ``actor_id`` None)."""
 
-    def __init__(self, core, actor_id: bytes, path: str, pid: int):
+    def __init__(self, core, actor_id: bytes | None, path: str, pid: int):
         self.core = core
         self.actor_id = actor_id
+        self.sent_fns: set = set()     # functions this worker got from this caller
         self.path = path
         self.pid = pid
         self.inflight: dict[bytes, TaskSpec] = {}   # task id -> spec sent, not answered
@@ -64,13 +66,14 @@ class DirectChannel:
         self.conn = FrameClient(sock, self._on_batch, self._on_close, name="strato-direct")
         self.conn.start()
 
-    def send(self, spec: TaskSpec) -> bool:
-        """Send one call; False when the channel is gone (the caller uses the agent)."""
+    def send(self, spec: TaskSpec, fns: dict | None = None) -> bool:
+        """Send one call (with the functions the worker lacks); False when the channel
+        is gone (the caller uses the agent)."""
         with self._lock:
             if self.lost or self.conn.closed:
                 return False
             self.inflight[spec.task_id] = spec
-            self.conn.send((m.DIRECT_CALLS, [spec]))
+            self.conn.send((m.DIRECT_CALLS, [spec], fns))
         return True
 
     def cancel(self, task_id: bytes) -> bool:
@@ -111,6 +114,7 @@ class DirectCalling:
         self.direct_adopted: set[bytes] = set()     # in flight, escaped: the agent waits
         self.agent_call_of: dict[bytes, bytes] = {}   # task id -> actor: calls via the agent
         self.agent_calls: dict[bytes, int] = {}       # actor -> such calls in flight
+        self.worker_channels: dict[str, DirectChannel] = {}   # leased workers' (leases)
 
     # ------------------------------------------------------------------ sending
     def submit_actor_call(self, spec: TaskSpec, direct_ok: bool) -> None:
@@ -180,19 +184,28 @@ class DirectCalling:
         (calls in flight end with the process, DIRECT_LOST)."""
         self.direct[actor_id] = (_ASKED, time.monotonic())
 
-    def cancel_direct(self, task_id: bytes) -> bool:
+    def cancel_direct(self, task_id: bytes, force: bool) -> bool:
+        """Cancel a call in flight on a direct channel (False: it is not on one). Force
+        on a leased worker: the agent kills the process (the task then fails with
+        TaskCancelledError, not retried)."""
         if task_id not in self.direct_pending:
             return False
-        for chan in list(self.direct.values()):
-            if type(chan) is DirectChannel and chan.cancel(task_id):
+        for chan in [*self.direct.values(), *self.worker_channels.values()]:
+            if type(chan) is not DirectChannel or task_id not in chan.inflight:
+                continue
+            if force and chan.actor_id is None:
+                self.send((m.CANCEL, task_id, True, chan.pid))
+                return True
+            if chan.cancel(task_id):
                 return True
         return False
 
     def close_direct(self) -> None:
-        for chan in list(self.direct.values()):
+        for chan in [*self.direct.values(), *self.worker_channels.values()]:
             if type(chan) is DirectChannel:
                 chan.close()
         self.direct.clear()
+        self.worker_channels.clear()
 
     # ------------------------------------------------------------------ receiving
     def _direct_results(self, chan: DirectChannel, returns: list) -> None:
@@ -220,14 +233,18 @@ class DirectCalling:
                     unknown.add(oid)
                 if oid in owned:
                     values[oid] = info
+        if chan.actor_id is None:
+            self.lease_done(chan, returns)
         with self.cond:
             self.cond.notify_all()
 
     def _direct_lost(self, chan: DirectChannel, specs: list) -> None:
-        """The actor's process went away: what was in flight goes to the agent, which
-        retries it on the restarted actor or fails it, and later calls take that road
-        until the caller asks again."""
-        if self.direct.get(chan.actor_id) is chan:
+        """The worker process went away: what was in flight goes to the agent, which
+        retries it (on the restarted actor) or fails it, and later calls take that road
+        until the caller asks again (or is leased another worker)."""
+        if chan.actor_id is None:
+            self.lease_lost(chan)
+        elif self.direct.get(chan.actor_id) is chan:
             self.direct[chan.actor_id] = (_ASKED, time.monotonic())
         if self.closed or not specs:
             return
@@ -235,7 +252,8 @@ class DirectCalling:
             for spec in specs:
                 self.direct_pending.difference_update(spec.return_ids)
                 self.direct_adopted.difference_update(spec.return_ids)
-                self._count_agent_call(spec)
+                if spec.actor_id is not None:
+                    self._count_agent_call(spec)
         self.send((m.DIRECT_LOST, chan.actor_id, chan.pid, specs))
 
     # ------------------------------------------------------------------ escaping

@@ -1,7 +1,8 @@
-"""Direct actor calls, the actor's side: its worker process listens on a unix socket
-next to its agent's (same directory, same permissions) and takes calls from callers on
-the node (see ``runtime.direct``). Calls join the same queue as those the agent sends,
-so the actor runs them one at a time (or as its concurrency allows) either way.
+"""Direct calls, the worker's side: every worker process listens on a unix socket next
+to its agent's (same directory, same permissions) and takes calls from callers on the
+node: an actor's calls (``runtime.direct``) and tasks from the caller it is leased to
+(``runtime.leases``). They join the same queue as what the agent sends, so an actor runs
+them one at a time (or as its concurrency allows) either way.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ _MAX_PATH = 100      # sun_path holds 108 bytes; longer: no direct calls, the ag
 class DirectHost:
     """The listening socket of an actor's worker and the callers connected to it."""
 
-    def __init__(self, on_calls, on_cancel, socket_dir: str):
-        self._on_calls = on_calls        # (FrameClient, [TaskSpec])
+    def __init__(self, on_calls, on_cancel, on_gone, socket_dir: str):
+        self._on_calls = on_calls        # (FrameClient, [TaskSpec], {fid: blob} | None)
         self._on_cancel = on_cancel      # (task_id)
+        self._on_gone = on_gone          # (FrameClient): it disconnected
         self.path: str | None = None
-        path = os.path.join(socket_dir, f"actor-{os.getpid()}.sock")
+        path = os.path.join(socket_dir, f"worker-{os.getpid()}.sock")
         if len(path.encode()) > _MAX_PATH:
             return
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -52,7 +54,7 @@ class DirectHost:
                 return
             holder: list = []
             client = FrameClient(conn, lambda batch, h=holder: self._on_batch(h[0], batch),
-                                 lambda: None, name="strato-direct-in")
+                                 lambda h=holder: self._on_gone(h[0]), name="strato-direct-in")
             holder.append(client)
             client.start()
 
@@ -60,7 +62,7 @@ class DirectHost:
         for msg in batch:
             kind = msg[0]
             if kind == m.DIRECT_CALLS:
-                self._on_calls(client, msg[1])
+                self._on_calls(client, msg[1], msg[2])
             elif kind == m.CANCEL_EXEC:
                 self._on_cancel(msg[1])
             else:   # not a caller speaking this protocol: drop it

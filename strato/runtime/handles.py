@@ -9,7 +9,7 @@ import inspect
 
 import cloudpickle
 
-from strato.runtime import calls, context
+from strato.runtime import calls, context, placement
 from strato.runtime import messages as m
 from strato.runtime import options as opts_check
 from strato.runtime.core import CoreWorker, ObjectRef, ref_pairs, require_current
@@ -128,6 +128,10 @@ class RemoteFunction:
         self._num_returns = options.get("num_returns", 1)
         self._max_retries = options.get("max_retries", 3)
         self._retry_exceptions = options.get("retry_exceptions", False)
+        # the shape a leased worker runs (None: never leased: placement groups, and GPUs,
+        # which a lease would hold from an actor the head places here meanwhile)
+        self._lease_key = None if placement.is_group_shape(self._resources) \
+            or self._resources.get("GPU") else tuple(sorted(self._resources.items()))
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", self._name)
 
@@ -158,7 +162,8 @@ class RemoteFunction:
             core.pinned[task_id] = keep
             for oid in return_ids:
                 core.task_of[oid] = task_id
-        core.send((m.SUBMIT, [spec]))
+        # no ref arguments, no retry on exceptions: it may go to a leased worker
+        core.submit_task(spec, None if keep or self._retry_exceptions else self._lease_key)
         node = core.node_id
         if self._num_returns == 1:
             return ObjectRef(return_ids[0], node)

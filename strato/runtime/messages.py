@@ -15,7 +15,8 @@ import enum
 
 # ---------------------------------------------------------------- client -> agent
 # (drivers and workers, over the framed unix socket)
-HELLO = "hello"                # (HELLO, role, client_id, job_id | None, worker_id)
+HELLO = "hello"                # (HELLO, role, client_id, job_id | None, worker_id[,
+                               #  a worker's direct socket path | None])
 FN = "fn"                      # (FN, function_id, pickled function or class)
 SUBMIT = "submit"              # (SUBMIT, [TaskSpec])
 PUT = "put"                    # (PUT, oid, inline bytes | None, size, [(oid, owner_node)] | None)
@@ -38,18 +39,23 @@ DONE = "done"                  # (DONE, task_id, [ReturnValue], retryable)
 BLOCKED = "blocked"            # (BLOCKED, [task_id handed back])
 UNBLOCKED = "unblocked"        # (UNBLOCKED,)
 BOUNCE = "bounce"              # (BOUNCE, [task_id that arrived after BLOCKED])
-ACTOR_READY = "actor_ready"    # (ACTOR_READY, actor_id, error bytes | None,
-                               #  direct socket path | None)   see ``runtime.direct``
+ACTOR_READY = "actor_ready"    # (ACTOR_READY, actor_id, error bytes | None)
 # direct actor calls (``runtime.direct``): a caller asks where a local actor takes calls
 ACTOR_WHERE = "actor_where"    # (ACTOR_WHERE, actor_id)
-DIRECT_LOST = "direct_lost"    # (DIRECT_LOST, actor_id, worker pid, [TaskSpec])   calls in
-                               # flight on a direct channel whose process went away: the
-                               # agent retries or fails them as if it had routed them
+DIRECT_LOST = "direct_lost"    # (DIRECT_LOST, actor_id | None, worker pid, [TaskSpec])
+                               # calls (or leased tasks) in flight on a direct channel whose
+                               # process went away: the agent retries or fails them as if
+                               # it had routed them
+# leased workers (``runtime.leases``)
+WANT_LEASE = "want_lease"      # (WANT_LEASE, shape key)   lend me a worker of this shape
+LEASE_RETURN = "lease_return"  # (LEASE_RETURN, worker_id)
 
 # ---------------------------------------------------------------- agent -> client
 WELCOME = "welcome"            # (WELCOME, node_id, shm_dir, spill_dir, agent address)
 RESULT = "result"              # (RESULT, [ReturnValue])   also actor worker -> caller, direct
 ACTOR_HERE = "actor_here"      # (ACTOR_HERE, actor_id, direct socket path | None, worker pid)
+LEASE = "lease"                # (LEASE, shape key, worker_id, direct socket path, pid)
+LEASE_REVOKE = "lease_revoke"  # (LEASE_REVOKE, worker_id)   give it back once its task is done
 OBJ = "obj"                    # (OBJ, oid, LOCAL | INLINE | ERROR, payload)
 RPC_REPLY = "rpc_reply"        # (RPC_REPLY, request id, ok, value)   also head -> agent
 LOG = "log"                    # (LOG, [line])   to a driver
@@ -64,7 +70,8 @@ CANCEL_EXEC = "cancel_exec"    # (CANCEL_EXEC, task_id)
 CHECKPOINT = "checkpoint"      # (CHECKPOINT,)   the actor's drain hook
 FORGET_FNS = "forget_fns"      # (FORGET_FNS, [function ids])   the agent pruned them
 # caller -> actor worker, on a direct channel (``runtime.direct``)
-DIRECT_CALLS = "dcalls"        # (DIRECT_CALLS, [TaskSpec])   also CANCEL_EXEC
+DIRECT_CALLS = "dcalls"        # (DIRECT_CALLS, [TaskSpec], {function_id: blob} | None)
+                               # also CANCEL_EXEC
 
 # ---------------------------------------------------------------- agent -> head
 REGISTER = "register"          # (REGISTER, node_id, address, total, labels[, hosted actor ids])

@@ -45,6 +45,8 @@ class Executor:
         self.blocked = False
         self.working_dir: str | None = None   # content hash of the one entered
         self.direct_reply: dict = {}          # task id -> caller's channel (direct calls)
+        self.direct_fns: dict = {}            # caller's channel -> functions it sent
+        self.agent_fns: set = set()           # functions the agent sent
         core.on_block = self.on_block
         core.set_exec_handler(self.on_message)
 
@@ -56,6 +58,7 @@ class Executor:
             for fid, blob in fns.items():
                 if blob is not None and fid not in self.functions:
                     self.functions[fid] = blob
+                self.agent_fns.add(fid)
             with self.cond:
                 if self.blocked:
                     # sent before the agent saw we block: hand it back, it may be
@@ -73,8 +76,11 @@ class Executor:
                 self.inbox.append((spec, gpu_ids))
                 self.cond.notify()
         elif kind == m.FORGET_FNS:
+            pinned = set().union(*self.direct_fns.values()) if self.direct_fns else ()
             for fid in msg[1]:   # the agent sends the blob again if a later task needs it
-                self.functions.pop(fid, None)
+                self.agent_fns.discard(fid)
+                if fid not in pinned:
+                    self.functions.pop(fid, None)
         elif kind == m.CANCEL_EXEC:
             _, task_id = msg
             self.cancelled.add(task_id)
@@ -102,8 +108,10 @@ class Executor:
         with self.cond:
             self.blocked = blocked
             if blocked:
-                returned = [spec.task_id for spec, _ in self.inbox]
-                self.inbox.clear()
+                # (direct calls stay: the agent does not know them)
+                direct = self.direct_reply
+                returned = [spec.task_id for spec, _ in self.inbox if spec.task_id not in direct]
+                self.inbox = deque(item for item in self.inbox if item[0].task_id in direct)
                 self.core.send((m.BLOCKED, returned))
             else:
                 self.core.send((m.UNBLOCKED,))
@@ -143,13 +151,27 @@ class Executor:
             returns = self.core.rpc("direct_results", spec.owner_client, returns)
         reply.send((m.RESULT, returns))
 
-    def on_direct_calls(self, caller, specs: list) -> None:
-        """Calls straight from a caller on this node: the same queue as the agent's."""
+    def on_direct_calls(self, caller, specs: list, fns: dict | None) -> None:
+        """Calls (or leased tasks) straight from a caller on this node: the same queue
+        as the agent's. Functions that came with them are kept while it is connected
+        (the agent's pruning never drops them: it did not send them)."""
+        if fns:
+            pinned = self.direct_fns.setdefault(caller, set())
+            for fid, blob in fns.items():
+                if blob is not None and fid not in self.functions:
+                    self.functions[fid] = blob
+                    pinned.add(fid)
         with self.cond:
             for spec in specs:
                 self.direct_reply[spec.task_id] = caller
                 self.inbox.append((spec, self.gpu_ids))
             self.cond.notify()
+
+    def on_direct_gone(self, caller) -> None:
+        """A caller disconnected: the functions only it sent go."""
+        for fid in self.direct_fns.pop(caller, ()):
+            if fid not in self.agent_fns:
+                self.functions.pop(fid, None)
 
     def on_direct_cancel(self, task_id: bytes) -> None:
         self.on_message((m.CANCEL_EXEC, task_id))
@@ -315,9 +337,7 @@ class Executor:
             threading.Thread(target=self._run_async_loop, args=(limit,), daemon=True).start()
         elif (opts.get("max_concurrency") or 1) > 1:
             self.pool = ThreadPoolExecutor(max_workers=opts["max_concurrency"])
-        self.direct_host = host = DirectHost(self.on_direct_calls, self.on_direct_cancel,
-                          os.path.dirname(os.environ.get("STRATO_AGENT_SOCKET", "")))
-        self.core.send((m.ACTOR_READY, spec.actor_id, None, host.path))
+        self.core.send((m.ACTOR_READY, spec.actor_id, None))
 
     def _run_async_loop(self, limit: int) -> None:
         asyncio.set_event_loop(self.async_loop)
@@ -379,7 +399,13 @@ def _safe_call(fn) -> None:
 def main() -> None:
     socket_path = os.environ["STRATO_AGENT_SOCKET"]
     worker_id = bytes.fromhex(os.environ["STRATO_WORKER_ID"])
-    core = CoreWorker(socket_path, "worker", worker_id)
+    # direct calls and leased tasks come to this socket (told to the agent in HELLO)
+    executor: Executor | None = None
+    host = DirectHost(lambda caller, specs, fns: executor.on_direct_calls(caller, specs, fns),
+                      lambda task_id: executor.on_direct_cancel(task_id),
+                      lambda caller: executor.on_direct_gone(caller),
+                      os.path.dirname(socket_path))
+    core = CoreWorker(socket_path, "worker", worker_id, direct_path=host.path)
     set_current(core)
     context.set_worker(core)
     executor = Executor(core)

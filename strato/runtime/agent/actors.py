@@ -77,9 +77,9 @@ class ActorHost:
 
     def on_actor_ready(self, client, msg) -> None:
         """The actor's worker ran ``__init__``: alive, or failed with ``error``."""
-        _, actor_id, error = msg[:3]
+        _, actor_id, error = msg
         w = client.worker
-        self.direct_ready(w, msg[3] if error is None and len(msg) > 3 else None)
+        self.direct_ready(w, error is None)
         if error is None:
             self.head.send((m.ACTOR_STATE, actor_id, ActorState.ALIVE, self.node_id, None))
         else:
@@ -117,6 +117,8 @@ class ActorHost:
         if blob is not None:
             self.fns[spec.function_id] = blob
         if spec.resources:
+            if self.leased and not scheduler.fits(spec.resources, self.available):
+                self.revoke_leases(every=True)   # lent workers hold its room: back soon
             scheduler.acquire(self.available, spec.resources)
         if self.idle_workers:
             # an idle pool worker becomes the actor's dedicated process

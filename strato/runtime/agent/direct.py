@@ -42,7 +42,8 @@ class DirectCalls:
         actor_id = msg[1]
         if not client.remote:
             w = self.actor_workers.get(actor_id)
-            if w is not None and w.conn is not None and w.direct_path is not None:
+            if w is not None and w.conn is not None and w.actor_ready \
+                    and w.direct_path is not None:
                 client.conn.send((m.ACTOR_HERE, actor_id, w.direct_path, w.pid))
                 return
             loc = self.actor_locations.get(actor_id)
@@ -63,15 +64,18 @@ class DirectCalls:
             for client in self.direct_askers.pop(actor_id):
                 client.conn.send((m.ACTOR_HERE, actor_id, None, 0))
 
-    def direct_ready(self, w: Worker, path: str | None) -> None:
-        """An actor's worker is ready (``path``: where it takes calls, None: it failed)."""
-        w.actor_ready = True
-        w.direct_path = path
+    def direct_ready(self, w: Worker, ok: bool) -> None:
+        """An actor's ``__init__`` is done (``ok``: it succeeded): callers waiting learn
+        where it takes calls."""
+        w.actor_ready = ok
+        path = w.direct_path if ok else None
         for client in self.direct_askers.pop(w.actor_id, []):
             client.conn.send((m.ACTOR_HERE, w.actor_id, path, w.pid if path else 0))
 
     def direct_worker_gone(self, w: Worker) -> None:
-        self.direct_askers.pop(w.actor_id, None)
+        """A worker process exited: its socket goes (it may have been SIGKILLed)."""
+        if w.actor_id is not None:
+            self.direct_askers.pop(w.actor_id, None)
         if w.direct_path:
             try:
                 os.unlink(w.direct_path)
@@ -82,6 +86,9 @@ class DirectCalls:
         """A caller's channel to an actor's process broke with calls in flight: they are
         this agent's now, as if it had routed them (retried or failed)."""
         _, actor_id, pid, specs = msg
+        if actor_id is None:
+            self.leased_tasks_lost(client, pid, specs)
+            return
         objects, freed = self.objects, self.freed_unknown
         for spec in specs:
             for oid in spec.return_ids:

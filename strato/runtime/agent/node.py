@@ -25,6 +25,7 @@ from strato.runtime.agent.actors import ActorHost
 from strato.runtime.agent.bundles import BundleHost
 from strato.runtime.agent.direct import DirectCalls
 from strato.runtime.agent.durable import HEAD_OWNED, DurableCalls
+from strato.runtime.agent.leases import LeaseGrants
 from strato.runtime.agent.objects import ObjectManager
 from strato.runtime.agent.refs import RefCounting
 from strato.runtime.agent.routing import TaskRouter
@@ -53,10 +54,11 @@ class Client:
     session: str | None = None    # its session id (kept across reconnects)
     bye: bool = False             # it disconnected cleanly (BYE)
     exported: set = field(default_factory=set)   # function ids it sent (kept while here)
+    lease_wants: set = field(default_factory=set)   # shapes it asked a leased worker for
 
 
 class NodeAgent(WorkerPool, ObjectManager, RefCounting, ActorHost, TaskRouter,
-                ClientSessions, DurableCalls, BundleHost, DirectCalls):
+                ClientSessions, DurableCalls, BundleHost, DirectCalls, LeaseGrants):
     """One per node, on one asyncio loop: worker pool, local scheduling, resource
     accounting, object store and transfer, and the owner-side bookkeeping (retries,
     lineage) for its clients. Local processes reach it over framed unix sockets;
@@ -98,6 +100,7 @@ class NodeAgent(WorkerPool, ObjectManager, RefCounting, ActorHost, TaskRouter,
         self._init_durable()
         self._init_bundles()
         self._init_direct()
+        self._init_leases()
         self._routes: dict[int, dict[str, Callable]] = {CLIENT: {}, HEAD: {}, PEER: {}, REQUEST: {}}
         for kind, (handler, links) in ROUTES.items():
             for link, table in self._routes.items():
@@ -190,7 +193,7 @@ class NodeAgent(WorkerPool, ObjectManager, RefCounting, ActorHost, TaskRouter,
 
     # ------------------------------------------------------------------ clients
     def _hello(self, conn: FrameProtocol, msg) -> Client:
-        _, role, client_id, job_id, worker_id = msg
+        _, role, client_id, job_id, worker_id = msg[:5]
         client = Client(client_id, conn, role, job_id or (self.node_id + client_id))
         conn.peer = client
         resumed = False
@@ -202,6 +205,7 @@ class NodeAgent(WorkerPool, ObjectManager, RefCounting, ActorHost, TaskRouter,
         self.clients[client_id] = client
         if role == "worker":
             client.worker = self.attach_worker(worker_id, conn)
+            client.worker.direct_path = msg[5] if len(msg) > 5 else None
         conn.send((m.WELCOME, self.node_id, self.store.shm_dir, self.store.spill_dir,
                    self.address))
         if role == "driver" and not resumed:
@@ -213,6 +217,8 @@ class NodeAgent(WorkerPool, ObjectManager, RefCounting, ActorHost, TaskRouter,
         if client is None or self.closing or self.clients.get(client.client_id) is not client:
             return   # not attached, or a stale connection a resumed session replaced
         self.clients.pop(client.client_id, None)
+        if self.leased:
+            self.leases_of_gone_client(client.client_id)
         if client.remote:
             if not client.bye:
                 self._session_lost(client)   # its refs are kept for the grace period
@@ -340,6 +346,8 @@ ROUTES: dict[str, tuple[Callable, int]] = {
     m.KILL_ACTOR: (ActorHost.on_kill_actor, CLIENT),
     m.ACTOR_WHERE: (DirectCalls.on_actor_where, CLIENT),
     m.DIRECT_LOST: (DirectCalls.on_direct_lost, CLIENT),
+    m.WANT_LEASE: (LeaseGrants.on_want_lease, CLIENT),
+    m.LEASE_RETURN: (LeaseGrants.on_lease_return, CLIENT),
     m.RPC: (NodeAgent.on_rpc, CLIENT),
     # from remote drivers (the client endpoint)
     m.SPAWN: (DurableCalls.on_spawn, CLIENT),

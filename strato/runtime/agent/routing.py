@@ -105,8 +105,11 @@ class TaskRouter:
             self.owned_tasks[spec.task_id] = (spec, None)
             self._resolve_then_place(spec)
 
-    def on_cancel(self, _src, msg) -> None:
-        _, task_id, force = msg
+    def on_cancel(self, src, msg) -> None:
+        _, task_id, force = msg[:3]
+        if len(msg) > 3:    # a task on a worker lent to this client (runtime.leases)
+            self.kill_leased(src, task_id, msg[3])
+            return
         self._cancel(task_id, force)
 
     # ------------------------------------------------------------------ from peers
@@ -245,6 +248,7 @@ class TaskRouter:
             return
         self.draining = True
         log.warning("draining: no new work will run on this node")
+        self.revoke_leases(every=True)   # lent workers too, once their tasks are done
         queued = [spec for q in self.ready.values() for spec in q]
         self.ready.clear()
         for spec in queued:

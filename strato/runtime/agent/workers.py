@@ -59,7 +59,9 @@ class Worker:
     final_stop: bool = False   # its actor was killed for good: no restart follows
     task_name: str = ""        # of the task it ran last (its output lines' prefix)
     actor_ready: bool = False  # its actor's __init__ is done
-    direct_path: str | None = None   # where its actor takes direct calls (runtime.direct)
+    direct_path: str | None = None   # where it takes direct calls (runtime.direct)
+    leased_to: bytes | None = None   # the client it is lent to (runtime.leases)
+    lease_revoked: bool = False
 
 
 class WorkerPool:
@@ -182,8 +184,9 @@ class WorkerPool:
         self.workers.pop(w.worker_id, None)
         if w in self.idle_workers:
             self.idle_workers.remove(w)
-        if w.actor_id is not None:
-            self.direct_worker_gone(w)
+        self.direct_worker_gone(w)
+        if w.leased_to is not None:
+            self.leased.pop(w.worker_id, None)
         if self.closing:
             return
         if prev is WorkerState.LEASED and w.lease_shape:
@@ -223,7 +226,8 @@ class WorkerPool:
         if spec is None:
             self._discard_returns(returns)
             return
-        if w.state is WorkerState.LEASED and not w.inflight:
+        if w.state is WorkerState.LEASED and not w.inflight and w.leased_to is None \
+                and not self.grant_lease(w, spec):
             self._end_lease(w)
         self._task_finished(spec, returns, retryable, self.node_id)
 
@@ -253,7 +257,8 @@ class WorkerPool:
             spec = w.inflight.pop(tid, None)
             if spec is not None:
                 self.ready.setdefault(spec.shape_key(), deque()).appendleft(spec)
-        if w.state is WorkerState.LEASED and not w.inflight and not w.blocked:
+        if w.state is WorkerState.LEASED and not w.inflight and not w.blocked \
+                and w.leased_to is None:
             self._end_lease(w)
 
     def on_unblocked(self, client, msg) -> None:
@@ -300,6 +305,8 @@ class WorkerPool:
             self._prefetch_then_send(w, specs, fns)
         if self.ready_count():  # queued work: busy (pooled idle processes are not work)
             self.idle_since = None
+            if self.leased:
+                self.revoke_leases()
 
     def _worker_for(self, key: tuple, shape: dict) -> Worker | None:
         if scheduler.fits(shape, self.available):
@@ -321,7 +328,7 @@ class WorkerPool:
         best = None
         for w in self.workers.values():
             if w.state is WorkerState.LEASED and w.lease_key == key and not w.blocked \
-                    and len(w.inflight) < PIPELINE_DEPTH:
+                    and len(w.inflight) < PIPELINE_DEPTH and w.leased_to is None:
                 if best is None or len(w.inflight) < len(best.inflight):
                     best = w
         return best
@@ -408,5 +415,5 @@ class WorkerPool:
             w.conn.send((m.EXEC, run, fns, gpu))
             return
         w.sent_fns.difference_update(fns)   # nothing went: the worker never got them
-        if w.state is WorkerState.LEASED and not w.inflight:
+        if w.state is WorkerState.LEASED and not w.inflight and w.leased_to is None:
             self._end_lease(w)
