@@ -33,7 +33,7 @@ import time
 
 from strato.runtime import messages as m
 from strato.runtime.messages import AT_NODE, ERROR, INLINE, RESULT
-from strato.runtime.protocol.framing import FrameClient
+from strato.runtime.protocol.framing import FrameClient, encode
 from strato.runtime.spec import TaskSpec
 
 ASK_AGAIN_S = 1.0          # an actor not reachable directly: ask the agent again after this
@@ -57,6 +57,7 @@ class DirectChannel:
         self.inflight: dict[bytes, TaskSpec] = {}   # task id -> spec sent, not answered
         self.lost = False
         self._lock = threading.Lock()
+        self._backlog: list | None = None     # bytes the socket did not take yet
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(path)
@@ -69,19 +70,54 @@ class DirectChannel:
     def send(self, spec: TaskSpec, fns: dict | None = None) -> bool:
         """Send one call (with the functions the worker lacks); False when the channel
         is gone (the caller uses the agent)."""
+        data = encode([(m.DIRECT_CALLS, [spec], fns)])
         with self._lock:
             if self.lost or self.conn.closed:
                 return False
             self.inflight[spec.task_id] = spec
-            self.conn.send((m.DIRECT_CALLS, [spec], fns))
+            self._write(data)
         return True
 
     def cancel(self, task_id: bytes) -> bool:
+        data = encode([(m.CANCEL_EXEC, task_id)])
         with self._lock:
             if self.lost or task_id not in self.inflight:
                 return False
-            self.conn.send((m.CANCEL_EXEC, task_id))
+            self._write(data)
         return True
+
+    def _write(self, data: bytes) -> None:
+        """Never blocks (under ``_lock``): the worker reads its socket only between the
+        calls it runs, so what the socket does not take now waits in ``_backlog``, which
+        a thread of its own sends in order."""
+        if self._backlog is not None:
+            self._backlog.append(data)
+            return
+        try:
+            sent = self.conn.sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError:       # gone: the reader sees it and hands the calls back
+            return
+        if sent < len(data):
+            self._backlog = [data[sent:]]
+            threading.Thread(target=self._send_backlog, name="strato-direct-out",
+                             daemon=True).start()
+
+    def _send_backlog(self) -> None:
+        while True:
+            with self._lock:
+                parts = self._backlog
+                if not parts:
+                    self._backlog = None
+                    return
+                self._backlog = []
+            try:
+                self.conn.sock.sendall(b"".join(parts))
+            except OSError:
+                with self._lock:
+                    self._backlog = None
+                return
 
     def _on_batch(self, batch: list) -> None:
         for msg in batch:
@@ -185,16 +221,17 @@ class DirectCalling:
         self.direct[actor_id] = (_ASKED, time.monotonic())
 
     def cancel_direct(self, task_id: bytes, force: bool) -> bool:
-        """Cancel a call in flight on a direct channel (False: it is not on one). Force
-        on a leased worker: the agent kills the process (the task then fails with
-        TaskCancelledError, not retried)."""
+        """Cancel a call in flight on a direct channel (False: it is not on one). A task
+        on a leased worker is cancelled through the agent, whose connection to the worker
+        is read while it runs (force: the agent kills it; the task then fails with
+        TaskCancelledError, not retried); a queued actor call on the channel itself."""
         if task_id not in self.direct_pending:
             return False
         for chan in [*self.direct.values(), *self.worker_channels.values()]:
             if type(chan) is not DirectChannel or task_id not in chan.inflight:
                 continue
-            if force and chan.actor_id is None:
-                self.send((m.CANCEL, task_id, True, chan.pid))
+            if chan.actor_id is None:
+                self.send((m.CANCEL, task_id, force, chan.pid))
                 return True
             if chan.cancel(task_id):
                 return True

@@ -27,7 +27,8 @@ WANT = "want"                  # (WANT, [(oid, owner_node)])
 ACTOR_CREATE = "actor_create"  # (ACTOR_CREATE, TaskSpec, meta, [(oid, owner_node)] | None)
                                # the last field: argument refs, kept until the actor is dead
 ACTOR_CALLS = "actor_call"     # (ACTOR_CALLS, [TaskSpec])
-CANCEL = "cancel"              # (CANCEL, task_id, force)   also peer -> agent
+CANCEL = "cancel"              # (CANCEL, task_id, force[, leased worker's pid])   also
+                               # peer -> agent
 KILL_ACTOR = "kill_actor"      # (KILL_ACTOR, actor_id, no_restart)   also agent -> head
 RPC = "rpc"                    # (RPC, request id, method, args)   also agent -> head
 # remote drivers only (the serverless client, on the head's client endpoint)

@@ -29,8 +29,9 @@ from strato.runtime.workdir import unpack_working_dir, working_dir_root
 
 
 class Executor:
-    def __init__(self, core: CoreWorker):
+    def __init__(self, core: CoreWorker, host: DirectHost | None = None):
         self.core = core
+        self.host = host         # direct calls, read by the main thread when idle
         self.functions: dict[bytes, object] = {}
         self.inbox: deque = deque()
         self.cond = threading.Condition()
@@ -67,14 +68,14 @@ class Executor:
                     return
                 for spec in specs:
                     self.inbox.append((spec, gpu_ids))
-                self.cond.notify()
+                self._notify()
         elif kind == m.ACTOR_INIT:
             _, spec, blob, gpu_ids = msg
             if blob is not None:
                 self.functions[spec.function_id] = blob
             with self.cond:
                 self.inbox.append((spec, gpu_ids))
-                self.cond.notify()
+                self._notify()
         elif kind == m.FORGET_FNS:
             pinned = set().union(*self.direct_fns.values()) if self.direct_fns else ()
             for fid in msg[1]:   # the agent sends the blob again if a later task needs it
@@ -117,12 +118,32 @@ class Executor:
                 self.core.send((m.UNBLOCKED,))
 
     # ------------------------------------------------------------------ main loop
-    def run_forever(self) -> None:
+    def _notify(self) -> None:
+        """Work was queued (under ``cond``): wake the main thread, in cond.wait or in
+        the direct host's select."""
+        self.cond.notify()
+        if self.host is not None and self.host.waiting:
+            self.host.wake()
+
+    def _next(self) -> tuple:
+        """The next (spec, gpu_ids) to run; while none, read direct callers (or wait)."""
+        host = self.host
         while True:
             with self.cond:
-                while not self.inbox:
+                if self.inbox:
+                    return self.inbox.popleft()
+                if host is None:
                     self.cond.wait()
-                spec, gpu_ids = self.inbox.popleft()
+                    continue
+                host.waiting = True   # from here a queued item pokes the host
+            try:
+                host.poll(self.on_direct_calls, self.on_direct_cancel, self.on_direct_gone)
+            finally:
+                host.waiting = False
+
+    def run_forever(self) -> None:
+        while True:
+            spec, gpu_ids = self._next()
             self.gpu_ids = gpu_ids
             if spec.runtime_env is not None:
                 self.enter_runtime_env(spec.runtime_env)
@@ -165,7 +186,7 @@ class Executor:
             for spec in specs:
                 self.direct_reply[spec.task_id] = caller
                 self.inbox.append((spec, self.gpu_ids))
-            self.cond.notify()
+            self.cond.notify()   # (read on the main thread: nothing else to wake)
 
     def on_direct_gone(self, caller) -> None:
         """A caller disconnected: the functions only it sent go."""
@@ -400,15 +421,11 @@ def main() -> None:
     socket_path = os.environ["STRATO_AGENT_SOCKET"]
     worker_id = bytes.fromhex(os.environ["STRATO_WORKER_ID"])
     # direct calls and leased tasks come to this socket (told to the agent in HELLO)
-    executor: Executor | None = None
-    host = DirectHost(lambda caller, specs, fns: executor.on_direct_calls(caller, specs, fns),
-                      lambda task_id: executor.on_direct_cancel(task_id),
-                      lambda caller: executor.on_direct_gone(caller),
-                      os.path.dirname(socket_path))
+    host = DirectHost(os.path.dirname(socket_path))
     core = CoreWorker(socket_path, "worker", worker_id, direct_path=host.path)
     set_current(core)
     context.set_worker(core)
-    executor = Executor(core)
+    executor = Executor(core, host if host.path is not None else None)
     try:
         executor.run_forever()
     except KeyboardInterrupt:

@@ -273,3 +273,37 @@ def test_garbage_on_the_actors_socket_harms_nothing(local):
         s.sendall(payload)
         s.close()
     assert strato.get([c.add.remote() for _ in range(20)], timeout=30) == list(range(1, 21))
+
+
+def test_calls_to_a_busy_actor_never_block_the_caller(local, tmp_path):
+    """The actor's worker reads its socket only between calls: 20 MB of calls made while
+    it is busy wait in the caller's channel, and the caller goes on at once."""
+    strato = local
+
+    @strato.remote
+    class Echo:
+        def ping(self):
+            return None
+
+        def block(self, started, release):
+            open(started, "w").close()
+            deadline = time.monotonic() + 60
+            while not os.path.exists(release) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            return "released"
+
+        def size(self, blob):
+            return len(blob)
+
+    e = Echo.remote()
+    _go_direct(strato, e)
+    started, release = str(tmp_path / "started"), str(tmp_path / "release")
+    busy = e.block.remote(started, release)
+    _wait_file(started)
+    blob = b"x" * 20_000
+    refs = [e.size.remote(blob) for _ in range(1000)]   # far more than a socket holds
+    ready, _ = strato.wait([busy], timeout=0)
+    assert not ready                                     # all made while it was busy
+    open(release, "w").close()
+    assert strato.get(busy, timeout=30) == "released"
+    assert strato.get(refs, timeout=60) == [20_000] * 1000

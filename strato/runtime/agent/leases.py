@@ -95,9 +95,15 @@ class LeaseGrants:
                 self._complete_with_error(spec, WorkerCrashedError(
                     f"worker process {pid} running {spec.name} died"), crashed=True)
 
-    def kill_leased(self, client, task_id: bytes, pid: int) -> None:
-        """Force-cancel a task on a worker lent to ``client``: kill the process."""
+    def cancel_leased(self, client, task_id: bytes, force: bool, pid: int) -> None:
+        """Cancel a task on a worker lent to ``client`` (its main thread runs it and does
+        not read its direct socket meanwhile): through this agent's connection to it, or
+        with ``force`` by killing the process."""
         self.cancelled.add(task_id)
         for w in self.leased.values():
-            if w.pid == pid and w.leased_to == client.client_id and w.proc is not None:
+            if w.pid != pid or w.leased_to != client.client_id:
+                continue
+            if force and w.proc is not None:
                 w.proc.kill()
+            elif w.conn is not None:
+                w.conn.send((m.CANCEL_EXEC, task_id))

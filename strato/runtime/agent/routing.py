@@ -108,7 +108,7 @@ class TaskRouter:
     def on_cancel(self, src, msg) -> None:
         _, task_id, force = msg[:3]
         if len(msg) > 3:    # a task on a worker lent to this client (runtime.leases)
-            self.kill_leased(src, task_id, msg[3])
+            self.cancel_leased(src, task_id, force, msg[3])
             return
         self._cancel(task_id, force)
 
