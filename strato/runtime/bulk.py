@@ -8,7 +8,8 @@ the puller's new store file: ``recv_into`` a 1 MB buffer of the pulling thread, 
 ``pwrite`` to the file. One encryption, one decryption, no Python-level copy; the
 buffer stays in cache, and ``pwrite`` fills the new file's pages without a page fault
 each and without zeroing them first (receiving into a mapping of the new file took
-about a fifth more of the puller's CPU, mostly in those faults). Blocking sockets in
+about a fifth more of the puller's CPU, mostly in those faults). Parts under 16 MB
+still go straight into a mapping: there the buffer's wait and extra copy cost more. Blocking sockets in
 threads, so the event loops of both agents stay free (OpenSSL and the socket calls
 release the GIL).
 
@@ -42,6 +43,7 @@ _ANSWER = struct.Struct("<BQ")            # ok, length that follows
 _TOKEN_MAX = 1024
 _PIECE = 8 * 1024 * 1024                 # one send call at most (SSL record batches)
 _BOUNCE = 1024 * 1024                    # a puller's bytes between recv and pwrite
+_BOUNCE_FROM = 16 * 1024 * 1024          # parts from this size go through it
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 300.0
 # the holder maps the file it sends with page tables filled in one call (its pages exist)
@@ -261,7 +263,18 @@ class BulkClient:
             if sent != length:
                 raise ConnectionError(f"object {oid.hex()}: {sent} bytes there at "
                                       f"{offset}, {length} expected")
-            if length:
+            if 0 < length < _BOUNCE_FROM:
+                # small: straight into a mapping of the new file (a bounce buffer would
+                # wait for a whole buffer before writing, and copy once more)
+                with mmap.mmap(fd, size, flags=mmap.MAP_SHARED) as mm, \
+                        memoryview(mm) as whole, whole[offset:offset + length] as view:
+                    got = 0
+                    while got < length:
+                        k = conn.recv_into(view[got:], length - got)
+                        if not k:
+                            raise ConnectionError("the holder closed the transfer")
+                        got += k
+            elif length:
                 # through a bounce buffer: os.pwrite fills the new file's pages without
                 # a page fault each (nor zeroing them first), and maps nothing
                 buf = self._buffer()
