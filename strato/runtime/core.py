@@ -364,7 +364,10 @@ class CoreWorker(RefCounting, DirectCalling, TaskLeasing):
         own oid, so they stay covered while the caller holds that ref)."""
         values = self.values
         if not all(self._is_ready(r.id) for r in refs):
-            self._wait_ready(refs, len(refs), timeout, need_local=True, raise_on_timeout=True)
+            if len(refs) != 1 or not self.pending_chan \
+                    or not self.read_direct(refs[0].id, timeout):
+                self._wait_ready(refs, len(refs), timeout, need_local=True,
+                                 raise_on_timeout=True)
         return [self._decode(r.id, values[r.id], cover) for r in refs]
 
     def _wait_ready(self, refs, num: int, timeout: float | None, need_local: bool,
@@ -376,8 +379,8 @@ class CoreWorker(RefCounting, DirectCalling, TaskLeasing):
         deadline = None if timeout is None else time.monotonic() + timeout
         blocked = False
         try:
-            with self.cond:
-                while True:
+            while True:
+                with self.cond:
                     ready = [r for r in refs if check(r.id)]
                     if len(ready) >= num:
                         return ready
@@ -396,10 +399,21 @@ class CoreWorker(RefCounting, DirectCalling, TaskLeasing):
                     if not blocked and self.on_block is not None:
                         blocked = True
                         self.on_block(True)
-                    self.cond.wait(remaining if remaining is None else min(remaining, 1.0))
-                    if need_local:
-                        # objects that arrived as "on another node" still need a pull
-                        self._request_missing(refs, need_local)
+                    chan = None
+                    if self.pending_chan:
+                        chan = self.channel_to_read([r for r in refs if not check(r.id)])
+                    if chan is None:
+                        self.cond.wait(remaining if remaining is None else min(remaining, 1.0))
+                        if need_local:
+                            # objects that arrived as "on another node" still need a pull
+                            self._request_missing(refs, need_local)
+                        continue
+                # results of direct calls among them: read their channel on this thread
+                # (holding its token, not the condition)
+                try:
+                    chan.pump(1.0 if remaining is None else min(remaining, 1.0))
+                finally:
+                    self.release_channel(chan)
         finally:
             if blocked:
                 self.on_block(False)

@@ -20,6 +20,14 @@ stays in charge of what needs it:
   the agent (the REF_ADOPT op, ahead of the message it escapes in). A result in the
   store, or one holding refs, the worker registers with the agent before answering.
 
+- *Reading.* A thread waiting in ``get``/``wait`` only for direct results reads their
+  channel itself (it takes the channel's token), so a sync call costs one wakeup on
+  each side; the channel's own reader thread reads when nobody waits (it looks every
+  10 ms while calls are in flight, and sleeps while none is), so results never pile up
+  in the socket and a dead worker is noticed. Sending never blocks: what the socket
+  does not take waits in the channel and a thread sends it in order (the worker reads
+  only between the calls it runs).
+
 Calls with ref arguments (top-level or nested) keep going through the agent, which
 resolves and pins them.
 """
@@ -27,19 +35,23 @@ resolves and pins them.
 from __future__ import annotations
 
 import os
+import pickle
+import select
 import socket
+import struct
 import threading
 import time
 
 from strato.runtime import messages as m
 from strato.runtime.messages import AT_NODE, ERROR, INLINE, RESULT
-from strato.runtime.protocol.framing import FrameClient, encode
+from strato.runtime.protocol.framing import encode
 from strato.runtime.spec import TaskSpec
 
 ASK_AGAIN_S = 1.0          # an actor not reachable directly: ask the agent again after this
 #: ``STRATO_DIRECT_CALLS=0``: every actor call goes through the agent (to compare, or to
 #: rule direct calls out when chasing a problem)
 ENABLED = os.environ.get("STRATO_DIRECT_CALLS", "1") != "0"
+_LEN = struct.Struct("<I")
 _ASKED = "asked"
 _AT = "at"
 
@@ -64,18 +76,29 @@ class DirectChannel:
         except OSError:
             sock.close()
             raise
-        self.conn = FrameClient(sock, self._on_batch, self._on_close, name="strato-direct")
-        self.conn.start()
+        self.sock = sock
+        self._rbuf = bytearray()
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
+        # whoever holds the token reads the socket: a thread waiting in get() for a
+        # result of this channel (one wakeup: its own), else the channel's reader
+        self.token = threading.Lock()
+        self._rcond = threading.Condition(threading.Lock())
+        self._parked = False           # the reader sleeps until a call goes out
+        threading.Thread(target=self._reader, name="strato-direct", daemon=True).start()
 
     def send(self, spec: TaskSpec, fns: dict | None = None) -> bool:
         """Send one call (with the functions the worker lacks); False when the channel
         is gone (the caller uses the agent)."""
         data = encode([(m.DIRECT_CALLS, [spec], fns)])
         with self._lock:
-            if self.lost or self.conn.closed:
+            if self.lost:
                 return False
             self.inflight[spec.task_id] = spec
             self._write(data)
+        if self._parked:
+            with self._rcond:
+                self._rcond.notify()
         return True
 
     def cancel(self, task_id: bytes) -> bool:
@@ -94,7 +117,7 @@ class DirectChannel:
             self._backlog.append(data)
             return
         try:
-            sent = self.conn.sock.send(data, socket.MSG_DONTWAIT)
+            sent = self.sock.send(data, socket.MSG_DONTWAIT)
         except BlockingIOError:
             sent = 0
         except OSError:       # gone: the reader sees it and hands the calls back
@@ -113,28 +136,87 @@ class DirectChannel:
                     return
                 self._backlog = []
             try:
-                self.conn.sock.sendall(b"".join(parts))
+                self.sock.sendall(b"".join(parts))
             except OSError:
                 with self._lock:
                     self._backlog = None
                 return
 
-    def _on_batch(self, batch: list) -> None:
-        for msg in batch:
-            if msg[0] == RESULT:
-                self.core._direct_results(self, msg[1])
+    def pump(self, timeout: float | None) -> bool:
+        """Read what arrives within ``timeout`` and hand it on (the caller holds
+        ``token``). False: nothing came, or the channel is gone."""
+        if self.lost:
+            return False
+        try:
+            if not self._poll.poll(None if timeout is None else timeout * 1000):
+                return False
+            data = self.sock.recv(1 << 20)
+        except OSError:
+            data = b""
+        if not data:
+            self._on_close()
+            return False
+        buf = self._rbuf
+        buf += data
+        start = 0
+        results: list = []
+        while len(buf) - start >= 4:
+            (n,) = _LEN.unpack_from(buf, start)
+            if len(buf) - start - 4 < n:
+                break
+            for msg in pickle.loads(memoryview(buf)[start + 4:start + 4 + n]):
+                if msg[0] == RESULT:
+                    results += msg[1]
+            start += 4 + n
+        if start:
+            del buf[:start]
+        if results:
+            self.core._direct_results(self, results)
+        return True
+
+    def _reader(self) -> None:
+        """Reads when no waiting get() does: calls in flight that nobody waits for yet
+        (their results must not fill the socket, which would hold up the worker) and
+        the end of the worker (its calls go back to the agent). Checks every 10 ms
+        while calls are in flight, sleeps while none is."""
+        while not self.lost:
+            with self._rcond:
+                if not self.inflight:
+                    self._parked = True
+                    if not self.inflight:
+                        self._rcond.wait()
+                    self._parked = False
+                    continue
+                self._rcond.wait(0.01)   # (or sooner: a reading thread let go)
+            while self.inflight and not self.lost and self.token.acquire(False):
+                try:
+                    busy = self.pump(0.01)
+                finally:
+                    self.token.release()
+                if not busy:
+                    break
 
     def _on_close(self) -> None:
         with self._lock:
+            if self.lost:
+                return
             self.lost = True
             specs = list(self.inflight.values())
             self.inflight.clear()
+        with self._rcond:
+            self._rcond.notify()
         self.core._direct_lost(self, specs)
 
     def close(self) -> None:
         with self._lock:
             self.lost = True
-        self.conn.close()
+        with self._rcond:
+            self._rcond.notify()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
 
 
 class DirectCalling:
@@ -151,6 +233,7 @@ class DirectCalling:
         self.agent_call_of: dict[bytes, bytes] = {}   # task id -> actor: calls via the agent
         self.agent_calls: dict[bytes, int] = {}       # actor -> such calls in flight
         self.worker_channels: dict[str, DirectChannel] = {}   # leased workers' (leases)
+        self.pending_chan: dict[bytes, DirectChannel] = {}    # task id -> its channel
 
     # ------------------------------------------------------------------ sending
     def submit_actor_call(self, spec: TaskSpec, direct_ok: bool) -> None:
@@ -161,8 +244,10 @@ class DirectCalling:
                 pending = self.direct_pending
                 with self._direct_lock:
                     pending.update(spec.return_ids)
+                self.pending_chan[spec.task_id] = chan
                 if chan.send(spec):
                     return
+                self.pending_chan.pop(spec.task_id, None)
                 with self._direct_lock:
                     pending.difference_update(spec.return_ids)
         with self._direct_lock:
@@ -250,9 +335,11 @@ class DirectCalling:
         values, owned = self.values, self.owned
         pending, unknown, adopted = self.direct_pending, self.direct_unknown, self.direct_adopted
         with self._direct_lock:
+            pending_chan = self.pending_chan
             for ret in returns:
                 oid = ret.oid
                 chan.inflight.pop(oid, None)     # (the first return id is the task id)
+                pending_chan.pop(oid, None)
                 pending.discard(oid)
                 # in the store or holding refs: the worker registered it with the agent
                 registered = ret.inline is None or ret.contained is not None
@@ -289,9 +376,57 @@ class DirectCalling:
             for spec in specs:
                 self.direct_pending.difference_update(spec.return_ids)
                 self.direct_adopted.difference_update(spec.return_ids)
+                self.pending_chan.pop(spec.task_id, None)
                 if spec.actor_id is not None:
                     self._count_agent_call(spec)
         self.send((m.DIRECT_LOST, chan.actor_id, chan.pid, specs))
+
+    def channel_to_read(self, waiting) -> DirectChannel | None:
+        """When every ref in ``waiting`` (not ready) is a direct call's: a channel one
+        is pending on whose token this thread got (it then reads that channel itself).
+        None: some result comes another way (the agent's reader wakes this thread), or
+        another thread reads."""
+        pending = self.pending_chan
+        chans = [pending.get(ref.id) for ref in waiting]
+        if None in chans:
+            return None
+        for chan in chans:
+            if not chan.lost and chan.token.acquire(False):
+                return chan
+        return None
+
+    def release_channel(self, chan: DirectChannel) -> None:
+        """Done reading ``chan`` here: if calls are still in flight on it (another thread
+        may wait for them), its reader takes over now, not at its next check."""
+        chan.token.release()
+        if chan.inflight:
+            with chan._rcond:
+                chan._rcond.notify()
+
+    def read_direct(self, oid: bytes, timeout: float | None) -> bool:
+        """``get`` of one direct call's result: read its channel on this thread (one
+        wakeup, this thread's, instead of the reader's and then this one's). False:
+        another thread reads it, or it is gone: wait the general way."""
+        chan = self.pending_chan.get(oid)
+        if chan is None or not chan.token.acquire(False):
+            return False
+        values = self.values
+        blocked = False
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while oid not in values and not chan.lost and not self.closed:
+                wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+                if wait <= 0:
+                    break
+                if not blocked and self.on_block is not None:
+                    blocked = True
+                    self.on_block(True)
+                chan.pump(wait)
+        finally:
+            self.release_channel(chan)
+            if blocked:
+                self.on_block(False)
+        return oid in values
 
     # ------------------------------------------------------------------ escaping
     def adopt(self, oid: bytes) -> None:

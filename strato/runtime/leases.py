@@ -84,8 +84,10 @@ class TaskLeasing:
                 chan.sent_fns.add(spec.function_id)
             with self._direct_lock:
                 self.direct_pending.update(spec.return_ids)
+            self.pending_chan[spec.task_id] = chan
             if chan.send(spec, fns):
                 return True
+            self.pending_chan.pop(spec.task_id, None)
             with self._direct_lock:
                 self.direct_pending.difference_update(spec.return_ids)
         with self._lease_lock:

@@ -307,3 +307,29 @@ def test_calls_to_a_busy_actor_never_block_the_caller(local, tmp_path):
     open(release, "w").close()
     assert strato.get(busy, timeout=30) == "released"
     assert strato.get(refs, timeout=60) == [20_000] * 1000
+
+
+def test_threads_calling_one_actor_all_get_their_results(local):
+    """Several threads wait on one channel at once: whichever reads it hands the others
+    their results (nothing lost, nothing waits forever)."""
+    import threading
+
+    strato = local
+    c = _counter(strato).remote()
+    _go_direct(strato, c)
+    got: list = []
+    errors: list = []
+
+    def calls():
+        try:
+            for _ in range(200):
+                got.append(strato.get(c.add.remote(), timeout=30))
+        except BaseException as e:   # noqa: BLE001  (reported below)
+            errors.append(e)
+    threads = [threading.Thread(target=calls) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert sorted(got) == list(range(1, 801))
