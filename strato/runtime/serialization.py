@@ -90,8 +90,15 @@ def _align(n: int) -> int:
     return (n + _ALIGN - 1) & ~(_ALIGN - 1)
 
 
+#: values plain ``pickle`` handles alone (no code, no buffers, no refs): most small
+#: results and arguments skip cloudpickle's setup, about 1.3 us each here
+_PLAIN = frozenset((bytes, str, int, float, bool, type(None)))
+
+
 def serialize(value: Any) -> SerializedValue:
     """Pickle ``value`` keeping large buffers out of band and noting the refs it holds."""
+    if type(value) in _PLAIN:
+        return SerializedValue(pickle.dumps(value, protocol=5), [], [])
     buffers: list[memoryview] = []
     refs: list = []
     prev = getattr(_context, "refs", None)
