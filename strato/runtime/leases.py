@@ -102,6 +102,8 @@ class TaskLeasing:
             return chan
         chan = self.worker_channels.get(lease.path)
         if chan is None or chan.lost or chan.pid != lease.pid:
+            if chan is not None:
+                chan.close()    # (a process gone since, whose pid's path is reused)
             try:
                 chan = DirectChannel(self, None, lease.path, lease.pid)
             except OSError:   # the worker went away meanwhile
