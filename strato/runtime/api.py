@@ -229,10 +229,10 @@ def wait(refs: list, *, num_returns: int = 1, timeout: float | None = None,
     if isinstance(refs, ObjectRef) or not isinstance(refs, (list, tuple)):
         raise TypeError("wait() takes a list of ObjectRefs")
     try:
-        ids = list(map(_ref_id, refs))
+        ids = set(map(_ref_id, refs))     # (one pass: the duplicate check and the ids)
     except AttributeError:
         raise TypeError("wait() takes a list of ObjectRefs") from None
-    if len(set(ids)) != len(ids):
+    if len(ids) != len(refs):
         raise ValueError("wait() got duplicate ObjectRefs")
     if num_returns < 1 or num_returns > len(refs):
         raise ValueError(f"wait(num_returns={num_returns}) must be between 1 and len(refs)="

@@ -443,13 +443,17 @@ class CoreWorker(RefCounting, DirectCalling, TaskLeasing):
         raise StratoError(f"unknown object state {kind}")
 
     def wait(self, refs: list, num_returns: int, timeout: float | None, fetch_local: bool,
-             ids: list | None = None):
+             ids=None):
+        """``ids``: the refs' ids (any order), when the caller has them already."""
         values, local = self.values, self.local_node
         # fastest path: every ref is ready (C-speed passes, no per-ref Python code)
-        try:   # a missing value is None, which raises here
-            kinds = set(map(_kind, map(values.get, ids if ids is not None
-                                       else map(_ref_id, refs))))
-        except TypeError:
+        if ids is None:
+            ids = list(map(_ref_id, refs))
+        try:   # a missing value raises KeyError here
+            got = operator.itemgetter(*ids)(values) if len(ids) > 1 \
+                else [values[next(iter(ids))]]
+            kinds = set(map(_kind, got))
+        except KeyError:
             kinds = None
         if kinds is not None and (not fetch_local or AT_NODE not in kinds):
             return refs[:num_returns], refs[num_returns:]
