@@ -35,23 +35,20 @@ resolves and pins them.
 from __future__ import annotations
 
 import os
-import pickle
 import select
 import socket
-import struct
 import threading
 import time
 
 from strato.runtime import messages as m
 from strato.runtime.messages import AT_NODE, ERROR, INLINE, RESULT
-from strato.runtime.protocol.framing import encode
+from strato.runtime.protocol.framing import encode, take_frames
 from strato.runtime.spec import TaskSpec
 
 ASK_AGAIN_S = 1.0          # an actor not reachable directly: ask the agent again after this
 #: ``STRATO_DIRECT_CALLS=0``: every actor call goes through the agent (to compare, or to
 #: rule direct calls out when chasing a problem)
 ENABLED = os.environ.get("STRATO_DIRECT_CALLS", "1") != "0"
-_LEN = struct.Struct("<I")
 _ASKED = "asked"
 _AT = "at"
 
@@ -156,20 +153,11 @@ class DirectChannel:
         if not data:
             self._on_close()
             return False
-        buf = self._rbuf
-        buf += data
-        start = 0
+        self._rbuf += data
         results: list = []
-        while len(buf) - start >= 4:
-            (n,) = _LEN.unpack_from(buf, start)
-            if len(buf) - start - 4 < n:
-                break
-            for msg in pickle.loads(memoryview(buf)[start + 4:start + 4 + n]):
-                if msg[0] == RESULT:
-                    results += msg[1]
-            start += 4 + n
-        if start:
-            del buf[:start]
+        for msg in take_frames(self._rbuf):
+            if msg[0] == RESULT:
+                results += msg[1]
         if results:
             self.core._direct_results(self, results)
         return True

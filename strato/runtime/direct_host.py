@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import selectors
 import socket
-import struct
 import threading
 
 from strato.runtime import messages as m
-from strato.runtime.protocol.framing import encode
+from strato.runtime.protocol.framing import encode, take_frames
 from strato.runtime.spec import TaskSpec
 
 log = logging.getLogger("strato.worker")
 _MAX_PATH = 100      # sun_path holds 108 bytes; longer: no direct calls, the agent routes
-_LEN = struct.Struct("<I")
 MAX_DIRECT_FRAME = 256 << 20   # a call, its inline arguments and a function: far less
 _READ = 1 << 20
 
@@ -62,27 +59,11 @@ class DirectCaller:
             return None
         if not data:
             return None
-        buf = self.buf
-        buf += data
-        out: list = []
-        start = 0
-        while len(buf) - start >= 4:
-            (n,) = _LEN.unpack_from(buf, start)
-            if n > MAX_DIRECT_FRAME:
-                return None
-            if len(buf) - start - 4 < n:
-                break
-            try:
-                batch = pickle.loads(memoryview(buf)[start + 4:start + 4 + n])
-            except Exception:
-                return None
-            if type(batch) is not list:
-                return None
-            out += batch
-            start += 4 + n
-        if start:
-            del buf[:start]
-        return out
+        self.buf += data
+        try:
+            return take_frames(self.buf, MAX_DIRECT_FRAME)
+        except Exception:       # no frame of this protocol
+            return None
 
     def close(self) -> None:
         self.closed = True

@@ -37,6 +37,28 @@ def encode(batch: list) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
+def take_frames(buf: bytearray, max_frame: int = MAX_FRAME) -> list:
+    """The messages of every whole frame at the start of ``buf``, removed from it (a
+    partial frame stays). Raises ValueError for a frame over ``max_frame`` or a body
+    that is no batch (pickle's own errors for one that is no pickle)."""
+    out: list = []
+    start = 0
+    while len(buf) - start >= 4:
+        (n,) = _LEN.unpack_from(buf, start)
+        if n > max_frame:
+            raise ValueError(f"a frame of {n} bytes (at most {max_frame})")
+        if len(buf) - start - 4 < n:
+            break
+        batch = pickle.loads(memoryview(buf)[start + 4:start + 4 + n])
+        if type(batch) is not list:
+            raise ValueError("a frame that is no batch of messages")
+        out += batch
+        start += 4 + n
+    if start:
+        del buf[:start]
+    return out
+
+
 def raw_header(oid: bytes, offset: int, total: int, nbytes: int) -> bytes:
     """The header of a raw frame carrying ``nbytes`` of object ``oid`` at ``offset``."""
     return _LEN.pack(RAW | (RAW_HEAD.size + nbytes)) + RAW_HEAD.pack(oid, offset, total)
