@@ -144,6 +144,59 @@ def test_cross_node_transfer_50mb(multinode):
                                                                     expected.nbytes)
 
 
+@pytest.mark.timeout(60)
+def test_wait_fetch_local_means_in_the_local_store(multinode):
+    """wait(fetch_local=True) reports an object on another node ready only once it is
+    in this node's store (its fast path for all-ready refs must not skip the pull)."""
+    import strato
+    from strato.runtime.core import current
+
+    @strato.remote(resources={"node_b": 1})
+    def produce():
+        return np.full(1_000_000, 5, dtype=np.int64)   # 8 MB: stays in B's store
+
+    ref = produce.remote()
+    ready, _ = strato.wait([ref], timeout=30, fetch_local=False)
+    assert ready == [ref]
+    local_copy = os.path.join(current().store_paths[0], ref.id.hex())
+    assert not os.path.exists(local_copy)
+    ready, _ = strato.wait([ref], timeout=30, fetch_local=True)
+    assert ready == [ref] and os.path.exists(local_copy)
+    assert int(strato.get(ref, timeout=30).sum()) == 5_000_000
+
+
+@pytest.mark.timeout(90)
+def test_task_args_pulled_from_another_node_are_freed(multinode):
+    """Arguments owned on B (put by an actor there), pulled to C for tasks queued there
+    (prefetched while they wait for C's one CPU): once the driver drops the refs, every
+    copy goes, on C as on B. A prefetched copy used to stay until C stopped, so a stream
+    of such tasks filled C's store and then its disk."""
+    import strato
+
+    @strato.remote(num_cpus=0, resources={"node_b": 0.01})
+    class Maker:
+        def make(self, n):
+            return [strato.put(np.full(1 << 20, i, dtype=np.uint8)) for i in range(n)]
+
+    @strato.remote(resources={"node_c": 0.01})
+    def first_byte(x):
+        return int(x[0])
+
+    maker = Maker.remote()
+    shm = {name: multinode.nodes[name].info["shm_dir"] for name in "BC"}
+
+    def stored(name):
+        return [f for f in os.listdir(shm[name]) if not f.startswith(".")]
+
+    for _ in range(2):
+        refs = strato.get(maker.make.remote(20), timeout=30)
+        assert strato.get([first_byte.remote(r) for r in refs], timeout=60) == list(range(20))
+        del refs
+    wait_until(lambda: not stored("B") and not stored("C"), 30, 0.1,
+               "the stores of B and C to empty")
+    strato.kill(maker)
+
+
 def test_refs_put_by_a_task_on_another_node_outlive_it(multinode):
     import strato
 

@@ -359,6 +359,7 @@ class WorkerPool:
         wait for them after it got one. ``_prefetch_then_send`` joins these pulls."""
         if not spec.dep_values:
             return
+        owners = dict(spec.deps)   # (a copy's owner frees it with the object)
         for oid, info in spec.dep_values.items():
             if info[0] != m.AT_NODE or info[1] == self.node_id or oid in self.store \
                     or oid in self.pulls:
@@ -369,7 +370,7 @@ class WorkerPool:
 
             def done(ok, err=None, size=info[2]):
                 self._prefetching -= size
-            self._pull(oid, info[1], info[2], done)
+            self._pull(oid, info[1], info[2], done, owners.get(oid))
 
     def _prefetch_then_send(self, w: Worker, specs: list, fns: dict) -> None:
         """Pull remote arguments into the local store before the worker sees the task."""
