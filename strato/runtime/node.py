@@ -115,6 +115,7 @@ async def run_node(args) -> int:
                        storage_dir=os.environ.get("STRATO_CHECKPOINT_DIR")
                        or os.path.join(temp_dir, "checkpoints"), store=head_store,
                        resume_grace=float(os.environ.get("STRATO_HEAD_RESUME_GRACE", "10")),
+                       view_interval=float(os.environ.get("STRATO_VIEW_INTERVAL_S", "0.2")),
                        ) if args.head else None
     agent = NodeAgent(node_id=node_id, resources=resources, temp_dir=temp_dir,
                       session_dir=session_dir, shm_dir=shm_dir,

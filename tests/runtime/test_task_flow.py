@@ -1,0 +1,60 @@
+"""Tasks that only another node can run keep flowing to it between the head's views.
+
+A node places the tasks it owns from the head's periodic view of the others. It used to
+count a task it sent as taking room there until the next view, so a stream of tasks for
+a busy node went one per view (0.2 s by default). Here the head sends its view once an
+hour: every task still runs, each sent as the one before it ends.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+
+import pytest
+
+from tests.harness.runtime_cluster import _kill_tree, _remove_shm_dirs, wait_until
+
+
+@pytest.mark.timeout(90)
+def test_tasks_for_a_busy_node_go_as_it_frees_up(monkeypatch):
+    import strato
+    from strato.runtime.control import start_node, stop_nodes
+
+    if strato.is_initialized():
+        strato.shutdown()
+    monkeypatch.setenv("STRATO_VIEW_INTERVAL_S", "3600")
+    dirs = {n: tempfile.mkdtemp(prefix=f"strato-flow{n}-") for n in "AB"}
+    nodes: dict = {}
+    try:
+        nodes["A"] = start_node(head=True, port=0, node_ip="127.0.0.1", temp_dir=dirs["A"],
+                                num_cpus=1)
+        nodes["B"] = start_node(head=False, address=nodes["A"].address,
+                                join_bundle=nodes["A"].join_bundle, temp_dir=dirs["B"],
+                                num_cpus=1, node_ip="127.0.0.1", resources='{"node_b": 1}')
+        strato.init(address="auto", temp_dir=dirs["A"])
+        wait_until(lambda: sum(n["Alive"] for n in strato.nodes()) == 2, 20, 0.05,
+                   "2 live nodes")
+
+        @strato.remote(resources={"node_b": 1})    # all of B: one at a time
+        def where(i):
+            return i, strato.get_runtime_context().get_node_id()
+
+        b = nodes["B"].info["node_id"]
+        for _ in range(2):   # (the second time B's worker is up: no start-up in between)
+            got = strato.get([where.remote(i) for i in range(30)], timeout=45)
+            assert got == [(i, b) for i in range(30)]
+    finally:
+        if strato.is_initialized():
+            strato.shutdown()
+        pids = [n.info["pid"] for n in nodes.values()]
+        for name in ("B", "A"):
+            try:
+                stop_nodes(dirs[name])
+            except Exception:
+                pass
+        for pid in pids:
+            _kill_tree(pid)
+        _remove_shm_dirs(pids)
+        for d in dirs.values():
+            shutil.rmtree(d, ignore_errors=True)
