@@ -36,6 +36,8 @@ class RefCounting:
         if (self.direct_pending or self.direct_unknown) and self.direct_release(oid):
             return                    # a direct actor call's result (runtime.direct)
         value = self.values.pop(oid, None)
+        if value is not None and value[0] == AT_NODE:
+            self.far.discard(oid)
         if value is not None and self.covers:
             cover = self.covers.pop(oid, None)   # (the refs its value holds)
             if cover:

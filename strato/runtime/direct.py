@@ -345,6 +345,8 @@ class DirectCalling:
                     unknown.add(oid)
                 if oid in owned:
                     values[oid] = info
+                    if info[0] == AT_NODE and ret.node != self.local_node:
+                        self.far.add(oid)
         if chan.actor_id is None:
             self.lease_done(chan, returns)
         with self.cond:
@@ -442,4 +444,5 @@ class DirectCalling:
             self.owned.discard(oid)
             self.escaped.discard(oid)
             self.values.pop(oid, None)
+            self.far.discard(oid)
         return True
