@@ -365,6 +365,15 @@ class CoreWorker(RefCounting, DirectCalling, TaskLeasing):
         if want:
             self.send((m.WANT, want))
 
+    def _unrequested(self, refs) -> bool:
+        """Some ref's value is on another node and no pull of it was asked for."""
+        values, wanted, local = self.values, self.wanted, self.local_node
+        for ref in refs:
+            v = values.get(ref.id)
+            if v is not None and v[0] == AT_NODE and v[1] != local and ref.id not in wanted:
+                return True
+        return False
+
     def get(self, refs: list, timeout: float | None, cover=None) -> list:
         """``cover``: the key that covers refs inside the values (default: each value's
         own oid, so they stay covered while the caller holds that ref)."""
@@ -405,15 +414,20 @@ class CoreWorker(RefCounting, DirectCalling, TaskLeasing):
                     if not blocked and self.on_block is not None:
                         blocked = True
                         self.on_block(True)
+                    # an object that arrived as "on another node" since the last request
+                    # (its notify may have come before this thread waited): ask for a
+                    # pull now, not after a wakeup that may never come
+                    pull = need_local and self._unrequested(refs)
                     chan = None
-                    if self.pending_chan:
+                    if not pull and self.pending_chan:
                         chan = self.channel_to_read([r for r in refs if not check(r.id)])
-                    if chan is None:
+                    if chan is None and not pull:
                         self.cond.wait(remaining if remaining is None else min(remaining, 1.0))
-                        if need_local:
-                            # objects that arrived as "on another node" still need a pull
-                            self._request_missing(refs, need_local)
-                        continue
+                if pull:
+                    self._request_missing(refs, need_local)
+                    continue
+                if chan is None:
+                    continue
                 # results of direct calls among them: read their channel on this thread
                 # (holding its token, not the condition)
                 try:

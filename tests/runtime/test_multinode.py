@@ -165,6 +165,41 @@ def test_wait_fetch_local_means_in_the_local_store(multinode):
     assert int(strato.get(ref, timeout=30).sum()) == 5_000_000
 
 
+@pytest.mark.timeout(60)
+def test_get_pulls_a_result_that_arrives_just_before_it_waits(multinode, monkeypatch):
+    """A result that lands on another node can reach the driver after get() asked for
+    its missing objects and before it went to sleep (the notify then wakes nobody).
+    get() must still pull it. It used to sleep for good: a two-node soak hung after
+    6,000 rounds with such a result, located and never requested."""
+    import threading
+
+    import strato
+    from strato.runtime.core import current
+
+    @strato.remote(resources={"node_b": 1})
+    def produce():
+        return np.full(1_000_000, 9, dtype=np.int64)   # 8 MB: stays in B's store
+
+    ref = produce.remote()
+    ready, _ = strato.wait([ref], timeout=30, fetch_local=False)   # located, not pulled
+    assert ready == [ref]
+    core = current()
+    real = core._request_missing
+    skipped = []
+
+    def late_result(refs, need_local):   # as if the result came just after this call
+        if not skipped:
+            skipped.append(True)
+            return
+        real(refs, need_local)
+    monkeypatch.setattr(core, "_request_missing", late_result)
+    out = []
+    t = threading.Thread(target=lambda: out.append(int(strato.get(ref).sum())), daemon=True)
+    t.start()
+    t.join(20)
+    assert skipped and out == [9_000_000]
+
+
 @pytest.mark.timeout(90)
 def test_task_args_pulled_from_another_node_are_freed(multinode):
     """Arguments owned on B (put by an actor there), pulled to C for tasks queued there
