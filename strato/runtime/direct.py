@@ -57,9 +57,12 @@ class DirectChannel:
     """One caller's connection to one worker process on the same node: an actor's, or a
     pool worker the agent leased to the caller (``runtime.leases``, ``actor_id`` None)."""
 
-    def __init__(self, core, actor_id: bytes | None, path: str, pid: int):
+    def __init__(self, core, actor_id: bytes | None, path: str, pid: int,
+                 worker_id: bytes | None = None):
         self.core = core
         self.actor_id = actor_id
+        # a leased worker's id: pids (and so socket paths) are reused, worker ids never
+        self.worker_id = worker_id
         self.sent_fns: set = set()     # functions this worker got from this caller
         self.path = path
         self.pid = pid
@@ -194,6 +197,14 @@ class DirectChannel:
         with self._rcond:
             self._rcond.notify()
         self.core._direct_lost(self, specs)
+
+    def abandon(self) -> None:
+        """Close it as if the worker had gone: calls in flight go back to the agent."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._on_close()
 
     def close(self) -> None:
         with self._lock:
@@ -369,7 +380,9 @@ class DirectCalling:
                 self.pending_chan.pop(spec.task_id, None)
                 if spec.actor_id is not None:
                     self._count_agent_call(spec)
-        self.send((m.DIRECT_LOST, chan.actor_id, chan.pid, specs))
+        # (a leased worker is named by its id: its pid may be another process's by now)
+        self.send((m.DIRECT_LOST, chan.actor_id,
+                   chan.pid if chan.actor_id is not None else chan.worker_id, specs))
 
     def channel_to_read(self, waiting) -> DirectChannel | None:
         """When every ref in ``waiting`` (not ready) is a direct call's: a channel one

@@ -12,7 +12,9 @@ shape go straight to the worker (Ray's worker leases; the channel is ``runtime.d
 - *Giving back.* A lease unused for ``LEASE_IDLE_S`` goes back (LEASE_RETURN); so does
   one the agent revokes (LEASE_REVOKE) because other tasks wait for its resources, once
   its task is done. A caller that exits gives all back; a worker that dies ends its
-  lease, and the agent retries or fails the task it ran (DIRECT_LOST).
+  lease, and the agent retries or fails the task it ran (DIRECT_LOST). Leased workers
+  are known by their worker ids, never their pids: a pid (and the socket path made
+  from it) may belong to another worker process by the time it is used again.
 """
 
 from __future__ import annotations
@@ -101,11 +103,13 @@ class TaskLeasing:
         if chan is not None and not chan.lost:
             return chan
         chan = self.worker_channels.get(lease.path)
-        if chan is None or chan.lost or chan.pid != lease.pid:
+        if chan is None or chan.lost or chan.worker_id != lease.worker_id:
             if chan is not None:
-                chan.close()    # (a process gone since, whose pid's path is reused)
+                # a process gone since, whose pid (so its socket path) this worker
+                # reuses: an idle channel's reader sleeps and may not have seen the end
+                chan.abandon()
             try:
-                chan = DirectChannel(self, None, lease.path, lease.pid)
+                chan = DirectChannel(self, None, lease.path, lease.pid, lease.worker_id)
             except OSError:   # the worker went away meanwhile
                 self._return_lease(lease)
                 return None
@@ -155,7 +159,7 @@ class TaskLeasing:
     def lease_lost(self, chan) -> None:
         """The worker of a channel went away: its leases end (the agent frees them)."""
         for lease in list(self.leases.values()):
-            if lease.chan is chan or (lease.pid == chan.pid and lease.path == chan.path):
+            if lease.chan is chan or lease.worker_id == chan.worker_id:
                 self._return_lease(lease)
         if self.worker_channels.get(chan.path) is chan:
             del self.worker_channels[chan.path]

@@ -43,7 +43,8 @@ BOUNCE = "bounce"              # (BOUNCE, [task_id that arrived after BLOCKED])
 ACTOR_READY = "actor_ready"    # (ACTOR_READY, actor_id, error bytes | None)
 # direct actor calls (``runtime.direct``): a caller asks where a local actor takes calls
 ACTOR_WHERE = "actor_where"    # (ACTOR_WHERE, actor_id)
-DIRECT_LOST = "direct_lost"    # (DIRECT_LOST, actor_id | None, worker pid, [TaskSpec])
+DIRECT_LOST = "direct_lost"    # (DIRECT_LOST, actor_id, pid, [TaskSpec]) or a lease's
+#                                 (DIRECT_LOST, None, worker_id, [TaskSpec])
                                # calls (or leased tasks) in flight on a direct channel whose
                                # process went away: the agent retries or fails them as if
                                # it had routed them

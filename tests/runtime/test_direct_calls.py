@@ -196,6 +196,48 @@ def test_a_process_that_dies_mid_call_reruns_it_on_its_restart(local, tmp_path):
     assert _go_direct(strato, f).pid == again
 
 
+def test_a_broken_channel_to_a_live_actor_retries_or_fails_the_call(local, tmp_path):
+    """The caller's channel breaks while the actor's process lives (here the method cuts
+    it): the call in flight is retried through the agent within max_task_retries, on
+    the same process, or fails with ActorUnavailableError; it used to wait for an exit
+    that never came. The actor keeps its state and takes direct calls again."""
+    strato = local
+
+    @strato.remote(max_task_retries=1)
+    class Cutter:
+        def __init__(self):
+            self.runs = 0
+
+        def ping(self):
+            return None
+
+        def cut(self, marker):
+            import gc
+            import socket
+
+            from strato.runtime.direct_host import DirectCaller
+
+            self.runs += 1
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                for obj in gc.get_objects():
+                    if type(obj) is DirectCaller:
+                        obj.sock.shutdown(socket.SHUT_RDWR)
+            return os.getpid(), self.runs
+
+    a = Cutter.remote()
+    chan = _go_direct(strato, a)
+    pid, runs = strato.get(a.cut.remote(str(tmp_path / "once")), timeout=60)
+    assert pid == chan.pid and runs == 2      # run, cut, re-run on the same process
+    assert _go_direct(strato, a).pid == pid
+
+    b = Cutter.options(max_task_retries=0).remote()
+    _go_direct(strato, b)
+    with pytest.raises(exc.ActorUnavailableError, match="may or may not have run"):
+        strato.get(b.cut.remote(str(tmp_path / "twice")), timeout=60)
+    assert strato.get(b.cut.remote(str(tmp_path / "twice")), timeout=60)[1] == 2
+
+
 def test_death_without_restarts_and_kill_fail_calls(local):
     strato = local
 

@@ -143,6 +143,40 @@ def test_a_leased_worker_that_dies_has_its_task_retried_or_failed(local, tmp_pat
         strato.get(die.remote(), timeout=60)
 
 
+def test_a_broken_channel_to_a_live_leased_worker_ends_it_and_retries(local, tmp_path):
+    """The caller's connection to a leased worker breaks while the worker lives (here
+    the task cuts it; in life: a pid reused by another worker, a protocol error): the
+    agent ends that worker, which nobody else may use, and its exit retries the task.
+    The agent used to wait for an exit that never came, and the get hung."""
+    strato = local
+
+    @strato.remote
+    def pid():
+        return os.getpid()
+
+    @strato.remote(max_retries=1)
+    def cut_once(marker):
+        import gc
+        import socket
+
+        from strato.runtime.direct_host import DirectCaller
+
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            for obj in gc.get_objects():
+                if type(obj) is DirectCaller:
+                    obj.sock.shutdown(socket.SHUT_RDWR)
+        return os.getpid()
+
+    lease = _leased(strato, pid)
+    marker = str(tmp_path / "cut")
+    again = strato.get(cut_once.remote(marker), timeout=60)
+    assert os.path.exists(marker)                # the first run cut its channel
+    assert again != lease.pid                    # re-run on another worker
+    wait_until(lambda: not os.path.exists(lease.path), 10, 0.05, "the cut worker's end")
+    assert strato.get(pid.remote(), timeout=30) > 0
+
+
 def test_cancel_a_task_on_a_leased_worker(local, tmp_path):
     strato = local
 

@@ -21,6 +21,10 @@ from strato.runtime.bounded import BoundedSet
 from strato.runtime.messages import ActorState
 from strato.runtime.spec import ReturnValue
 
+#: seconds a live actor process has to exit after a caller's channel to it broke, before
+#: the calls that were in flight on it end as lost in transit
+LOST_GRACE_S = 2.0
+
 
 class DirectCalls:
     """Mixin of ``NodeAgent``: see the module docstring."""
@@ -86,7 +90,7 @@ class DirectCalls:
         """A caller's channel to an actor's process broke with calls in flight: they are
         this agent's now, as if it had routed them (retried or failed)."""
         _, actor_id, pid, specs = msg
-        if actor_id is None:
+        if actor_id is None:     # a leased worker's (named by worker id, not pid)
             self.leased_tasks_lost(client, pid, specs)
             return
         objects, freed = self.objects, self.freed_unknown
@@ -97,9 +101,12 @@ class DirectCalls:
             self.owned_tasks[spec.task_id] = (spec, None)
         w = self.actor_workers.get(actor_id)
         if w is not None and w.pid == pid and w.state is WorkerState.ACTOR:
-            # its exit is not handled yet: that handling retries or fails them
+            # its exit is not handled yet: that handling retries or fails them (a
+            # channel breaks when its process dies); if it lives on, see _lost_overdue
             for spec in specs:
                 w.inflight[spec.task_id] = spec
+            self.loop.call_later(LOST_GRACE_S, self._lost_overdue, w,
+                                 [spec.task_id for spec in specs])
             return
         death = self._deaths.get((actor_id, pid))
         if death is not None:
@@ -114,6 +121,22 @@ class DirectCalls:
                 self._complete_with_error(spec, ActorUnavailableError(
                     f"actor {spec.name.split('.')[0]} is restarting (worker process {pid} "
                     f"exited); call {spec.method} was running and did not finish"),
+                    crashed=True)
+
+    def _lost_overdue(self, w: Worker, task_ids: list) -> None:
+        """Calls handed back from a broken channel to an actor process that did not exit
+        (the channel broke some other way): they may or may not have run, and their
+        results can no longer reach the caller. They end as calls lost in transit:
+        retried within ``max_task_retries`` (through this agent), else
+        ActorUnavailableError, rather than wait for an exit that is not coming."""
+        if w.state is not WorkerState.ACTOR:
+            return            # it exited: that handling ended them
+        for tid in task_ids:
+            spec = w.inflight.pop(tid, None)
+            if spec is not None:
+                self._complete_with_error(spec, ActorUnavailableError(
+                    f"the connection to actor {spec.name.split('.')[0]} (worker process "
+                    f"{w.pid}) broke during call {spec.method}; it may or may not have run"),
                     crashed=True)
 
     def _rpc_direct_results(self, owner_client: bytes, returns: list) -> list:

@@ -75,25 +75,33 @@ class LeaseGrants:
                 if client is not None:
                     client.conn.send((m.LEASE_REVOKE, w.worker_id))
 
-    def leased_tasks_lost(self, client, pid: int, specs: list) -> None:
-        """Tasks in flight on a leased worker that died: retried within ``max_retries``
-        or failed, as tasks the agent sent it (``_on_worker_exit``)."""
+    def leased_tasks_lost(self, client, worker_id: bytes, specs: list) -> None:
+        """Tasks in flight on a leased worker whose channel broke: retried within
+        ``max_retries`` or failed, as tasks the agent sent it (``_on_worker_exit``).
+
+        The worker is named by its id (its pid may be another process's by now). Still
+        alive, it is ended: it is lent to this caller alone, who can no longer reach
+        it, and whether it got those tasks is unknown; its exit retries or fails them
+        (a channel breaks when its worker dies, so that exit is usually under way)."""
         for spec in specs:
             for oid in spec.return_ids:
                 if oid not in self.objects and oid not in self.freed_unknown:
                     self.objects[oid] = ObjEntry(client.client_id, spec)
             self.owned_tasks[spec.task_id] = (spec, None)
-        w = next((w for w in self.workers.values() if w.pid == pid), None)
+        w = self.workers.get(worker_id) if type(worker_id) is bytes else None
         if w is not None and w.state is not WorkerState.DEAD:
             for spec in specs:       # its exit is not handled yet: that ends them
                 w.inflight[spec.task_id] = spec
+            if w.proc is not None and w.proc.returncode is None:
+                w.proc.kill()
             return
         for spec in specs:
             if spec.task_id in self.cancelled:
                 self._complete_with_error(spec, TaskCancelledError(f"task {spec.name} cancelled"))
             else:
                 self._complete_with_error(spec, WorkerCrashedError(
-                    f"worker process {pid} running {spec.name} died"), crashed=True)
+                    f"leased worker {worker_id.hex()[:8] if type(worker_id) is bytes else '?'} "
+                    f"running {spec.name} died"), crashed=True)
 
     def cancel_leased(self, client, task_id: bytes, force: bool, pid: int) -> None:
         """Cancel a task on a worker lent to ``client`` (its main thread runs it and does
