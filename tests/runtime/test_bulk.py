@@ -20,15 +20,10 @@ def creds():
     return tls.new_cluster("bulk-test")
 
 
-@pytest.fixture(params=["bounce", "mapping"])
-def ends(request, tmp_path, creds, monkeypatch):
-    if request.param == "bounce":
-        # every part through a small bounce buffer, so a few-MB object goes through it
-        # many times, ending mid-way
-        monkeypatch.setattr(bulk, "_BOUNCE_FROM", 1)
-        monkeypatch.setattr(bulk, "_BOUNCE", 64 * 1024 + 7)
-    else:     # every part straight into a mapping of the new file
-        monkeypatch.setattr(bulk, "_BOUNCE_FROM", 1 << 62)
+@pytest.fixture
+def ends(tmp_path, creds, monkeypatch):
+    # a small bounce buffer: a few-MB object goes through it many times, ending mid-way
+    monkeypatch.setattr(bulk, "_BOUNCE", 64 * 1024 + 7)
     store = tmp_path / "store"
     spill = tmp_path / "spill"
     store.mkdir()
