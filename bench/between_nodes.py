@@ -29,6 +29,9 @@ The cases time only the part they are about (each call returns the seconds it ti
   an actor pinned to B ``put``s a batch of fresh objects (owner: the actor, value in
   B's store) and returns their refs (not timed); the driver then times submitting one
   task pinned to A per ref, with the ref as its argument, and getting all the results.
+- ``between nodes tasks run on the other node`` (tasks/s): the driver on A submits 200
+  tasks pinned to B (one CPU, so one runs at a time there) and gets their results: how
+  fast work streams to a node other than the driver's, as it does to a cluster's workers.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ CASES: list[tuple[str, str]] = [
     ("between nodes get 100 MB object", "GB/s"),
     ("between nodes tasks with 1 KB args on the other node", "ops/s"),
     ("between nodes tasks with 1 MB args on the other node", "ops/s"),
+    ("between nodes tasks run on the other node", "ops/s"),
 ]
 CASE_NAMES = [c for c, _ in CASES]
 
@@ -60,6 +64,7 @@ ON_A = {"node_a": 0.01}
 ON_B = {"node_b": 0.01}
 BIG = 100 * 1024 * 1024          # bytes of the big object
 ARG_BATCH = {"1 KB": (1024, 500), "1 MB": (1024 * 1024, 100)}   # size, tasks per call
+REMOTE_BATCH = 200      # tasks per call of "tasks run on the other node"
 # Each node's store; the same for both backends (a few 100 MiB objects at once at most).
 STORE_BYTES = 2 * 1024**3
 START_TIMEOUT = 90.0
@@ -276,6 +281,18 @@ def setup_case(rt: Any, name: str) -> tuple[Callable[[], float], float, list]:
             return dt
 
         return fetch_big, BIG / (1024 * 1024) / 1000, []
+
+    if name == "between nodes tasks run on the other node":
+        @rt.remote(resources=ON_B)
+        def noop():
+            return b"ok"
+
+        def tasks_on_b() -> float:
+            t0 = time.perf_counter()
+            rt.get([noop.remote() for _ in range(REMOTE_BATCH)])
+            return time.perf_counter() - t0
+
+        return tasks_on_b, REMOTE_BATCH, []
 
     label = name.removeprefix("between nodes tasks with ").removesuffix(" args on the other node")
     if label not in ARG_BATCH:

@@ -8,8 +8,10 @@ hour: every task still runs, each sent as the one before it ends.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
+import time
 
 import pytest
 
@@ -17,9 +19,11 @@ from tests.harness.runtime_cluster import _kill_tree, _remove_shm_dirs, wait_unt
 
 
 @pytest.mark.timeout(90)
-def test_tasks_for_a_busy_node_go_as_it_frees_up(monkeypatch):
+def test_tasks_for_a_busy_node_go_as_it_frees_up(monkeypatch, tmp_path):
     import strato
+    from strato.runtime.agent.routing import QUEUED_PER_NODE
     from strato.runtime.control import start_node, stop_nodes
+    from strato.runtime.core import current
 
     if strato.is_initialized():
         strato.shutdown()
@@ -44,6 +48,25 @@ def test_tasks_for_a_busy_node_go_as_it_frees_up(monkeypatch):
         for _ in range(2):   # (the second time B's worker is up: no start-up in between)
             got = strato.get([where.remote(i) for i in range(30)], timeout=45)
             assert got == [(i, b) for i in range(30)]
+
+        # while B is busy, two more wait there and the rest here (a bounded queue)
+        @strato.remote(resources={"node_b": 1})
+        def hold(started, release):
+            open(started, "w").close()
+            deadline = time.monotonic() + 60
+            while not os.path.exists(release) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            return "held"
+
+        started, release = str(tmp_path / "started"), str(tmp_path / "release")
+        held = hold.remote(started, release)
+        wait_until(lambda: os.path.exists(started), 30, 0.01, "the holding task to start")
+        refs = [where.remote(i) for i in range(10)]
+        wait_until(lambda: current().rpc("debug_state")["waiting"] == 10 - QUEUED_PER_NODE,
+                   10, 0.02, f"{QUEUED_PER_NODE} tasks queued at B, the rest at A")
+        open(release, "w").close()
+        assert strato.get(held, timeout=30) == "held"
+        assert strato.get(refs, timeout=30) == [(i, b) for i in range(10)]
     finally:
         if strato.is_initialized():
             strato.shutdown()

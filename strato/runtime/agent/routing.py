@@ -20,6 +20,9 @@ from strato.runtime.agent.objects import ObjEntry, error_bytes
 from strato.runtime.bounded import BoundedSet
 from strato.runtime.spec import ACTOR_CALL, TASK, ReturnValue, TaskSpec
 
+#: tasks one owner may send to wait on another node beyond its room (``_queue_remotely``)
+QUEUED_PER_NODE = 2
+
 log = logging.getLogger("strato.agent")
 
 
@@ -37,6 +40,8 @@ class TaskRouter:
         # 10k that reaches a node after the task finished there changes nothing anyway
         self.cancelled = BoundedSet(maxlen=10_000)
         self.view: dict[bytes, scheduler.NodeView] = {}
+        # node -> ids of tasks sent there to wait for room (``_queue_remotely``)
+        self.queued_at: dict[bytes, set] = {}
         self._dead_nodes = BoundedSet(maxlen=10_000)
 
     def dead_nodes(self) -> BoundedSet:
@@ -114,14 +119,16 @@ class TaskRouter:
 
     # ------------------------------------------------------------------ from peers
     def on_run_task(self, node: bytes, msg) -> None:
-        _, spec, blob = msg
+        _, spec, blob, *rest = msg
+        may_wait = bool(rest and rest[0])     # its owner sent it to wait here for room
         if blob is not None:
             self.fns[spec.function_id] = blob
         elif spec.function_id not in self.fns:
             # pruned here since the owner sent it: ask for it again with the task
             self.peers.send(spec.owner_node, (m.TASK_REJECTED, spec, self.node_id, True))
             return
-        if self.draining or not scheduler.fits(spec.resources, self.available):
+        if self.draining or not (scheduler.fits(spec.resources, self.available) or (
+                may_wait and scheduler.fits(spec.resources, self.total))):
             # the owner's view was stale: let it place the task again rather than
             # queue it here behind work that may never finish
             self.peers.send(spec.owner_node, (m.TASK_REJECTED, spec, self.node_id))
@@ -140,6 +147,9 @@ class TaskRouter:
             for name, amount in spec.resources.items():
                 view.available[name] = min(view.available.get(name, 0.0),
                                            max(0.0, amount - 1e-6))
+        queued = self.queued_at.get(rejected_by)
+        if queued:
+            queued.discard(spec.task_id)
         self.owned_tasks[spec.task_id] = (spec, None)
         self._place(spec)
 
@@ -155,6 +165,10 @@ class TaskRouter:
         free again now. (``_forward`` took it from the view until the head's next VIEW;
         without this, tasks for a busy node waited for that VIEW, one per 0.2 s.)"""
         entry = self.owned_tasks.get(spec.task_id)
+        queued = self.queued_at.get(ran_on)
+        if queued and spec.task_id in queued:
+            queued.discard(spec.task_id)    # (it took the room of one before it)
+            return True
         view = self.view.get(ran_on)
         if entry is None or entry[1] != ran_on or view is None:
             return False
@@ -201,6 +215,8 @@ class TaskRouter:
             self._schedule_dispatch()
         elif self.in_removed_group(spec):
             self.fail_removed_group_task(spec)   # it would wait for a group that is gone
+        elif where == scheduler.WAIT and self._queue_remotely(spec):
+            pass
         else:
             # (a placement group's task waits for its group, which is the demand)
             if where == scheduler.INFEASIBLE and spec.task_id not in self.warned_infeasible \
@@ -211,6 +227,25 @@ class TaskRouter:
                                  "pending until such a node joins (the autoscaler sees it as "
                                  "demand)")
             self.waiting.append(spec)
+
+    def _queue_remotely(self, spec: TaskSpec) -> bool:
+        """No node has room for it now, and this node never could: send it to wait on a
+        node that can run it, up to ``QUEUED_PER_NODE`` per node (the fewest first).
+        There it starts as soon as the task before it ends, without a round trip back
+        to this node for the next one (as Ray pipelines tasks onto a leased worker)."""
+        if scheduler.fits(spec.resources, self.total) or placement.is_group_shape(spec.resources):
+            return False
+        best, fewest = None, QUEUED_PER_NODE
+        for v in self.view.values():
+            if v.alive and not v.draining and scheduler.fits(spec.resources, v.total):
+                n = len(self.queued_at.get(v.node_id, ()))
+                if n < fewest:
+                    best, fewest = v.node_id, n
+        if best is None:
+            return False
+        self.queued_at.setdefault(best, set()).add(spec.task_id)
+        self._forward(spec, best, may_wait=True)
+        return True
 
     def _only_here(self, spec: TaskSpec) -> bool:
         """Queue locally only when no other node could ever run it; otherwise keep it
@@ -230,9 +265,9 @@ class TaskRouter:
         if target is not None:
             target.conn.send((m.WARN, text))
 
-    def _forward(self, spec: TaskSpec, node: bytes) -> None:
+    def _forward(self, spec: TaskSpec, node: bytes, may_wait: bool = False) -> None:
         view = self.view.get(node)
-        if view is not None:
+        if view is not None and not may_wait:
             scheduler.acquire(view.available, spec.resources)  # optimistic until next view
         sent = self.peer_fns.setdefault(node, set())
         blob = None
@@ -241,7 +276,7 @@ class TaskRouter:
             sent.add(spec.function_id)
         if spec.owner_node == self.node_id:
             self.owned_tasks[spec.task_id] = (spec, node)
-        self.peers.send(node, (m.RUN_TASK, spec, blob))
+        self.peers.send(node, (m.RUN_TASK, spec, blob, may_wait))
 
     def _retry_waiting(self) -> None:
         if not self.waiting:
@@ -275,6 +310,7 @@ class TaskRouter:
 
     def _tasks_lost_with(self, node: bytes) -> None:
         """Owned tasks and actor calls in flight on a dead node: retry or fail them."""
+        self.queued_at.pop(node, None)
         for task_id, (spec, where) in list(self.owned_tasks.items()):
             if where != node:
                 continue
