@@ -62,8 +62,10 @@ def test_tasks_for_a_busy_node_go_as_it_frees_up(monkeypatch, tmp_path):
         held = hold.remote(started, release)
         wait_until(lambda: os.path.exists(started), 30, 0.01, "the holding task to start")
         refs = [where.remote(i) for i in range(10)]
-        wait_until(lambda: current().rpc("debug_state")["waiting"] == 10 - QUEUED_PER_NODE,
-                   10, 0.02, f"{QUEUED_PER_NODE} tasks queued at B, the rest at A")
+        # (the holding task may itself have gone to B as one that waits: then one more
+        # waits here)
+        wait_until(lambda: 10 - QUEUED_PER_NODE <= current().rpc("debug_state")["waiting"] < 10,
+                   10, 0.02, f"at most {QUEUED_PER_NODE} tasks queued at B, the rest at A")
         open(release, "w").close()
         assert strato.get(held, timeout=30) == "held"
         assert strato.get(refs, timeout=30) == [(i, b) for i in range(10)]
