@@ -367,6 +367,9 @@ class CoreWorker(RefCounting, DirectCalling, TaskLeasing):
 
     def _unrequested(self, refs) -> bool:
         """Some ref's value is on another node and no pull of it was asked for."""
+        far = self.far
+        if not far and self.local_node is not None:
+            return False
         values, wanted, local = self.values, self.wanted, self.local_node
         for ref in refs:
             v = values.get(ref.id)
@@ -393,12 +396,15 @@ class CoreWorker(RefCounting, DirectCalling, TaskLeasing):
         check = self._is_ready if need_local else (lambda oid: oid in self.values)
         deadline = None if timeout is None else time.monotonic() + timeout
         blocked = False
+        # the refs not ready yet: each wakeup looks only at those (a get of 1,000 refs
+        # wakes many times as their results come)
+        pending = refs
         try:
             while True:
                 with self.cond:
-                    ready = [r for r in refs if check(r.id)]
-                    if len(ready) >= num:
-                        return ready
+                    pending = [r for r in pending if not check(r.id)]
+                    if len(refs) - len(pending) >= num:
+                        return [r for r in refs if check(r.id)]
                     if self.closed:
                         raise StratoError("lost the connection to the node agent")
                     if deadline is not None:
@@ -406,9 +412,9 @@ class CoreWorker(RefCounting, DirectCalling, TaskLeasing):
                         if remaining <= 0:
                             if raise_on_timeout:
                                 raise GetTimeoutError(
-                                    f"get timed out after {timeout}s: {len(refs) - len(ready)} of "
+                                    f"get timed out after {timeout}s: {len(pending)} of "
                                     f"{len(refs)} objects not ready")
-                            return ready
+                            return [r for r in refs if check(r.id)]
                     else:
                         remaining = None
                     if not blocked and self.on_block is not None:
@@ -417,10 +423,10 @@ class CoreWorker(RefCounting, DirectCalling, TaskLeasing):
                     # an object that arrived as "on another node" since the last request
                     # (its notify may have come before this thread waited): ask for a
                     # pull now, not after a wakeup that may never come
-                    pull = need_local and self._unrequested(refs)
+                    pull = need_local and self._unrequested(pending)
                     chan = None
                     if not pull and self.pending_chan:
-                        chan = self.channel_to_read([r for r in refs if not check(r.id)])
+                        chan = self.channel_to_read(pending)
                     if chan is None and not pull:
                         self.cond.wait(remaining if remaining is None else min(remaining, 1.0))
                 if pull:
