@@ -357,23 +357,25 @@ class CoreWorker(RefCounting, DirectCalling, TaskLeasing):
             if v is None:
                 if oid in self.owned or oid in self.wanted:
                     continue
-            elif v[0] != AT_NODE or v[1] == self.local_node or not need_local \
-                    or oid in self.wanted:
+            elif not need_local or not self._unpulled(oid, v):
                 continue
             self.wanted.add(oid)
             want.append((oid, ref.owner_node))
         if want:
             self.send((m.WANT, want))
 
+    def _unpulled(self, oid: bytes, v: tuple) -> bool:
+        """The value is on another node and no pull of it was asked for."""
+        return v[0] == AT_NODE and v[1] != self.local_node and oid not in self.wanted
+
     def _unrequested(self, refs) -> bool:
         """Some ref's value is on another node and no pull of it was asked for."""
-        far = self.far
-        if not far and self.local_node is not None:
+        if not self.far and self.local_node is not None:
             return False
-        values, wanted, local = self.values, self.wanted, self.local_node
+        values = self.values
         for ref in refs:
             v = values.get(ref.id)
-            if v is not None and v[0] == AT_NODE and v[1] != local and ref.id not in wanted:
+            if v is not None and self._unpulled(ref.id, v):
                 return True
         return False
 

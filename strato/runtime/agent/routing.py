@@ -164,11 +164,11 @@ class TaskRouter:
         """A task this node sent to ``ran_on`` finished there: its room there counts as
         free again now. (``_forward`` took it from the view until the head's next VIEW;
         without this, tasks for a busy node waited for that VIEW, one per 0.2 s.)"""
-        entry = self.owned_tasks.get(spec.task_id)
         queued = self.queued_at.get(ran_on)
         if queued and spec.task_id in queued:
             queued.discard(spec.task_id)    # (it took the room of one before it)
             return True
+        entry = self.owned_tasks.get(spec.task_id)
         view = self.view.get(ran_on)
         if entry is None or entry[1] != ran_on or view is None:
             return False
