@@ -31,7 +31,7 @@ from strato.launcher.cluster import open_cluster
 from strato.launcher.state import StateDB
 from strato.runtime.head_client import HeadClient
 from strato.runtime.protocol import handshake
-from tests.client.helpers import ok, run_client, write_script
+from tests.client.helpers import ok, run_client, said, write_script
 
 pytestmark = pytest.mark.timeout(120)
 GRACE_S = 3
@@ -109,7 +109,7 @@ def test_auto_up_then_attach_fast_with_streamed_prints(first_client, config, hom
     script = write_script(home / "attach.py", """
         t = time.time()
         strato.init(cluster=CONFIG, log_to_driver=False)
-        print("attach", time.time() - t)
+        say("attach", time.time() - t)
         @strato.remote
         def shout(x):
             print("silenced", x)
@@ -119,7 +119,7 @@ def test_auto_up_then_attach_fast_with_streamed_prints(first_client, config, hom
     """)
     out = ok(run_client(script, config))
     assert "strato up" not in out and "silenced" not in out
-    assert float(out.split("attach ")[1].split()[0]) < 3.0   # goal 0.5 s: bench/client.py
+    assert float(said(out, "attach")) < 3.0   # goal 0.5 s: bench/client.py
 
 
 def test_local_module_by_value_and_working_dir(first_client, config, home, tmp_path):
@@ -215,15 +215,15 @@ def test_spawn_survives_the_client_and_from_id_finds_it(first_client, config, ho
         def forever():
             time.sleep(60)
         call = slow.options(retention_s=600).spawn(7)
-        print("ID", call.id, forever.spawn().id, flush=True)
+        say("ID", call.id, forever.spawn().id)
         os._exit(0)   # no goodbye: the process is simply gone
     """)
     out = ok(run_client(spawn, config))
-    call_id, forever_id = out.split("ID ")[1].split()
+    call_id, forever_id = said(out, "ID").split()
     fetch = write_script(home / "fetch.py", """
         from strato.exceptions import DurableCallNotFoundError, TaskCancelledError
         strato.init(cluster=CONFIG)
-        print("GOT", strato.FunctionCall.from_id(sys.argv[2]).get(timeout=30))
+        say("GOT", strato.FunctionCall.from_id(sys.argv[2]).get(timeout=30))
         other = strato.FunctionCall.from_id(sys.argv[3])
         other.cancel()
         try:

@@ -7,6 +7,7 @@ through the tunnel, a durable call fetched by a second process after the first e
 
 from __future__ import annotations
 
+import ast
 import shutil
 import socket
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 import yaml
 
 from strato.launcher import reconcile
-from tests.client.helpers import ok, run_client, write_script
+from tests.client.helpers import ok, run_client, said, write_script
 from tests.harness.ssh_hosts import INSTALL_SCRIPT, stop_strato
 
 pytestmark = pytest.mark.timeout(240)
@@ -90,23 +91,23 @@ def test_client_over_ssh_only(ssh_hosts, ssh_only_head, ssh_address_map, shared_
             return a * 2
         hosts = list(where.map(range(200)))
         assert len(hosts) == 200
-        print("HOSTS", sorted(set(hosts)))
+        say("HOSTS", sorted(set(hosts)))
         big = np.arange(100 * 1024 * 1024 // 8, dtype=np.int64)
         t = time.time()
         out = strato.get(double.remote(big))       # 100 MB there and back, via a worker
         assert out.shape == big.shape and int(out[-1]) == 2 * int(big[-1])
         print("100MB round trip", round(time.time() - t, 2))
         call = where.spawn("durable")
-        print("ID", call.id, flush=True)
+        say("ID", call.id)
         os._exit(0)
     """)
     try:
         out = ok(run_client(first, config, timeout=200))
         print(out)
         assert "running `strato up`" in out
-        assert "HOSTS" in out and len(eval(out.split("HOSTS ")[1].splitlines()[0])) == 2
+        assert len(ast.literal_eval(said(out, "HOSTS"))) == 2
         assert "(where pid=" in out and "on strato-h" in out   # prints came home
-        call_id = out.split("ID ")[1].split()[0]
+        call_id = said(out, "ID")
 
         # nothing but SSH reaches the head from here
         for port in (6380, 22):
@@ -120,8 +121,8 @@ def test_client_over_ssh_only(ssh_hosts, ssh_only_head, ssh_address_map, shared_
         second = write_script(tmp_path / "second.py", """
             t = time.time()
             strato.init(cluster=CONFIG)
-            print("attach", round(time.time() - t, 2))
-            print("GOT", strato.FunctionCall.from_id(sys.argv[2]).get(timeout=60))
+            say("attach", round(time.time() - t, 2))
+            say("GOT", strato.FunctionCall.from_id(sys.argv[2]).get(timeout=60))
             strato.shutdown()
         """)
         out = ok(run_client(second, config, call_id, timeout=90))
