@@ -56,11 +56,11 @@ class ObjectRef:
 
     __slots__ = ("id", "owner_node", "__weakref__")
 
-    def __init__(self, oid: bytes, owner_node: bytes, _count: bool = True):
+    def __init__(self, oid: bytes, owner_node: bytes):
         self.id = oid
         self.owner_node = owner_node
         core = _current
-        if core is not None and _count:
+        if core is not None:
             counts = core.refcounts
             counts[oid] = counts.get(oid, 0) + 1
 
@@ -129,6 +129,25 @@ class ObjectRef:
 
 _ref_id = operator.attrgetter("id")
 _kind = operator.itemgetter(0)
+
+
+class UncountedRef(ObjectRef):
+    """A ref the runtime makes for one read of its own (a working dir's package): not
+    counted, so it never releases a count that a user's ref of the same object holds;
+    at its end it only drops the value it read, unless a counted ref still holds it."""
+
+    __slots__ = ()
+
+    def __init__(self, oid: bytes, owner_node: bytes):
+        self.id = oid
+        self.owner_node = owner_node
+
+    def __del__(self):
+        core = _current
+        if core is not None and self.id not in core.refcounts:
+            value = core.values.pop(self.id, None)
+            if value is not None and value[0] == AT_NODE:
+                core.far.discard(self.id)
 
 
 def _rebuild_ref(oid: bytes, owner_node: bytes) -> ObjectRef:

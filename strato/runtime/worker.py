@@ -20,7 +20,7 @@ import cloudpickle
 from strato.exceptions import ActorDiedError, TaskCancelledError, TaskError
 from strato.runtime import context
 from strato.runtime import messages as m
-from strato.runtime.core import CoreWorker, ObjectRef, ref_pairs, set_current
+from strato.runtime.core import CoreWorker, ObjectRef, UncountedRef, ref_pairs, set_current
 from strato.runtime.direct_host import DirectHost
 from strato.runtime.serialization import deserialize, picklable, serialize
 from strato.runtime.spec import ACTOR_CALL, INLINE_MAX, ArgRef, ReturnValue, TaskSpec
@@ -207,7 +207,7 @@ class Executor:
         root = working_dir_root(os.environ.get("STRATO_NODE_TEMP_DIR", "/tmp"))
         path = os.path.join(root, pkg)
         if not os.path.isdir(path):
-            zipped = self.core.get([ObjectRef(oid, node, _count=False)], None)[0]
+            zipped = self.core.get([UncountedRef(oid, node)], None)[0]
             path = unpack_working_dir(root, pkg, zipped)
         if self.working_dir is not None:
             old = os.path.join(root, self.working_dir)

@@ -207,6 +207,24 @@ def test_a_ref_kept_from_a_second_read_of_a_value(local):
     wait_empty(_local_dirs(), "an object kept from a second read to be freed")
 
 
+def test_the_runtimes_own_uncounted_read_leaves_a_users_ref_alone(local):
+    """The runtime reads a working dir's package through an uncounted ref; its end must
+    not take the count of a user's ref to the same object (the object stays readable,
+    then goes with the user's ref)."""
+    from strato.runtime.core import UncountedRef, current
+
+    strato = local
+    ref = strato.put(big(23))
+    inner = UncountedRef(ref.id, ref.owner_node)
+    assert int(strato.get(inner, timeout=30)[0]) == 23
+    del inner
+    gc.collect()
+    assert current().refcounts[ref.id] == 1
+    assert int(strato.get(ref, timeout=30)[0]) == 23
+    del ref
+    wait_empty(_local_dirs(), "the object to be freed with the user's ref")
+
+
 def test_f_borrower_worker_killed(local):
     strato = local
 
