@@ -27,6 +27,7 @@ DEAD_NODE_IDS_KEPT = 10_000
 DEAD_NODES_KEPT = 100
 DEAD_ACTORS_KEPT = 200
 FINISHED_JOBS_KEPT = 1000
+TICK_S = 0.2           # how often the head checks heartbeats and places pending work
 
 
 class HeadService(PlacementGroups, Checkpoints):
@@ -39,6 +40,7 @@ class HeadService(PlacementGroups, Checkpoints):
         self._unclaimed: set[bytes] = set()   # restored actors no node has claimed yet
         self._resume_deadline = 0.0
         self._last_tick = time.time()
+        self._last_view = 0.0
         self.local_node: bytes | None = None   # the node in the head's own process
         self.events: list[dict] = []
         self.nodes: dict[bytes, NodeRecord] = {}
@@ -130,8 +132,10 @@ class HeadService(PlacementGroups, Checkpoints):
                     "down")).to_bytes())
 
     async def _tick_loop(self) -> None:
+        # heartbeats and pending actors and groups are looked at every TICK_S even when
+        # the view goes out less often (STRATO_VIEW_INTERVAL_S only spaces the views)
         while True:
-            await asyncio.sleep(self.view_interval)
+            await asyncio.sleep(min(TICK_S, self.view_interval))
             try:
                 self._tick()
             except Exception:
@@ -151,7 +155,9 @@ class HeadService(PlacementGroups, Checkpoints):
         self._expire_unclaimed()
         self.place_pending_groups()
         self.place_pending_actors()
-        self.broadcast_view()
+        if now - self._last_view >= self.view_interval * 0.99:
+            self._last_view = now
+            self.broadcast_view()
         if self._active(self.activity_counts()):
             self.last_active = now
 

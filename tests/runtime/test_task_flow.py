@@ -3,7 +3,8 @@
 A node places the tasks it owns from the head's periodic view of the others. It used to
 count a task it sent as taking room there until the next view, so a stream of tasks for
 a busy node went one per view (0.2 s by default). Here the head sends its view once an
-hour: every task still runs, each sent as the one before it ends.
+hour: every task still runs, each sent as the one before it ends, and an actor waiting
+for room is still placed as soon as there is some.
 """
 
 from __future__ import annotations
@@ -69,6 +70,19 @@ def test_tasks_for_a_busy_node_go_as_it_frees_up(monkeypatch, tmp_path):
         open(release, "w").close()
         assert strato.get(held, timeout=30) == "held"
         assert strato.get(refs, timeout=30) == [(i, b) for i in range(10)]
+
+        # the head still places a pending actor as soon as room frees up: only its view
+        # waits for the hour, not its placement of actors
+        @strato.remote(resources={"node_b": 1})
+        class Holder:
+            def node(self):
+                return strato.get_runtime_context().get_node_id()
+
+        first = Holder.remote()
+        assert strato.get(first.node.remote(), timeout=30) == b
+        second = Holder.remote()                  # pending: B is taken
+        strato.kill(first)
+        assert strato.get(second.node.remote(), timeout=30) == b
     finally:
         if strato.is_initialized():
             strato.shutdown()
