@@ -233,7 +233,7 @@ def test_spawn_survives_the_client_and_from_id_finds_it(first_client, config, ho
         try:
             strato.FunctionCall.from_id("00" * 16)
         except DurableCallNotFoundError as e:
-            print("UNKNOWN", e)
+            say("UNKNOWN", e)
         strato.shutdown()
     """)
     out = ok(run_client(fetch, config, call_id, forever_id))
