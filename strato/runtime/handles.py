@@ -159,6 +159,8 @@ class RemoteFunction:
         if core.runtime_env is not None:
             spec.runtime_env = core.runtime_env
         if keep:
+            if len(keep) > len(deps):   # (keep: the top-level refs, then the nested ones)
+                spec.nested = [(r.id, r.owner_node) for r in keep[len(deps):]]
             core.pinned[task_id] = keep
             for oid in return_ids:
                 core.task_of[oid] = task_id

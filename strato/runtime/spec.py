@@ -36,6 +36,7 @@ class TaskSpec:
     seq: int = 0                # per-caller sequence for actor calls
     dep_values: dict | None = None  # oid -> ("inline", bytes) | ("node", node_id) once resolved
     runtime_env: dict | None = None
+    nested: list | None = None  # [(oid, owner_node)] refs nested in the args (lineage holds)
 
     def shape_key(self) -> tuple:
         return tuple(sorted(self.resources.items()))
@@ -49,7 +50,7 @@ class TaskSpec:
                            self.deps, self.return_ids, self.resources, self.max_retries,
                            self.retry_exceptions, self.actor_id, self.method,
                            self.actor_options, self.attempt, self.seq, self.dep_values,
-                           self.runtime_env))
+                           self.runtime_env, self.nested))
 
 
 @dataclass(slots=True)

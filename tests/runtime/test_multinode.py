@@ -6,6 +6,7 @@ Tests that kill a node use their own cluster (``multinode_fn``) and run last.
 
 from __future__ import annotations
 
+import gc
 import glob
 import os
 import shutil
@@ -384,6 +385,70 @@ def test_node_death_object_rebuilt_by_lineage(multinode_fn, tmp_path):
     with open(tmp_path / "runs") as f:
         runs = f.read().split()
     assert len(runs) == 2 and runs[1] in (cluster.node_id("A"), cluster.node_id("B"))
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("nested", [False, True], ids=["argument", "nested-in-argument"])
+def test_node_death_rebuilds_a_chain_whose_inner_ref_was_dropped(multinode_fn, tmp_path,
+                                                                nested):
+    """``double.remote(produce.remote())``: the inner ref is gone as soon as the call is
+    made (also as ``double.remote([produce.remote()])``). When the node holding both
+    results dies, the owner rebuilds the outer result by re-running the chain: the inner
+    result's lineage was kept, not its value."""
+    import strato
+
+    cluster = multinode_fn
+    gate = str(tmp_path / "gate")
+    holders = _occupy_a_and_b(strato, cluster, gate, tmp_path)
+
+    @strato.remote(num_cpus=1, max_retries=2)
+    def produce(marker_dir):
+        with open(os.path.join(marker_dir, "produce"), "a") as f:
+            f.write(strato.get_runtime_context().get_node_id() + "\n")
+        return np.full(1_000_000, 7, dtype=np.int64)   # 8 MB: in the producer's store
+
+    @strato.remote(num_cpus=1, max_retries=2)
+    def double(x, marker_dir):
+        if isinstance(x, list):
+            x = strato.get(x[0])
+        with open(os.path.join(marker_dir, "double"), "a") as f:
+            f.write(strato.get_runtime_context().get_node_id() + "\n")
+        return x * 2
+
+    inner = produce.remote(str(tmp_path))
+    ref = double.remote([inner] if nested else inner, str(tmp_path))
+    del inner
+    ready, _ = strato.wait([ref], num_returns=1, timeout=30, fetch_local=False)
+    assert ready == [ref]
+    for name in ("produce", "double"):
+        with open(tmp_path / name) as f:
+            assert f.read().split() == [cluster.node_id("C")], name
+    cluster.kill_node("C")
+    cluster.wait_node_dead("C")
+    write(gate, "open")
+    assert strato.get(holders, timeout=30) == ["held", "held"]
+
+    value = strato.get(ref, timeout=45)
+    assert value.shape == (1_000_000,) and int(value.sum()) == 14_000_000
+    for name in ("produce", "double"):
+        with open(tmp_path / name) as f:
+            assert len(f.read().split()) == 2, name
+    # the inner result, rebuilt for the outer one alone, is freed again (lineage kept)
+    from strato.runtime.core import current
+
+    def states():
+        return sorted(e["state"] for e in current().rpc("debug_refs")["owned"].values()
+                      if e["state"] != "ready" or e["owner_holds"] is False)
+    wait_until(lambda: states() == ["freed"], 20, 0.05, "the rebuilt inner value to go")
+    # once the outer result goes, the kept lineage goes with it: the owner holds nothing
+    del ref, ready, value, holders
+    gc.collect()
+    try:
+        wait_until(lambda: current().rpc("debug_state")["objects"] == 0, 20, 0.05,
+                   "the owner's table to empty")
+    except BaseException:
+        print("left:", current().rpc("debug_refs"))
+        raise
 
 
 @pytest.mark.timeout(90)

@@ -31,6 +31,11 @@ PULL_CHUNK_TIMEOUT = float(os.environ.get("STRATO_PULL_CHUNK_TIMEOUT", "60"))
 # a failed pull asks the owner again this many times (backing off 0.5, 1, 2, ... s): by
 # then a dead holder is known dead and the owner rebuilds the object or names another copy
 PULL_RETRIES = 5
+# freed objects whose lineage is kept for their dependents' rebuilds: at most this many,
+# holding at most this many bytes of task arguments (Ray's max_lineage_bytes); past either
+# the oldest go, and a rebuild that would need them fails with ObjectLostError
+LINEAGE_KEPT = int(os.environ.get("STRATO_LINEAGE_KEPT", "20000"))
+LINEAGE_BYTES_KEPT = 128 * 1024 * 1024
 
 
 def error_bytes(exc: BaseException) -> bytes:
@@ -42,6 +47,8 @@ class ObjState(enum.Enum):
     READY = "ready"
     ERROR = "error"       # the value is an error
     LOST = "lost"         # its only copy was on a node that died
+    FREED = "freed"       # nobody holds it: its value is gone, its lineage is kept while
+                          # a live object's task took it as an argument (for rebuilds)
 
 
 class RefState:
@@ -61,7 +68,7 @@ class ObjEntry:
     """An object owned by one of this node's clients (and what keeps it alive: ``refs``)."""
 
     __slots__ = ("state", "inline", "node", "size", "lineage", "waiters", "owner_client",
-                 "owner_holds", "rc")
+                 "owner_holds", "rc", "lineage_holds", "holds_deps")
 
     def __init__(self, owner_client: bytes, lineage: TaskSpec | None = None):
         self.state = ObjState.PENDING
@@ -73,6 +80,10 @@ class ObjEntry:
         self.owner_client = owner_client
         self.owner_holds = True          # the owning client still has a ref
         self.rc: RefState | None = None
+        # live objects here whose task took this one as an argument: while any is, this
+        # one's lineage stays (its value may go: state FREED), so they can be rebuilt
+        self.lineage_holds = 0
+        self.holds_deps = False          # this object counts in its arguments' holds
 
     def refstate(self) -> RefState:
         rc = self.rc
@@ -89,6 +100,17 @@ class ObjEntry:
         return (m.AT_NODE, self.node, self.size)
 
 
+def _args_refs(spec: TaskSpec):
+    """The refs a task's arguments hold: top-level, then nested."""
+    return (*spec.deps, *spec.nested) if spec.nested else spec.deps
+
+
+def unheld(e: ObjEntry) -> bool:
+    """Neither its owning client, a borrower nor a container holds it."""
+    rc = e.rc
+    return not e.owner_holds and (rc is None or (not rc.borrowers and not rc.contained_in))
+
+
 class ObjectManager:
     """Mixin of ``NodeAgent``: see the module docstring."""
 
@@ -100,6 +122,8 @@ class ObjectManager:
         self.bulk = None                        # ``bulk.BulkClient`` (set by the node)
         self.bulk_port = 0                      # this node's bulk server (0: none)
         self.bulk_ports: dict[bytes, int] = {}  # peers' bulk ports, asked once each
+        self.freed_lineage: dict[bytes, int] = {}   # FREED entries, oldest first -> arg bytes
+        self.freed_lineage_bytes = 0
         self._bulk_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=4, thread_name_prefix="strato-pull")
 
@@ -215,7 +239,7 @@ class ObjectManager:
         if entry is not None:
             if entry.state is ObjState.READY or entry.state is ObjState.ERROR:
                 callback(entry.info())
-            elif entry.state is ObjState.LOST:
+            elif entry.state is ObjState.LOST or entry.state is ObjState.FREED:
                 self._reconstruct_or_fail(oid, entry, callback)
             else:
                 entry.waiters.append(callback)
@@ -238,8 +262,8 @@ class ObjectManager:
 
     def _set_ready(self, oid: bytes, ret: ReturnValue) -> None:
         entry = self.objects.get(oid)
-        if entry is None:
-            # freed already: drop stored copy
+        if entry is None or entry.state is ObjState.FREED:
+            # freed already (or only its lineage kept): drop stored copy
             if ret.node is not None:
                 self._delete_copy(oid, ret.node)
             if ret.contained:
@@ -278,10 +302,26 @@ class ObjectManager:
             self._freeing = None
 
     def _free_one(self, oid: bytes) -> None:
-        """``_free_owned`` inside its loop: frees it may cause join the loop."""
-        entry = self.objects.pop(oid, None)
+        """``_free_owned`` inside its loop: frees it may cause join the loop. An object
+        whose lineage a live dependent holds loses only its value (state FREED)."""
+        entry = self.objects.get(oid)
         if entry is None:
             return
+        if entry.lineage_holds > 0:
+            if entry.state is not ObjState.FREED:
+                self._drop_value(oid, entry)
+                self._keep_lineage(oid, entry)
+            return
+        del self.objects[oid]
+        if entry.state is ObjState.FREED:
+            self.freed_lineage_bytes -= self.freed_lineage.pop(oid, 0)
+        else:
+            self._drop_value(oid, entry)
+        if entry.holds_deps:
+            self._release_lineage(entry.lineage)
+
+    def _drop_value(self, oid: bytes, entry: ObjEntry) -> None:
+        """Delete every copy of the value, and release the refs it holds."""
         node = entry.node
         rc = entry.rc
         if node is not None:
@@ -293,6 +333,68 @@ class ObjectManager:
                     self._delete_copy(oid, other)
         if rc is not None and rc.contains:
             self._release_contained(oid, rc.contains)
+
+    # ------------------------------------------------------------------ lineage
+    def _hold_lineage(self, spec: TaskSpec) -> None:
+        """A task was submitted here: each of its results holds the lineage of the
+        arguments it takes that are owned here and can be rebuilt (made by a task)."""
+        if spec.kind != TASK:
+            return                    # (an actor call's result is never rebuilt)
+        objects = self.objects
+        held = False
+        for oid, owner in _args_refs(spec):
+            if owner == self.node_id:
+                e = objects.get(oid)
+                if e is not None and e.lineage is not None and e.lineage.kind == TASK:
+                    e.lineage_holds += len(spec.return_ids)
+                    held = True
+        if held:
+            for oid in spec.return_ids:
+                objects[oid].holds_deps = True
+
+    def _release_lineage(self, spec: TaskSpec) -> None:
+        """One result of ``spec`` is gone: its arguments' lineage is held once less;
+        those freed already go for good when nothing holds them (inside the free loop)."""
+        objects = self.objects
+        for oid, owner in _args_refs(spec):
+            if owner == self.node_id:
+                e = objects.get(oid)
+                if e is not None and e.lineage_holds > 0:
+                    e.lineage_holds -= 1
+                    if e.lineage_holds == 0 and unheld(e):
+                        self._free_owned(oid)
+
+    def _keep_lineage(self, oid: bytes, entry: ObjEntry) -> None:
+        """``oid``'s value went; its lineage stays, within the LINEAGE_* bounds."""
+        entry.state = ObjState.FREED
+        entry.node = None
+        entry.inline = None
+        entry.size = 0
+        entry.rc = None
+        entry.owner_holds = False
+        size = len(entry.lineage.args) if entry.lineage is not None else 0
+        self.freed_lineage[oid] = size
+        self.freed_lineage_bytes += size
+        kept = self.freed_lineage
+        while kept and (len(kept) > LINEAGE_KEPT
+                        or self.freed_lineage_bytes > LINEAGE_BYTES_KEPT):
+            oldest = next(iter(kept))
+            self.freed_lineage_bytes -= kept.pop(oldest)
+            old = self.objects.get(oldest)
+            if old is not None and old.state is ObjState.FREED:
+                old.lineage_holds = 0   # its dependents can no longer be rebuilt through it
+                self._free_owned(oldest)   # (queued: we are inside the free loop)
+
+    def _drop_rebuilt_args(self, spec: TaskSpec) -> None:
+        """A task finished: an argument that was rebuilt only for it (nobody holds it,
+        its lineage is held) loses its value again."""
+        objects = self.objects
+        for oid, owner in _args_refs(spec):
+            if owner == self.node_id:
+                e = objects.get(oid)
+                if e is not None and e.lineage_holds > 0 and unheld(e) \
+                        and (e.state is ObjState.READY or e.state is ObjState.ERROR):
+                    self._free_owned(oid)
 
     def _delete_copy(self, oid: bytes, node: bytes) -> None:
         if node == self.node_id:
@@ -327,12 +429,14 @@ class ObjectManager:
                 "(made by put or an actor)"))))
             return
         entry.waiters.append(callback)
+        if entry.state is ObjState.FREED:
+            self.freed_lineage_bytes -= self.freed_lineage.pop(oid, 0)
+        entry.state = ObjState.PENDING
         if spec.task_id in self.owned_tasks:
             return  # already re-running
-        entry.state = ObjState.PENDING
         for other in spec.return_ids:
             e = self.objects.get(other)
-            if e is not None:
+            if e is not None and e.state is not ObjState.FREED:   # (those stay freed)
                 e.state = ObjState.PENDING
         spec.dep_values = None
         self.owned_tasks[spec.task_id] = (spec, None)

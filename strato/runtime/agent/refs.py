@@ -35,6 +35,7 @@ import logging
 from collections import deque
 
 from strato.runtime import messages as m
+from strato.runtime.agent.objects import unheld
 from strato.runtime.transport import PeerLostError
 
 log = logging.getLogger("strato.agent")
@@ -264,8 +265,7 @@ class RefCounting:
                 self._maybe_free(oid, e)
 
     def _maybe_free(self, oid: bytes, e) -> None:
-        rc = e.rc
-        if not e.owner_holds and (rc is None or (not rc.borrowers and not rc.contained_in)):
+        if unheld(e):
             self._free_owned(oid)
 
     def _refs_lost_with(self, node: bytes) -> None:

@@ -107,6 +107,8 @@ class TaskRouter:
         for spec in msg[1]:
             for oid in spec.return_ids:
                 self.objects[oid] = ObjEntry(client.client_id, spec)
+            if spec.deps or spec.nested:
+                self._hold_lineage(spec)
             self.owned_tasks[spec.task_id] = (spec, None)
             self._resolve_then_place(spec)
 
@@ -345,6 +347,8 @@ class TaskRouter:
         self.owned_tasks.pop(spec.task_id, None)
         for ret in returns:
             self._set_ready(ret.oid, ret)
+        if spec.deps or spec.nested:
+            self._drop_rebuilt_args(spec)
         client = self.clients.get(spec.owner_client)
         if client is not None:
             client.conn.send((m.RESULT, returns))
