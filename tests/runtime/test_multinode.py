@@ -416,24 +416,26 @@ def test_node_death_rebuilds_a_chain_whose_inner_ref_was_dropped(multinode_fn, t
         return x * 2
 
     inner = produce.remote(str(tmp_path))
-    ref = double.remote([inner] if nested else inner, str(tmp_path))
+    # two results take it: both are rebuilt, the inner one once, for both at once
+    refs = [double.remote([inner] if nested else inner, str(tmp_path)) for _ in range(2)]
     del inner
-    ready, _ = strato.wait([ref], num_returns=1, timeout=30, fetch_local=False)
-    assert ready == [ref]
-    for name in ("produce", "double"):
+    ready, _ = strato.wait(refs, num_returns=2, timeout=30, fetch_local=False)
+    assert ready == refs
+    c = cluster.node_id("C")
+    for name, runs in (("produce", [c]), ("double", [c, c])):
         with open(tmp_path / name) as f:
-            assert f.read().split() == [cluster.node_id("C")], name
+            assert f.read().split() == runs, name
     cluster.kill_node("C")
     cluster.wait_node_dead("C")
     write(gate, "open")
     assert strato.get(holders, timeout=30) == ["held", "held"]
 
-    value = strato.get(ref, timeout=45)
-    assert value.shape == (1_000_000,) and int(value.sum()) == 14_000_000
-    for name in ("produce", "double"):
+    values = strato.get(refs, timeout=45)
+    assert [int(v.sum()) for v in values] == [14_000_000] * 2
+    for name, runs in (("produce", 2), ("double", 4)):
         with open(tmp_path / name) as f:
-            assert len(f.read().split()) == 2, name
-    # the inner result, rebuilt for the outer one alone, is freed again (lineage kept)
+            assert len(f.read().split()) == runs, name
+    # the inner result, rebuilt for the outer ones alone, is freed again (lineage kept)
     from strato.runtime.core import current
 
     def states():
@@ -441,7 +443,7 @@ def test_node_death_rebuilds_a_chain_whose_inner_ref_was_dropped(multinode_fn, t
                       if e["state"] != "ready" or e["owner_holds"] is False)
     wait_until(lambda: states() == ["freed"], 20, 0.05, "the rebuilt inner value to go")
     # once the outer result goes, the kept lineage goes with it: the owner holds nothing
-    del ref, ready, value, holders
+    del refs, ready, values, holders
     gc.collect()
     try:
         wait_until(lambda: current().rpc("debug_state")["objects"] == 0, 20, 0.05,

@@ -393,8 +393,15 @@ class ObjectManager:
             if owner == self.node_id:
                 e = objects.get(oid)
                 if e is not None and e.lineage_holds > 0 and unheld(e) \
-                        and (e.state is ObjState.READY or e.state is ObjState.ERROR):
+                        and (e.state is ObjState.READY or e.state is ObjState.ERROR) \
+                        and not self._an_unfinished_task_takes(oid):
                     self._free_owned(oid)
+
+    def _an_unfinished_task_takes(self, oid: bytes) -> bool:
+        """(Rare: only for a value rebuilt for its dependents; two of them may be rebuilt
+        at once, and the second must still find it.)"""
+        return any(any(o == oid for o, _n in _args_refs(spec))
+                   for spec, _where in self.owned_tasks.values())
 
     def _delete_copy(self, oid: bytes, node: bytes) -> None:
         if node == self.node_id:
