@@ -15,6 +15,7 @@ from collections.abc import Callable
 from strato.exceptions import (
     GetTimeoutError,
     HeadUnreachableError,
+    ObjectLostError,
     RuntimeNotInitializedError,
     StratoError,
     TaskError,
@@ -49,6 +50,14 @@ def require_current() -> CoreWorker:
 def set_current(core: CoreWorker | None) -> None:
     global _current
     _current = core
+
+
+class _GoneFromStore(Exception):
+    """A value's file is not in the local store where this process thought it was."""
+
+    def __init__(self, oid: bytes):
+        super().__init__(oid.hex())
+        self.oid = oid
 
 
 class ObjectRef:
@@ -170,7 +179,7 @@ class CoreWorker(RefCounting, DirectCalling, TaskLeasing):
         self.role = role
         self._worker_id = worker_id
         self.client_id = os.urandom(16)
-        self.ids = IdFactory()
+        self.ids = IdFactory(self.client_id[:8])
         self.refcounts: dict[bytes, int] = {}
         self.values: dict[bytes, tuple] = {}
         self.owned: set[bytes] = set()
@@ -398,7 +407,7 @@ class CoreWorker(RefCounting, DirectCalling, TaskLeasing):
                 return True
         return False
 
-    def get(self, refs: list, timeout: float | None, cover=None) -> list:
+    def get(self, refs: list, timeout: float | None, cover=None, _again: bool = True) -> list:
         """``cover``: the key that covers refs inside the values (default: each value's
         own oid, so they stay covered while the caller holds that ref)."""
         values = self.values
@@ -407,7 +416,18 @@ class CoreWorker(RefCounting, DirectCalling, TaskLeasing):
                     or not self.read_direct(refs[0].id, timeout):
                 self._wait_ready(refs, len(refs), timeout, need_local=True,
                                  raise_on_timeout=True)
-        return [self._decode(r.id, values[r.id], cover) for r in refs]
+        try:
+            return [self._decode(r.id, values[r.id], cover) for r in refs]
+        except _GoneFromStore as gone:
+            if not _again:
+                raise ObjectLostError(f"object {gone.oid.hex()} is gone from the local "
+                                      "store") from None
+            # the location this process knew is stale (the object was freed, say with
+            # its owner): ask the agent again, which knows what became of it
+            values.pop(gone.oid, None)
+            self.wanted.discard(gone.oid)
+            self.far.discard(gone.oid)
+            return self.get(refs, timeout, cover, _again=False)
 
     def _wait_ready(self, refs, num: int, timeout: float | None, need_local: bool,
                     raise_on_timeout: bool = False) -> list:
@@ -480,8 +500,7 @@ class CoreWorker(RefCounting, DirectCalling, TaskLeasing):
                     self.covers[oid][None] = None
                 return value
             except FileNotFoundError:
-                from strato.exceptions import ObjectLostError
-                raise ObjectLostError(f"object {oid.hex()} is gone from the local store") from None
+                raise _GoneFromStore(oid) from None
         if kind == ERROR:
             err = deserialize(v[1])
             if isinstance(err, TaskError):

@@ -162,6 +162,49 @@ def test_c_held_in_an_actors_state_then_dropped_or_killed(local):
     strato.kill(a)
 
 
+def test_an_object_whose_owner_exited_raises_owner_died(local):
+    """As in Ray, an object goes with its driver. A detached actor that kept a ref of a
+    driver that exited gets OwnerDiedError, naming why, not "unknown". (A worker's
+    objects outlive it while a borrower holds them: the agent keeps them.)"""
+    import subprocess
+    import sys
+
+    from strato.exceptions import OwnerDiedError
+    from strato.runtime import api
+
+    strato = local
+
+    @strato.remote
+    class Keeper:
+        def __init__(self):
+            self.refs = []
+
+        def keep(self, refs):
+            self.refs = refs
+
+        def first(self):
+            return int(strato.get(self.refs[0], timeout=30)[0])
+
+    keeper = Keeper.options(name="owner-died-keeper", lifetime="detached").remote()
+    strato.get(keeper.keep.remote([]), timeout=30)
+    other_driver = f"""
+import numpy as np, strato
+strato.init(address="auto", temp_dir={api._state["temp_dir"]!r})
+k = strato.get_actor("owner-died-keeper")
+strato.get(k.keep.remote([strato.put(np.full({MB // 8}, 9, dtype=np.int64))]), timeout=30)
+assert strato.get(k.first.remote(), timeout=30) == 9
+strato.shutdown()
+"""
+    done = subprocess.run([sys.executable, "-c", other_driver], capture_output=True,
+                          text=True, timeout=90)
+    assert done.returncode == 0, done.stderr
+    try:
+        with pytest.raises(OwnerDiedError, match="process that owned it .* exited"):
+            strato.get(keeper.first.remote(), timeout=30)
+    finally:
+        strato.kill(keeper)
+
+
 def test_d_inside_a_put_object(local):
     strato = local
     inner = strato.put(big(5))

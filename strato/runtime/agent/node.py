@@ -217,6 +217,7 @@ class NodeAgent(WorkerPool, ObjectManager, RefCounting, ActorHost, TaskRouter,
         if client is None or self.closing or self.clients.get(client.client_id) is not client:
             return   # not attached, or a stale connection a resumed session replaced
         self.clients.pop(client.client_id, None)
+        self.exited_owners.add(client.client_id[:8])
         if self.leased:
             self.leases_of_gone_client(client.client_id)
         if client.remote:

@@ -20,6 +20,7 @@ import os
 
 from strato.exceptions import ObjectLostError, ObjectStoreFullError, OwnerDiedError
 from strato.runtime import messages as m
+from strato.runtime.bounded import BoundedSet
 from strato.runtime.serialization import serialize
 from strato.runtime.spec import TASK, ReturnValue, TaskSpec
 
@@ -122,6 +123,8 @@ class ObjectManager:
         self.bulk = None                        # ``bulk.BulkClient`` (set by the node)
         self.bulk_port = 0                      # this node's bulk server (0: none)
         self.bulk_ports: dict[bytes, int] = {}  # peers' bulk ports, asked once each
+        # the id prefixes of local processes that exited (their objects went with them)
+        self.exited_owners = BoundedSet(maxlen=10_000)
         self.freed_lineage: dict[bytes, int] = {}   # FREED entries, oldest first -> arg bytes
         self.freed_lineage_bytes = 0
         self._bulk_pool = concurrent.futures.ThreadPoolExecutor(
@@ -248,8 +251,15 @@ class ObjectManager:
             callback((m.AT_NODE, self.node_id, self.store.size_of(oid)))
             return
         if owner_node == self.node_id:
-            callback((m.ERROR, error_bytes(ObjectLostError(
-                f"object {oid.hex()} is unknown (freed or never created)"))))
+            if oid[:8] in self.exited_owners:
+                callback((m.ERROR, error_bytes(OwnerDiedError(
+                    f"object {oid.hex()} was lost: the worker or driver process that "
+                    "owned it (that put it, or called the task that made it) exited, "
+                    "and an object goes with its owner, as in Ray; return the value "
+                    "itself rather than a ref made inside the task to keep it"))))
+            else:
+                callback((m.ERROR, error_bytes(ObjectLostError(
+                    f"object {oid.hex()} is unknown (freed or never created)"))))
             return
         if owner_node not in self.view and owner_node in self.dead_nodes():
             callback((m.ERROR, error_bytes(OwnerDiedError(
