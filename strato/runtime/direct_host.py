@@ -22,7 +22,7 @@ import threading
 
 from strato.runtime import messages as m
 from strato.runtime.protocol.framing import encode, take_frames
-from strato.runtime.spec import TaskSpec
+from strato.runtime.spec import ACTOR_CALL, TaskSpec
 
 log = logging.getLogger("strato.worker")
 _MAX_PATH = 100      # sun_path holds 108 bytes; longer: no direct calls, the agent routes
@@ -37,6 +37,7 @@ class DirectCaller:
         self.sock = sock
         self.buf = bytearray()
         self.closed = False
+        self.template: TaskSpec | None = None   # its last actor call sent in full
         self._lock = threading.Lock()     # replies come from pool threads too
 
     def send(self, msg) -> None:
@@ -71,6 +72,15 @@ class DirectCaller:
             self.sock.close()
         except OSError:
             pass
+
+
+def _actor_call(t: TaskSpec, msg: tuple) -> TaskSpec:
+    """A DIRECT_ACTOR_CALL's spec: what it carries, the rest from the caller's template."""
+    _, task_id, method, args, return_ids, seq = msg
+    name = t.name[:len(t.name) - len(t.method or "")] + method
+    return TaskSpec(task_id, ACTOR_CALL, t.job_id, t.owner_node, t.owner_client, b"", name,
+                    args, [], return_ids, {}, 0, False, t.actor_id, method, t.actor_options,
+                    0, seq)
 
 
 class DirectHost:
@@ -131,9 +141,16 @@ class DirectHost:
                     continue
                 for msg in msgs:
                     kind = msg[0] if type(msg) is tuple and msg else None
-                    if kind == m.DIRECT_CALLS and len(msg) == 3 and type(msg[1]) is list \
+                    if kind == m.DIRECT_ACTOR_CALL and len(msg) == 6 \
+                            and what.template is not None and type(msg[1]) is bytes \
+                            and type(msg[2]) is str and type(msg[3]) is bytes \
+                            and type(msg[4]) is list and type(msg[5]) is int:
+                        on_calls(what, [_actor_call(what.template, msg)], None)
+                    elif kind == m.DIRECT_CALLS and len(msg) == 3 and type(msg[1]) is list \
                             and all(type(s) is TaskSpec for s in msg[1]) \
                             and (msg[2] is None or type(msg[2]) is dict):
+                        if msg[1][-1].kind == ACTOR_CALL:
+                            what.template = msg[1][-1]
                         on_calls(what, msg[1], msg[2])
                     elif kind == m.CANCEL_EXEC:
                         on_cancel(msg[1])

@@ -73,6 +73,9 @@ CHECKPOINT = "checkpoint"      # (CHECKPOINT,)   the actor's drain hook
 FORGET_FNS = "forget_fns"      # (FORGET_FNS, [function ids])   the agent pruned them
 # caller -> actor worker, on a direct channel (``runtime.direct``)
 DIRECT_CALLS = "dcalls"        # (DIRECT_CALLS, [TaskSpec], {function_id: blob} | None)
+# an actor call on a channel that sent one in full before: (DIRECT_ACTOR_CALL, task_id,
+# method, args, return_ids, seq); the worker fills in the rest from that first call's spec
+DIRECT_ACTOR_CALL = "dacall"
                                # also CANCEL_EXEC
 
 # ---------------------------------------------------------------- agent -> head

@@ -306,8 +306,14 @@ def test_garbage_on_the_actors_socket_harms_nothing(local):
     strato = local
     c = _counter(strato).remote()
     path = _go_direct(strato, c).path
+    from strato.runtime.protocol.framing import encode
+
     payloads = [os.urandom(4096), struct.pack("<I", 1000) + b"short", b"\x00" * 64,
-                struct.pack("<I", 5) + b"nope!"]   # a frame that is no pickle
+                struct.pack("<I", 5) + b"nope!",   # a frame that is no pickle
+                # a slim actor call on a channel that sent no call in full, and one
+                # whose fields have the wrong types
+                encode([("dacall", b"t" * 16, "add", b"", [b"r" * 16], 1)]),
+                encode([("dacall", 1, 2, 3, 4, 5)])]
     for payload in payloads:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(10)
@@ -315,6 +321,39 @@ def test_garbage_on_the_actors_socket_harms_nothing(local):
         s.sendall(payload)
         s.close()
     assert strato.get([c.add.remote() for _ in range(20)], timeout=30) == list(range(1, 21))
+
+
+def test_calls_after_the_first_go_slim_and_run_as_sent(local):
+    """After one call in full, a channel sends an actor's calls as only what differs
+    (task id, method, arguments, return ids, order); the worker fills in the rest from
+    that first call: each runs the method sent, in order, named so in errors, as part
+    of the caller's job."""
+    strato = local
+
+    @strato.remote
+    class Named:
+        def ping(self):
+            return "pong"
+
+        def echo(self, x):
+            return x
+
+        def boom(self):
+            raise ValueError("boom")
+
+        def job(self):
+            return strato.get_runtime_context().get_job_id()
+
+    a = Named.remote()
+    chan = _go_direct(strato, a)
+    assert chan._template is not None and chan._template.method == "ping"
+    assert strato.get([a.echo.remote(i) for i in range(50)], timeout=30) == list(range(50))
+    with pytest.raises(ValueError, match="boom") as info:
+        strato.get(a.boom.remote(), timeout=30)
+    assert "Named.boom" in str(info.value)
+    assert strato.get(a.job.remote(), timeout=30) == strato.get_runtime_context().get_job_id()
+    assert chan._template.method == "ping"      # (all of them went slim)
+    strato.kill(a)
 
 
 def test_calls_to_a_busy_actor_never_block_the_caller(local, tmp_path):
