@@ -407,7 +407,8 @@ class CoreWorker(RefCounting, DirectCalling, TaskLeasing):
                 return True
         return False
 
-    def get(self, refs: list, timeout: float | None, cover=None, _again: bool = True) -> list:
+    def get(self, refs: list, timeout: float | None, cover=None,
+            _asked_again: frozenset = frozenset()) -> list:
         """``cover``: the key that covers refs inside the values (default: each value's
         own oid, so they stay covered while the caller holds that ref)."""
         values = self.values
@@ -419,7 +420,7 @@ class CoreWorker(RefCounting, DirectCalling, TaskLeasing):
         try:
             return [self._decode(r.id, values[r.id], cover) for r in refs]
         except _GoneFromStore as gone:
-            if not _again:
+            if gone.oid in _asked_again:
                 raise ObjectLostError(f"object {gone.oid.hex()} is gone from the local "
                                       "store") from None
             # the location this process knew is stale (the object was freed, say with
@@ -427,7 +428,7 @@ class CoreWorker(RefCounting, DirectCalling, TaskLeasing):
             values.pop(gone.oid, None)
             self.wanted.discard(gone.oid)
             self.far.discard(gone.oid)
-            return self.get(refs, timeout, cover, _again=False)
+            return self.get(refs, timeout, cover, _asked_again | {gone.oid})
 
     def _wait_ready(self, refs, num: int, timeout: float | None, need_local: bool,
                     raise_on_timeout: bool = False) -> list:

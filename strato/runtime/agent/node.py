@@ -217,7 +217,6 @@ class NodeAgent(WorkerPool, ObjectManager, RefCounting, ActorHost, TaskRouter,
         if client is None or self.closing or self.clients.get(client.client_id) is not client:
             return   # not attached, or a stale connection a resumed session replaced
         self.clients.pop(client.client_id, None)
-        self.exited_owners.add(client.client_id[:8])
         if self.leased:
             self.leases_of_gone_client(client.client_id)
         if client.remote:
@@ -225,6 +224,7 @@ class NodeAgent(WorkerPool, ObjectManager, RefCounting, ActorHost, TaskRouter,
                 self._session_lost(client)   # its refs are kept for the grace period
                 return
             self._session_closed(client)
+        self.exited_owners.add(client.client_id[:8])   # (for OwnerDiedError's message)
         if client.role == "driver":
             self._job_over(client.client_id, client.job_id)
         else:   # a worker that exited (or was killed) holds nothing any more
