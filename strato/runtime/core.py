@@ -154,9 +154,7 @@ class UncountedRef(ObjectRef):
     def __del__(self):
         core = _current
         if core is not None and self.id not in core.refcounts:
-            value = core.values.pop(self.id, None)
-            if value is not None and value[0] == AT_NODE:
-                core.far.discard(self.id)
+            core.forget_value(self.id)
 
 
 def _rebuild_ref(oid: bytes, owner_node: bytes) -> ObjectRef:
@@ -425,9 +423,8 @@ class CoreWorker(RefCounting, DirectCalling, TaskLeasing):
                                       "store") from None
             # the location this process knew is stale (the object was freed, say with
             # its owner): ask the agent again, which knows what became of it
-            values.pop(gone.oid, None)
+            self.forget_value(gone.oid)
             self.wanted.discard(gone.oid)
-            self.far.discard(gone.oid)
             return self.get(refs, timeout, cover, _asked_again | {gone.oid})
 
     def _wait_ready(self, refs, num: int, timeout: float | None, need_local: bool,

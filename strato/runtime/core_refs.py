@@ -69,6 +69,12 @@ class RefCounting:
         elif self.borrowed and self.borrowed.pop(oid, None) is not None:
             self._add_op((m.REF_UNBORROWED, oid))
 
+    def forget_value(self, oid: bytes) -> None:
+        """Forget what this process knew of a value (``release`` does this inline: it
+        runs at every object's end)."""
+        self.values.pop(oid, None)
+        self.far.discard(oid)
+
     def mark_escaped(self, refs) -> None:
         """These refs were serialized into a value another process may read: never
         unlink or recycle their objects from here (the agent frees them)."""

@@ -467,6 +467,5 @@ class DirectCalling:
                 return False
             self.owned.discard(oid)
             self.escaped.discard(oid)
-            self.values.pop(oid, None)
-            self.far.discard(oid)
+            self.forget_value(oid)
         return True

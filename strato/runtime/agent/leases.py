@@ -88,7 +88,8 @@ class LeaseGrants:
                 if oid not in self.objects and oid not in self.freed_unknown:
                     self.objects[oid] = ObjEntry(client.client_id, spec)
             self.owned_tasks[spec.task_id] = (spec, None)
-        w = self.workers.get(worker_id) if type(worker_id) is bytes else None
+        wid = worker_id if type(worker_id) is bytes else None   # (a malformed message)
+        w = self.workers.get(wid) if wid is not None else None
         if w is not None and w.state is not WorkerState.DEAD:
             for spec in specs:       # its exit is not handled yet: that ends them
                 w.inflight[spec.task_id] = spec
@@ -100,8 +101,8 @@ class LeaseGrants:
                 self._complete_with_error(spec, TaskCancelledError(f"task {spec.name} cancelled"))
             else:
                 self._complete_with_error(spec, WorkerCrashedError(
-                    f"leased worker {worker_id.hex()[:8] if type(worker_id) is bytes else '?'} "
-                    f"running {spec.name} died"), crashed=True)
+                    f"leased worker {wid.hex()[:8] if wid else '?'} running {spec.name} "
+                    "died"), crashed=True)
 
     def cancel_leased(self, client, task_id: bytes, force: bool, pid: int) -> None:
         """Cancel a task on a worker lent to ``client`` (its main thread runs it and does

@@ -324,7 +324,7 @@ class ObjectManager:
             return
         del self.objects[oid]
         if entry.state is ObjState.FREED:
-            self.freed_lineage_bytes -= self.freed_lineage.pop(oid, 0)
+            self._unkeep_lineage(oid)
         else:
             self._drop_value(oid, entry)
         if entry.holds_deps:
@@ -389,11 +389,15 @@ class ObjectManager:
         while kept and (len(kept) > LINEAGE_KEPT
                         or self.freed_lineage_bytes > LINEAGE_BYTES_KEPT):
             oldest = next(iter(kept))
-            self.freed_lineage_bytes -= kept.pop(oldest)
+            self._unkeep_lineage(oldest)
             old = self.objects.get(oldest)
             if old is not None and old.state is ObjState.FREED:
                 old.lineage_holds = 0   # its dependents can no longer be rebuilt through it
                 self._free_owned(oldest)   # (queued: we are inside the free loop)
+
+    def _unkeep_lineage(self, oid: bytes) -> None:
+        """``oid`` leaves the kept lineage (rebuilt, or freed for good)."""
+        self.freed_lineage_bytes -= self.freed_lineage.pop(oid, 0)
 
     def _drop_rebuilt_args(self, spec: TaskSpec) -> None:
         """A task finished: an argument that was rebuilt only for it (nobody holds it,
@@ -447,7 +451,7 @@ class ObjectManager:
             return
         entry.waiters.append(callback)
         if entry.state is ObjState.FREED:
-            self.freed_lineage_bytes -= self.freed_lineage.pop(oid, 0)
+            self._unkeep_lineage(oid)
         entry.state = ObjState.PENDING
         if spec.task_id in self.owned_tasks:
             return  # already re-running
